@@ -1,0 +1,479 @@
+"""
+The teacher and student zoo: one table of pathology foundation models as timm VisionTransformers,
+strict offline weight loading, a forward that returns (pooled embedding, patch tokens), and the
+nanoGPT-style configurator shared by distill.py and evaluate.py.
+
+    python model.py --list                          # every row: params, dim, tokens, GFLOPs (meta device, no network)
+    python model.py tiny-teacher                    # build one model and embed a dummy batch
+    python model.py H-optimus-0 --weights=/data/hf/H-optimus-0   # check a local file/folder loads strictly
+    HF_TOKEN=hf_... python model.py Hibou-L --weights=hub         # download from the hub (gated: request access first)
+
+From Python:
+    import model
+    teacher, spec = model.create('H-optimus-0', weights='/data/hf/H-optimus-0')  # local file or snapshot folder
+    pooled, patches = model.embed(teacher, spec, tiles_uint8)   # (B, spec['dim']), (B, N, spec['width'])
+    model.export(student, student_spec, 'out/run1'); model.create('out/run1')
+"""
+import ast
+import difflib
+import json
+import math
+import os
+import sys
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import timm
+from timm.layers import SwiGLUPacked
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# H-optimus-0 model card (huggingface.co/bioptimus/H-optimus-0): its own mean/std, 224 px at 0.5 um/px
+HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+# DINOv2-style giant MLP: SwiGLU with 2/3 of 4x the width, packed into one fc1 (timm's vit_giant_patch14_dinov2)
+SWIGLU = dict(mlp_layer='swiglu_packed', act_layer='silu')
+MLP_LAYERS = {'swiglu_packed': SwiGLUPacked}  # kwargs stay JSON-able strings; resolved only when building
+
+
+class WeightsError(SystemExit):
+    """Weights that cannot be fetched or do not fit: one line saying what to do, exit code 1, no traceback."""
+
+
+def row(name, arch, hub, width, patch_size, kwargs, num_registers=0, pool='cls', mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, img_size=224, resize=None, weights='hub'):
+    # a spec: timm arch + kwargs as the card gives them; pool 'cls' or 'cls+mean' (dim = 2 x width);
+    # resize: shorter side before the centre crop to img_size (None: straight to img_size); weights: where from
+    kwargs = dict(img_size=img_size, num_classes=0, **kwargs)
+    return dict(name=name, arch=arch, kwargs=kwargs, hub=hub, pool=pool, img_size=img_size, resize=resize,
+                patch_size=patch_size, num_registers=num_registers, mean=tuple(mean), std=tuple(std),
+                dim=width * (2 if pool == 'cls+mean' else 1), width=width, weights=weights)
+
+
+MODELS = {r['name']: r for r in [
+    # huggingface.co/bioptimus/H-optimus-0: timm ViT-g/14, 4 registers, 1536-d CLS, gated (Apache-2.0)
+    row('H-optimus-0', 'vit_giant_patch14_reg4_dinov2', 'bioptimus/H-optimus-0', 1536, 14,
+        dict(init_values=1e-5, dynamic_img_size=False), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+        weights='hub, gated: bioptimus/H-optimus-0'),
+    # huggingface.co/bioptimus/H-optimus-1: same architecture and normalisation as H-optimus-0, gated
+    row('H-optimus-1', 'vit_giant_patch14_reg4_dinov2', 'bioptimus/H-optimus-1', 1536, 14,
+        dict(init_values=1e-5, dynamic_img_size=False), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+        weights='hub, gated: bioptimus/H-optimus-1'),
+    # huggingface.co/kaiko-ai/midnight: transformers Dinov2 ViT-g/14 (no registers), mean=std=0.5,
+    # embedding = CLS || mean of patch tokens (3072-d); MIT, ungated. Converted to timm on load.
+    row('Midnight', 'vit_giant_patch14_dinov2', 'kaiko-ai/midnight', 1536, 14, dict(init_values=1e-5),
+        pool='cls+mean', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights='hub, ungated (MIT)'),
+    # huggingface.co/MahmoodLab/UNI2-h: timm_kwargs from the card (ViT-H/14-ish, 8 registers, SwiGLU), gated
+    row('UNI2-h', 'vit_giant_patch14_224', 'MahmoodLab/UNI2-h', 1536, 14,
+        dict(patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2,
+             no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU), num_registers=8,
+        weights='hub, gated: MahmoodLab/UNI2-h'),
+    # huggingface.co/paige-ai/Virchow2: ViT-H/14, 4 registers, SwiGLU + SiLU, embedding = CLS || mean patch, gated
+    row('Virchow2', 'vit_huge_patch14_224', 'paige-ai/Virchow2', 1280, 14,
+        dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, dynamic_img_size=True, **SWIGLU),
+        num_registers=4, pool='cls+mean', weights='hub, gated: paige-ai/Virchow2'),
+    # huggingface.co/prov-gigapath/prov-gigapath: vit_giant_patch14_dinov2 with patch 16 (SwiGLU inherited),
+    # transforms Resize(256) + CenterCrop(224), ImageNet mean/std, gated
+    row('Prov-GigaPath', 'vit_giant_patch14_dinov2', 'prov-gigapath/prov-gigapath', 1536, 16,
+        dict(patch_size=16, init_values=1e-5, mlp_ratio=5.33334), resize=256,
+        weights='hub, gated: prov-gigapath/prov-gigapath'),
+    # huggingface.co/histai/hibou-L: transformers Dinov2-with-registers ViT-L/14, 4 registers, SwiGLU MLP,
+    # own mean/std; Apache-2.0, gated. Converted to timm on load (convert_hibou).
+    row('Hibou-L', 'vit_large_patch14_reg4_dinov2', 'histai/hibou-L', 1024, 14,
+        dict(init_values=1.0, mlp_ratio=5472 / 1024, **SWIGLU), num_registers=4,
+        mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816), weights='hub, gated: histai/hibou-L'),
+    # huggingface.co/MahmoodLab/uni: ViT-L/16, init_values 1e-5, ImageNet mean/std, gated
+    row('UNI', 'vit_large_patch16_224', 'MahmoodLab/uni', 1024, 16, dict(init_values=1e-5, dynamic_img_size=True),
+        weights='hub, gated: MahmoodLab/uni'),
+    # timm vit_large_patch14_reg4_dinov2.lvd142m: natural images (DINOv2 LVD-142M), ungated
+    row('DINOv2-L-reg4', 'vit_large_patch14_reg4_dinov2', 'timm/vit_large_patch14_reg4_dinov2.lvd142m', 1024, 14,
+        dict(), num_registers=4, weights='hub, ungated (Apache-2.0)'),
+    # a ViT-L/14-reg4 student trained from scratch (random init), with H-optimus-0's normalisation
+    row('ViT-L-scratch', 'vit_large_patch14_reg4_dinov2', None, 1024, 14, dict(), num_registers=4,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),
+    # tiny rows for tests and the CPU demo. The teacher keeps H-optimus-0's layout (patch 14, 4 registers,
+    # SwiGLU, layer scale) but with layer scale 1.0: at 1e-5 a random teacher's blocks would be no-ops.
+    row('tiny-teacher', 'vit_giant_patch14_reg4_dinov2', None, 96, 14,
+        dict(embed_dim=96, depth=3, num_heads=3, init_values=1.0), num_registers=4,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),
+    row('tiny-student', 'vit_tiny_patch16_224', None, 64, 16, dict(embed_dim=64, depth=2, num_heads=2),
+        weights='random'),
+]}
+
+
+def get_spec(name_or_spec):
+    if isinstance(name_or_spec, dict):
+        return name_or_spec
+    if name_or_spec not in MODELS:
+        close = difflib.get_close_matches(str(name_or_spec), MODELS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(MODELS)})"
+        raise WeightsError(f"error: unknown model {name_or_spec!r}{hint}; or pass a distilled output folder")
+    return MODELS[name_or_spec]
+
+
+def build(spec, device=None):
+    """The bare timm VisionTransformer for a spec; on the meta device it costs no memory and no time."""
+    kwargs = dict(spec['kwargs'])
+    if 'mlp_layer' in kwargs:
+        kwargs['mlp_layer'] = MLP_LAYERS[kwargs['mlp_layer']]
+    if device == 'meta':
+        kwargs['weight_init'] = 'skip'  # every tensor will come from a checkpoint (or is only counted)
+    with torch.device(device or 'cpu'):
+        return timm.create_model(spec['arch'], pretrained=False, **kwargs)
+
+
+def build_random(spec):
+    # seeded by the model's name inside a forked RNG: distill.py and evaluate.py build the same tiny teacher,
+    # and the caller's own random stream is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(spec['name'].encode()))
+        return build(spec)
+
+
+@lru_cache(maxsize=None)
+def _meta_stats(arch_json):
+    vit = build(json.loads(arch_json), 'meta')
+    params = sum(p.numel() for p in vit.parameters())
+    # every matmul weight that each token passes through once per forward (qkv, proj, fc1, fc2)
+    block_matmul = sum(p.numel() for n, p in vit.blocks.named_parameters() if p.ndim == 2)
+    patch_matmul = vit.patch_embed.proj.weight.numel()
+    return params, block_matmul, patch_matmul, len(vit.blocks), vit.num_prefix_tokens
+
+
+def _arch_key(spec):  # rows that share an architecture (H-optimus-0/1) share one meta build
+    return json.dumps(dict(arch=spec['arch'], kwargs=spec['kwargs']), sort_keys=True)
+
+
+def param_count(name_or_spec):
+    return _meta_stats(_arch_key(get_spec(name_or_spec)))[0]
+
+
+def tokens_per_image(name_or_spec, img_size=None):
+    spec = get_spec(name_or_spec)
+    return ((img_size or spec['img_size']) // spec['patch_size']) ** 2 + 1 + spec['num_registers']
+
+
+def flops_per_image(name_or_spec, img_size=None):
+    """Forward FLOPs: 2 x matmul params x tokens + attention 4 x depth x tokens^2 x width (training ~3x)."""
+    spec = get_spec(name_or_spec)
+    _, block_matmul, patch_matmul, depth, prefix = _meta_stats(_arch_key(spec))
+    patches = ((img_size or spec['img_size']) // spec['patch_size']) ** 2
+    tokens = patches + prefix
+    return 2 * block_matmul * tokens + 2 * patch_matmul * patches + 4 * depth * tokens ** 2 * spec['width']
+
+
+# ----------------------------------------------------------------------------- weights
+
+def hub_reachable(timeout=3.0):
+    # huggingface_hub retries a dead connection for ~25 s; one quick socket check makes "no network" fail fast
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def download(spec):
+    """Path of the hub checkpoint (from the local cache when offline). Honours HF_TOKEN."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    repo = spec['hub']
+    if repo is None:
+        raise WeightsError(f"error: {spec['name']} has no hub weights: use weights='random' or a local file")
+    advice = (f"request access at https://huggingface.co/{repo} and set HF_TOKEN, or download it where there is "
+              f"network (hf download {repo}) and pass weights=<that folder>")
+    offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes') or not hub_reachable()
+    for filename in ('model.safetensors', 'pytorch_model.bin'):  # the two names timm and transformers publish
+        try:
+            return hf_hub_download(repo, filename, token=os.environ.get('HF_TOKEN') or None, local_files_only=offline)
+        except GatedRepoError:
+            raise WeightsError(f"error: {repo} is gated and HF_TOKEN is missing or has no access: {advice}") from None
+        except RepositoryNotFoundError:
+            raise WeightsError(f"error: {repo} not found (or gated and HF_TOKEN is not set): {advice}") from None
+        except EntryNotFoundError:  # also LocalEntryNotFoundError: not in the cache under this name
+            continue
+        except Exception as e:  # network errors of whichever HTTP client huggingface_hub uses
+            raise WeightsError(f"error: cannot download {repo} ({type(e).__name__}): {advice}") from None
+    if offline:
+        raise WeightsError(f"error: no network (or HF_HUB_OFFLINE is set) and {repo} is not in the local cache: {advice}")
+    raise WeightsError(f"error: {repo} has neither model.safetensors nor pytorch_model.bin: pass weights=<local file>")
+
+
+def find_weight_file(folder):
+    """The checkpoint inside a folder: an export, a hub snapshot, or a HF cache folder (newest snapshot wins)."""
+    files = [p for p in Path(folder).rglob('*') if p.suffix in ('.safetensors', '.bin', '.pth', '.pt') and p.is_file()]
+    for preferred in ('student.safetensors', 'model.safetensors', 'pytorch_model.bin'):
+        named = [p for p in files if p.name == preferred]
+        if named:
+            return max(named, key=lambda p: p.stat().st_mtime)
+    if len(files) == 1:
+        return files[0]
+    found = ', '.join(p.name for p in files[:5]) or 'none'
+    raise WeightsError(f"error: cannot tell which weight file in {folder} to load (found: {found}): pass the file itself")
+
+
+def read_state_dict(path):
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"error: weights path {path} does not exist: pass a .safetensors/.bin/.pth file or a folder")
+    if path.is_dir():
+        path = find_weight_file(path)
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:  # .bin / .pth / .pt: tensors only, never arbitrary pickled code
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"error: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                           "is it a complete, uncorrupted checkpoint?") from None
+    for wrapper in ('state_dict', 'model'):  # training checkpoints nest the weights one level down
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    # DDP and torch.compile wrappers prefix every key; the weights underneath are the plain model's
+    for prefix in ('module.', '_orig_mod.'):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, path
+
+
+def fit_state_dict(state, spec, vit, source):
+    """Make a checkpoint fit the timm model exactly, or fail naming the keys that do not."""
+    if any(k.startswith(('embeddings.', 'dinov2.embeddings.')) for k in state):
+        state = convert_hibou(state, vit)  # transformers Dinov2 layout (Hibou-L, Midnight)
+    # a classifier head is not part of the backbone (every row has num_classes=0)
+    state = {k: v for k, v in state.items() if not k.startswith('head.')}
+    expected = vit.state_dict()
+    pos, want = state.get('pos_embed'), expected['pos_embed']
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    if pos is not None and pos.shape != want.shape and pos.shape[-1] == want.shape[-1] \
+            and math.isqrt(pos.shape[1] - prefix) ** 2 == pos.shape[1] - prefix:
+        # stored for another grid (DINOv2 ships 518 px = 37x37): resample to ours exactly as timm's loader does
+        from timm.layers import resample_abs_pos_embed
+        state['pos_embed'] = resample_abs_pos_embed(pos, list(vit.patch_embed.grid_size), num_prefix_tokens=prefix)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = [f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                                   ('shape mismatches file vs model', mismatched)) if keys]
+    if problems:
+        raise WeightsError(f"error: {source} does not fit {spec['name']} ({spec['arch']}): {'; '.join(problems)}. "
+                           "Pass the checkpoint of this model, or the model name that matches the checkpoint.")
+    return state
+
+
+def convert_hibou(state, vit=None):
+    """transformers Dinov2(-with-registers) keys (Hibou-L, Midnight) -> timm VisionTransformer keys.
+
+    transformers adds the position embedding to [CLS, patches], then inserts the registers after CLS. timm
+    prepends [CLS, registers] and adds pos_embed to the patches only (no_embed_class: CLS's position is folded
+    into cls_token) or to every token (registers get a zero position). Reads the hub's on-disk names
+    (attention.attention.query, mlp.weights_in) and transformers>=5's in-memory ones (q_proj, gate_proj/up_proj).
+    """
+    state = {k.removeprefix('dinov2.'): v for k, v in state.items()}
+    used = {'embeddings.mask_token'}  # only used for masked-image training, never by the encoder
+
+    def take(*keys):  # one tensor, or the concatenation of several (q|k|v into qkv, gate|up into SwiGLU's fc1)
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise WeightsError(f"error: transformers checkpoint lacks {', '.join(missing)}: incomplete or not a Dinov2")
+        used.update(keys)
+        return torch.cat([state[k] for k in keys]) if len(keys) > 1 else state[keys[0]]
+
+    pos = take('embeddings.position_embeddings')
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    grid = tuple(vit.patch_embed.grid_size) if vit is not None else None
+    if grid and patch_pos.shape[1] != grid[0] * grid[1]:
+        # transformers interpolates at run time (bicubic; antialiased in Dinov2WithRegisters, not in Dinov2);
+        # doing the same once here gives timm the exact positions transformers uses at this input size
+        side = math.isqrt(patch_pos.shape[1])
+        resized = F.interpolate(patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float(), size=grid,
+                                mode='bicubic', align_corners=False, antialias='embeddings.register_tokens' in state)
+        patch_pos = resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
+    out = {'patch_embed.proj.weight': take('embeddings.patch_embeddings.projection.weight'),
+           'patch_embed.proj.bias': take('embeddings.patch_embeddings.projection.bias'),
+           'norm.weight': take('layernorm.weight'), 'norm.bias': take('layernorm.bias')}
+    registers = take('embeddings.register_tokens') if 'embeddings.register_tokens' in state else None
+    out.update({'reg_token': registers} if registers is not None else {})
+    if vit is None or vit.no_embed_class:
+        out['cls_token'], out['pos_embed'] = take('embeddings.cls_token') + cls_pos, patch_pos
+    else:
+        no_pos = [torch.zeros_like(registers)] if registers is not None else []
+        out['cls_token'], out['pos_embed'] = take('embeddings.cls_token'), torch.cat([cls_pos, *no_pos, patch_pos], 1)
+
+    depth = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.layer.'))
+    for i in range(depth):
+        hf, tm = f'encoder.layer.{i}.', f'blocks.{i}.'
+        new_names = hf + 'attention.q_proj.weight' in state
+        qkv = ('q_proj', 'k_proj', 'v_proj') if new_names else ('attention.query', 'attention.key', 'attention.value')
+        proj = 'attention.o_proj' if new_names else 'attention.output.dense'
+        if hf + 'mlp.gate_proj.weight' in state:
+            fc1, fc2 = ('mlp.gate_proj', 'mlp.up_proj'), 'mlp.down_proj'
+        elif hf + 'mlp.weights_in.weight' in state:  # SwiGLU packed [gate; up]: exactly timm's SwiGLUPacked fc1
+            fc1, fc2 = ('mlp.weights_in',), 'mlp.weights_out'
+        else:
+            fc1, fc2 = ('mlp.fc1',), 'mlp.fc2'
+        for p in ('weight', 'bias'):
+            out[f'{tm}attn.qkv.{p}'] = take(*(f'{hf}attention.{n}.{p}' for n in qkv))
+            out[f'{tm}attn.proj.{p}'] = take(f'{hf}{proj}.{p}')
+            out[f'{tm}mlp.fc1.{p}'] = take(*(f'{hf}{n}.{p}' for n in fc1))
+            out[f'{tm}mlp.fc2.{p}'] = take(f'{hf}{fc2}.{p}')
+            out[f'{tm}norm1.{p}'], out[f'{tm}norm2.{p}'] = take(f'{hf}norm1.{p}'), take(f'{hf}norm2.{p}')
+        out[f'{tm}ls1.gamma'] = take(f'{hf}layer_scale1.lambda1')
+        out[f'{tm}ls2.gamma'] = take(f'{hf}layer_scale2.lambda1')
+    left = sorted(set(state) - used)
+    if left:
+        raise WeightsError(f"error: {len(left)} transformers keys have no timm counterpart ({', '.join(left[:4])}): "
+                           "not a Dinov2 / Dinov2-with-registers checkpoint")
+    return out
+
+
+# ----------------------------------------------------------------------------- create / embed / export
+
+def create(name_or_path, weights=None, device='cpu'):
+    """(timm VisionTransformer in eval mode, float32, spec). name_or_path: a MODELS key, a spec dict, or a
+    distilled output folder / student.json / student.safetensors. weights: None (the row's default: hub for
+    real rows, random for tiny ones), 'random', 'hub', or a local file/folder."""
+    path = Path(str(name_or_path))
+    if not isinstance(name_or_path, dict) and name_or_path not in MODELS and path.exists():
+        folder = path if path.is_dir() else path.parent
+        if not (folder / 'student.json').exists():
+            raise WeightsError(f"error: {folder} has no student.json: pass a model name and weights=<this path>")
+        spec = json.loads((folder / 'student.json').read_text())
+        spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
+        weights = weights or str(folder / 'student.safetensors')
+    else:
+        spec = get_spec(name_or_path)
+        weights = weights or ('random' if spec['weights'] == 'random' else 'hub')
+    if weights == 'random':
+        vit = build_random(spec)
+    else:
+        path = download(spec) if weights == 'hub' else weights
+        state, source = read_state_dict(path)
+        vit = build(spec, 'meta')  # no memory, no init time: every tensor comes from the checkpoint
+        state = fit_state_dict(state, spec, vit, source)
+        vit.load_state_dict(state, strict=True, assign=True)
+    return vit.float().to(device).eval(), spec
+
+
+def prepare(spec, images):
+    """uint8 or [0, 1] float (B, 3, H, W) -> the model's input: its size and normalisation, on the images' device."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    size = spec['img_size']
+    if x.shape[-2:] != (size, size):  # tiles already at the model's size (the distillation crop) pass untouched
+        short = spec['resize'] or size  # the card's recipe: resize the shorter side, then centre-crop
+        h, w = x.shape[-2:]
+        if min(h, w) != short:
+            x = F.interpolate(x, size=(round(h * short / min(h, w)), round(w * short / min(h, w))), mode='bilinear',
+                              antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    mean = torch.tensor(spec['mean'], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec['std'], device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def embed(vit, spec, images):
+    """(pooled (B, spec['dim']), patch tokens (B, N, width) without class and register tokens). Differentiable."""
+    tokens = vit.forward_features(prepare(spec, images))  # final norm applied; grad checkpointing honoured
+    cls, patches = tokens[:, 0], tokens[:, vit.num_prefix_tokens:]
+    # Virchow2 and Midnight cards: embedding = CLS || mean over patch tokens (registers excluded)
+    pooled = torch.cat([cls, patches.mean(1)], dim=-1) if spec['pool'] == 'cls+mean' else cls
+    return pooled, patches
+
+
+def export(vit, spec, out_dir):
+    """out_dir/student.safetensors (plain timm keys) + out_dir/student.json; create(out_dir) loads it back."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
+    save_file(state, str(out_dir / 'student.safetensors'))
+    meta = dict(spec, source=spec.get('source', spec['name']), hub=None, weights='student.safetensors')
+    (out_dir / 'student.json').write_text(json.dumps(meta, indent=2))
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def configure(config, argv):
+    """nanoGPT-style overrides of `config` (the caller's defaults): each arg is a config .py file (its public names
+    override) or --key=value / --key value. Unknown keys and wrong types exit with one line. Returns the overrides."""
+    def check(key, value, origin):
+        if key not in config:
+            close = difflib.get_close_matches(key, config, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ''
+            raise SystemExit(f"error: unknown config key {key!r} from {origin}{hint}; known keys: {', '.join(config)}")
+        default = config[key]
+        if default is None or type(value) is type(default):
+            return value
+        if type(default) is float and type(value) is int:
+            return float(value)
+        if type(default) is tuple and type(value) is list:
+            return tuple(value)
+        raise SystemExit(f"error: {key} from {origin} must be {type(default).__name__} like its default "
+                         f"{default!r}, got {value!r} ({type(value).__name__})")
+
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith('--'):
+            if not (arg.endswith('.py') and os.path.isfile(arg)):
+                raise SystemExit(f"error: {arg!r} is neither a config .py file nor --key=value")
+            scope = {}
+            exec(Path(arg).read_text(), scope)
+            for key, value in scope.items():
+                if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
+                    overrides[key] = check(key, value, arg)
+            continue
+        key, sep, raw = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if not sep:  # --key value, or a bare --flag for a bool
+            if i < len(argv) and not argv[i].startswith('--'):
+                raw, i = argv[i], i + 1
+            elif isinstance(config.get(key), bool):
+                raw = 'True'
+            else:
+                raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        if isinstance(config.get(key), str) and not isinstance(value, str):
+            value = raw  # --out_dir=2024 is the string '2024' when the default is a string
+        overrides[key] = check(key, value, f'--{key}')
+    return overrides
+
+
+# ----------------------------------------------------------------------------- command line
+
+def print_table():
+    print(f"{'name':<15} {'architecture':<32} {'params':>8} {'dim':>5} {'tokens':>6} {'GFLOPs':>7}  weights")
+    for name, spec in MODELS.items():
+        params = param_count(spec)
+        size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+        print(f"{name:<15} {spec['arch']:<32} {size:>8} {spec['dim']:>5} {tokens_per_image(spec, 224):>6} "
+              f"{flops_per_image(spec, 224) / 1e9:>7.1f}  {spec['weights']}")
+
+
+if __name__ == '__main__':
+    args = sys.argv[1:]
+    if not args or args[0] in ('-h', '--help'):
+        print(__doc__)
+    elif args[0] == '--list':
+        print_table()
+    else:
+        opts = dict(weights=None, device='cpu', batch=2)
+        opts.update(configure(opts, args[1:]))
+        vit, spec = create(args[0], weights=opts['weights'], device=opts['device'])
+        images = torch.randint(0, 256, (opts['batch'], 3, 224, 224), dtype=torch.uint8, device=opts['device'])
+        with torch.no_grad():
+            pooled, patches = embed(vit, spec, images)
+        print(f"{spec['name']}: {param_count(spec) / 1e6:.1f}M params, pooled {tuple(pooled.shape)}, "
+              f"patch tokens {tuple(patches.shape)}")
