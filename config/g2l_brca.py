@@ -1,0 +1,21 @@
+# The G2L recipe (arXiv 2510.11176): H-optimus-0 (ViT-g/14, 1.1B) -> Hibou-L (ViT-L/14, 0.3B),
+# pretrained student, 1K TCGA-BRCA slides tiled at 0.5 um/px into 256 px tiles:
+#   python tile.py /data/tcga-brca --out tiles/brca --mpp 0.5 --tile 256 --workers 32
+#   torchrun --standalone --nproc_per_node=8 distill.py config/g2l_brca.py
+# Both models are gated on the Hugging Face hub: request access on their pages and set HF_TOKEN,
+# or download them once and point teacher_weights / student_weights at the local files.
+out_dir = 'out/g2l_brca'
+data_dir = 'tiles/brca'
+teacher = 'H-optimus-0'
+student = 'Hibou-L'
+batch_size = 32  # per GPU; G2L used 32 on 3x RTX A6000
+crop_size = 224
+loss = 'g2l'
+alpha = 4.0
+lr = 1e-4
+weight_decay = 0.05
+warmup_iters = 1000
+max_iters = 60000
+early_stop = True  # the paper's stopping rule
+num_workers = 10
+resume = True  # a requeued job continues from out_dir/ckpt.pt
