@@ -1,0 +1,527 @@
+"""
+Evaluate frozen encoders side by side, the way G2L (arXiv 2510.11176) compares the giga teacher
+(H-optimus-0) with the student before (Hibou-L) and after distillation: linear probe and kNN on tile
+and slide tasks, linear CKA to the teacher, and the robustness index across medical centres
+(de Jong et al. 2025). One row per model, teacher first.
+
+CPU demo (random tiny models, 72 generated 64 px tiles: 3 classes, 2 centres, 18 slides; under a minute):
+    python -c "import evaluate; evaluate.write_demo_data('data/eval-demo')"
+    python evaluate.py --data data/eval-demo/labels.csv --models tiny-teacher,tiny-student --out out/eval-demo --device cpu
+Single GPU (bf16; NAME=PATH loads local weights; a distilled folder needs no NAME):
+    python evaluate.py --data brca_patches/ --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca
+    python evaluate.py config/eval_brca.py     # the same, with the settings in a config file
+No torchrun line: extraction is one forward pass per image. For several GPUs run one process per model with
+the same --out (the cache is shared, written atomically), then one run with all models finds them cached.
+
+--data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV path,label,split
+[,center][,slide] (paths relative to the CSV). Writes OUT/results.json, results.md, results.png; OUT/cache/.
+"""
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits  # comes with scikit-learn
+from tqdm import tqdm
+
+from model import configure, create, embed
+
+# -----------------------------------------------------------------------------
+# config: these defaults, then a config/*.py file, then --key=value (model.configure checks keys and types)
+data = None                          # ImageFolder root or CSV path,label,split[,center][,slide]
+models = 'tiny-teacher,tiny-student' # comma-separated: model.py names, NAME=WEIGHTS, distilled folders
+teacher = None                       # the reference row (CKA is measured to it); None = the first of models
+out = 'out/eval'                     # results.* here, embeddings in out/cache/
+batch_size = 64
+num_workers = min(8, os.cpu_count() or 1)  # image decoding and resizing run in DataLoader workers
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+probe_C = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # inverse L2 strengths tried (Patho-Bench sweeps a log grid)
+cv_folds = 5                         # stratified folds on train to choose C when there is no val split
+max_iter = 1000                      # lbfgs iterations per fit
+knn_k = 20                           # the headline kNN (G2L and DINO report k=20 voting)
+knn_k_max = 50                       # also kNN with the best k in 1..knn_k_max on val (THUNDER), if val exists
+ri_k = [3, 5, 10, 20]                # the k at which G2L reports the robustness index (on TIGER)
+bootstrap = 1000                     # test-set resamples for the 95% confidence intervals
+seed = 0
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list, type(None)))]
+DEFAULTS = {k: globals()[k] for k in config_keys}
+
+SPLITS = ('train', 'val', 'test')
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
+METRICS = {'balanced_accuracy': 'bal. acc', 'f1_macro': 'macro F1', 'auroc': 'AUROC', 'accuracy': 'acc'}  # eva leads with the first
+CACHE_VERSION = 'v1 bicubic'  # bump when load_images or the cache layout changes, so old caches miss
+
+# -----------------------------------------------------------------------------
+# data
+
+def read_dataset(source):
+    """ImageFolder or CSV -> dict of paths, int labels, splits, optional center/slide arrays, file stamps."""
+    if source is None or not os.path.exists(source):
+        raise SystemExit(f"error: {'--data is required' if source is None else f'--data {source} not found'}: give an "
+                         'ImageFolder root (train/, val/, test/) or a CSV with columns path,label,split[,center][,slide]')
+    rows = read_csv(source) if os.path.isfile(source) else read_imagefolder(source)
+    for r in rows:
+        if r['split'] not in SPLITS:
+            raise SystemExit(f"error: {r['path']}: split {r['split']!r} is not one of {', '.join(SPLITS)}")
+    split = np.array([r['split'] for r in rows])
+    classes = sorted({r['label'] for r in rows})
+    labels = np.array([classes.index(r['label']) for r in rows])
+    for s in ('train', 'test'):
+        if not (split == s).any():
+            raise SystemExit(f'error: {source}: the {s} split is empty; train and test are required, val is optional')
+    untrained = sorted(set(range(len(classes))) - set(labels[split == 'train']))
+    if untrained:
+        raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train images, so no probe can learn it')
+    stamps = []  # path, size and mtime of every image: the data half of the cache key
+    for r in rows:
+        try:
+            stat = os.stat(r['path'])
+        except OSError:
+            raise SystemExit(f"error: image {r['path']} does not exist")
+        stamps.append((r['path'], stat.st_size, stat.st_mtime_ns))
+    dataset = dict(source=source, paths=[r['path'] for r in rows], labels=labels, split=split, classes=classes,
+                   stamps=stamps, **{c: np.array([r[c] for r in rows]) if c in rows[0] else None for c in ('center', 'slide')})
+    if dataset['slide'] is not None:  # a slide is one sample at slide level: one label, one split (no leakage)
+        inverse = np.unique(dataset['slide'], return_inverse=True)[1]
+        for values in (labels, np.unique(split, return_inverse=True)[1]):
+            per_slide = np.zeros(inverse.max() + 1, int)
+            per_slide[inverse] = values  # the last tile's value; any tile that disagrees with it is mixed
+            mixed = np.flatnonzero(per_slide[inverse] != values)
+            if len(mixed):
+                raise SystemExit(f"error: slide {str(dataset['slide'][mixed[0]])!r} has tiles with different labels or "
+                                 'splits; a slide-level task needs one label and one split per slide')
+    return dataset
+
+
+def read_imagefolder(root):
+    rows = []
+    for split in SPLITS:
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            if split == 'val':
+                continue
+            raise SystemExit(f'error: {split_dir} is missing: an ImageFolder root needs train/ and test/ '
+                             '(val/ optional), each with one subfolder per class')
+        for label in sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))):
+            class_dir = os.path.join(split_dir, label)
+            files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTS))
+            if not files:
+                raise SystemExit(f'error: class folder {class_dir} has no images ({" ".join(IMAGE_EXTS)})')
+            rows += [dict(path=os.path.join(class_dir, f), label=label, split=split) for f in files]
+    return rows
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = {'path', 'label', 'split'} - set(reader.fieldnames or [])
+    if missing or not rows:
+        raise SystemExit(f'error: {path} needs a header path,label,split[,center][,slide] and at least one row '
+                         f'(missing: {", ".join(sorted(missing)) or "rows"})')
+    base = os.path.dirname(os.path.abspath(path))
+    for r in rows:
+        r['path'] = os.path.join(base, r['path'])  # relative to the CSV's folder; absolute paths pass through
+    return rows
+
+
+def load_images(paths, img_size, resize):
+    """DataLoader collate_fn, so decoding runs in the workers: paths -> (uint8 (B, 3, S, S), None) or (None, error)."""
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im = im.convert('RGB')
+        except Exception as e:  # a worker's traceback would bury the file name: hand back one line instead
+            return None, f'error: cannot read image {path} ({type(e).__name__}); fix or remove it'
+        if resize:  # the card's recipe: shorter side to `resize`, then centre-crop (Prov-GigaPath: 256 -> 224)
+            scale = resize / min(im.size)
+            im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))), Image.BICUBIC)
+            left, top = (im.width - img_size) // 2, (im.height - img_size) // 2
+            im = im.crop((left, top, left + img_size, top + img_size))
+        elif im.size != (img_size, img_size):  # bicubic, antialiased: timm's eval default for the DINOv2 family
+            im = im.resize((img_size, img_size), Image.BICUBIC)
+        images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+    return torch.stack(images), None
+
+
+def write_atomic(path, payload):
+    """Write to a temporary name, then rename: an interrupted run never leaves a truncated cache or result."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(f'{path}.tmp{os.getpid()}', 'wb') as f:
+        f.write(payload)
+    os.replace(f'{path}.tmp{os.getpid()}', path)
+
+# -----------------------------------------------------------------------------
+# embeddings, extracted once per (model, dataset)
+
+def cache_path(name, net, spec, dataset):
+    """OUT/cache/<name>-<key>.npz. The key hashes the weights themselves (a student re-trained into the same
+    folder must miss; a few seconds for a ViT-g), the preprocessing, and every image's path, size and mtime."""
+    key = hashlib.blake2b(digest_size=8)
+    for k, t in net.state_dict().items():
+        key.update(k.encode())
+        key.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    preprocess = {k: spec.get(k) for k in ('img_size', 'resize', 'mean', 'std', 'pool', 'dim')}
+    key.update(json.dumps([CACHE_VERSION, preprocess, dataset['stamps']], sort_keys=True).encode())
+    slug = re.sub(r'[^A-Za-z0-9._-]+', '_', name.strip('/'))[-60:]
+    return os.path.join(out, 'cache', f'{slug}-{key.hexdigest()}.npz')
+
+
+def embeddings(name, weights, dataset):
+    """Pooled embeddings (N, dim) of every image, float32, from the cache while model and data are unchanged."""
+    start = time.time()
+    net, spec = create(name, weights or None, device=device)
+    path = cache_path(name, net, spec, dataset)
+    info = dict(dim=spec['dim'], params=sum(p.numel() for p in net.parameters()), cache=path, cached=os.path.exists(path))
+    if info['cached']:
+        with np.load(path) as cached:
+            return cached['embeddings'], info | dict(seconds=time.time() - start)
+    loader = torch.utils.data.DataLoader(dataset['paths'], batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=partial(load_images, img_size=spec['img_size'], resize=spec['resize']),
+                                         pin_memory=device.startswith('cuda'))
+    # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 autocast is 3-4x slower
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
+    chunks = []
+    with torch.inference_mode(), autocast, tqdm(total=len(dataset['paths']), unit='img', desc=f'embed {name}') as bar:
+        for images, error in loader:
+            if error:
+                raise SystemExit(error)
+            pooled, _ = embed(net, spec, images.to(device, non_blocking=True))
+            chunks.append(pooled.float().cpu().numpy())
+            bar.update(len(images))
+    emb = np.concatenate(chunks)
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=emb, paths=np.array(dataset['paths']))  # with the paths, the file stands alone
+    write_atomic(path, buffer.getvalue())
+    return emb, info | dict(seconds=time.time() - start)
+
+# -----------------------------------------------------------------------------
+# metrics, with bootstrap confidence intervals
+
+def metrics(y, scores, weights=None):
+    """Balanced accuracy, macro F1, macro one-vs-rest AUROC and accuracy from class scores (N, C), each an array
+    with one value per row of sample weights (B, N). A bootstrap resample is a row of multiplicities, so 1000
+    resamples are a few matrix products instead of 1000 Python calls. The tests check each against scikit-learn."""
+    weights = np.ones((1, len(y))) if weights is None else weights
+    n_classes = scores.shape[1]
+    cells = np.eye(n_classes ** 2)[y * n_classes + scores.argmax(1)]  # each sample's cell of the confusion matrix
+    confusion = (weights @ cells).reshape(-1, n_classes, n_classes)
+    tp, support, predicted = np.diagonal(confusion, axis1=1, axis2=2), confusion.sum(2), confusion.sum(1)
+    aurocs = []
+    with np.errstate(invalid='ignore', divide='ignore'), warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # NaN, not a warning, for a resample without some class
+        for c in ([1] if n_classes == 2 else range(n_classes)):  # binary: the positive class's AUROC, as sklearn
+            order = np.argsort(scores[:, c], kind='stable')
+            ranked = scores[order, c]
+            starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # tied scores form one group
+            pos = np.add.reduceat(weights[:, order] * (y[order] == c), starts, axis=1)
+            neg = np.add.reduceat(weights[:, order] * (y[order] != c), starts, axis=1)
+            # Mann-Whitney: each positive beats the negatives ranked below it, and half of those tied with it
+            aurocs.append((pos * (np.cumsum(neg, 1) - neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1)))
+        return dict(
+            # mean recall over the classes present (sklearn's balanced accuracy)
+            balanced_accuracy=np.nanmean(np.where(support > 0, tp / support, np.nan), 1),
+            # macro F1 over the labels present in y or in the predictions (sklearn's default labels)
+            f1_macro=np.nanmean(np.where((support > 0) | (predicted > 0), 2 * tp / (support + predicted), np.nan), 1),
+            auroc=np.nanmean(aurocs, 0),  # classes absent from y (NaN) are skipped
+            accuracy=tp.sum(1) / weights.sum(1))
+
+
+def with_ci(y, scores):
+    """{metric: {'value', 'ci': [2.5th, 97.5th percentile]}} over `bootstrap` resamples of the test set."""
+    point = metrics(y, scores)
+    rng = np.random.default_rng(seed)  # the same resamples for every model, so the CIs are paired across rows
+    draws = {m: [np.full(1, np.nan)] for m in METRICS}
+    for start in range(0, bootstrap, 100):  # 100 resamples at a time bounds the (100, N) weight matrix
+        picks = rng.integers(0, len(y), (min(100, bootstrap - start), len(y)))
+        weights = np.stack([np.bincount(p, minlength=len(y)) for p in picks]).astype(np.float64)
+        for m, values in metrics(y, scores, weights).items():
+            draws[m].append(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # all-NaN: no resamples, or a test set of one class
+        return {m: dict(value=float(point[m][0]), ci=np.nanpercentile(np.concatenate(draws[m]), [2.5, 97.5]).tolist())
+                for m in METRICS}
+
+# -----------------------------------------------------------------------------
+# protocols on frozen embeddings
+
+def linear_probe(train_x, train_y, val_x, val_y, test_x):
+    """Logistic regression (Patho-Bench: scikit-learn, balanced class weights) on standardized embeddings, the L2
+    strength C chosen on val balanced accuracy, or by stratified CV on train when there is no val split."""
+    scaler = StandardScaler().fit(train_x)
+    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
+    fit = lambda x, y, C: LogisticRegression(C=C, class_weight='balanced', max_iter=max_iter, random_state=seed).fit(x, y)
+    def score(C, x, y, held_x, held_y):
+        probs = fit(x, y, C).predict_proba(held_x)
+        # ties in balanced accuracy (common on small val sets) go to the lower cross-entropy: among equally
+        # accurate C, the best-fitting one, not the strongest regulariser with near-uniform probabilities
+        return np.array([metrics(held_y, probs)['balanced_accuracy'][0], np.log(probs[np.arange(len(held_y)), held_y]).mean()])
+    def val_score(C):
+        if val_x is not None:
+            return score(C, train_x, train_y, scaler.transform(val_x), val_y)
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        return np.mean([score(C, train_x[a], train_y[a], train_x[b], train_y[b]) for a, b in cv.split(train_x, train_y)], 0)
+    folds = min(cv_folds, np.bincount(train_y).min())  # every fold must see every class
+    # small problems on one BLAS thread: thread hand-offs cost more than the maths (10x slower on a busy CPU)
+    with warnings.catch_warnings(), threadpool_limits(1 if train_x.size < 10 ** 6 else None):
+        warnings.simplefilter('ignore', ConvergenceWarning)  # weak regularisation on separable data; val decides
+        if val_x is None and folds < 2:
+            best = 0.5  # a class with one train sample: no CV possible; Patho-Bench's default C
+        else:
+            scores = [tuple(val_score(C)) for C in probe_C]
+            best = probe_C[max(range(len(probe_C)), key=scores.__getitem__)]
+        return fit(train_x, train_y, best).predict_proba(test_x), best
+
+
+def neighbours(query, bank, k, groups=None):
+    """Cosine similarities and indices of each query's k nearest bank rows, in chunks on `device`, so the N x N
+    similarity matrix is never held at once. groups: query is bank, and no sample is a neighbour of one in its own
+    group (itself; or its slide, as PathoROB drops same-slide neighbours, which share class and centre trivially)."""
+    bank = F.normalize(torch.as_tensor(bank, dtype=torch.float32, device=device), dim=1)
+    groups = None if groups is None else torch.as_tensor(groups, device=device)
+    step = max(1, 2 ** 26 // len(bank))  # about 256 MB of similarities per chunk
+    sims, idx = [], []
+    for start in range(0, len(query), step):
+        q = F.normalize(torch.as_tensor(query[start:start + step], dtype=torch.float32, device=device), dim=1)
+        s = q @ bank.T
+        if groups is not None:
+            s[groups[start:start + len(q), None] == groups[None, :]] = -float('inf')
+        top = s.topk(k, dim=1)
+        sims.append(top.values.cpu().numpy())
+        idx.append(top.indices.cpu().numpy())
+    return np.concatenate(sims), np.concatenate(idx)
+
+
+def knn_scores(sims, idx, train_y, k, n_classes):
+    """Majority vote of the k nearest training samples (G2L's kNN voting) as vote fractions, plus a tie-break by
+    summed similarity that stays below 1/k, so it only orders tied classes (and gives AUROC fewer ties)."""
+    votes, similarity = np.zeros((len(idx), n_classes)), np.zeros((len(idx), n_classes))
+    cells = (np.repeat(np.arange(len(idx)), k), train_y[idx[:, :k]].ravel())
+    np.add.at(votes, cells, 1)
+    np.add.at(similarity, cells, sims[:, :k].ravel())
+    return votes / k + similarity / (k * (k + 1))  # |similarity| <= votes <= k
+
+
+def run_probes(emb, labels, split, n_classes):
+    """Linear probe, kNN@knn_k and kNN@best-k-on-val on one level (tiles or slides), scored on test with CIs."""
+    train, val, test = (split == s for s in SPLITS)
+    has_val = bool(val.any())
+    probs, C = linear_probe(emb[train], labels[train], emb[val] if has_val else None, labels[val], emb[test])
+    results = dict(linear=with_ci(labels[test], probs) | dict(C=C))
+    k_max = min(max(knn_k, knn_k_max), int(train.sum()))
+    sims, idx = neighbours(emb[test], emb[train], k_max)
+    k = min(knn_k, k_max)
+    results['knn'] = with_ci(labels[test], knn_scores(sims, idx, labels[train], k, n_classes)) | dict(k=k)
+    if has_val:  # THUNDER picks k on val; reported beside the fixed k=20, never instead of it
+        val_sims, val_idx = neighbours(emb[val], emb[train], k_max)
+        on_val = [metrics(labels[val], knn_scores(val_sims, val_idx, labels[train], k, n_classes))['balanced_accuracy'][0]
+                  for k in range(1, k_max + 1)]
+        best = 1 + int(np.argmax(on_val))  # ties go to the smaller k
+        results['knn_best'] = with_ci(labels[test], knn_scores(sims, idx, labels[train], best, n_classes)) | dict(k=best)
+    return results
+
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al. 2019) between two embeddings of the same samples: ||Yc^T Xc||_F^2 /
+    (||Xc^T Xc||_F ||Yc^T Yc||_F) on centred features; 1 for the same features up to rotation and isotropic
+    scale. G2L reports 0.76 between Hibou-L and H-optimus-0, 0.97 after distillation."""
+    x = x.astype(np.float64) - x.mean(0)
+    y = y.astype(np.float64) - y.mean(0)
+    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def robustness_index(emb, labels, centers, slides, ks):
+    """Robustness index (de Jong et al. 2025) on all samples of the dataset. For each sample take its k nearest
+    neighbours (cosine similarity; never itself, nor a tile of its own slide when slides are given, as PathoROB)
+    and count
+        SO: neighbours of the same class from another centre (biology wins),
+        OS: neighbours of another class from the same centre (the centre wins).
+    Same-class-same-centre and other-class-other-centre neighbours say nothing about which dominates and are not
+    counted. SO and OS are summed over all samples first and the ratio is taken once, as PathoROB's code does
+    (a per-sample ratio is undefined wherever SO + OS = 0). Both forms in use are reported:
+        SO/OS        the form G2L reports (H-optimus-0 1.08/1.19/1.37/1.85 at k=3/5/10/20); > 1: biology dominates
+        SO/(SO+OS)   PathoROB's bounded form in [0, 1]; 0.5 is the break-even point"""
+    groups = np.arange(len(emb)) if slides is None else np.unique(slides, return_inverse=True)[1]
+    k_max = min(max(ks), len(emb) - np.bincount(groups).max())
+    _, idx = neighbours(emb, emb, k_max, groups=groups)
+    same_class, same_center = labels[idx] == labels[:, None], centers[idx] == centers[:, None]
+    index = {}
+    for k in (k for k in ks if k <= k_max):
+        so = int((same_class[:, :k] & ~same_center[:, :k]).sum())
+        os_ = int((~same_class[:, :k] & same_center[:, :k]).sum())
+        index[str(k)] = {'SO': so, 'OS': os_, 'SO/OS': so / os_ if os_ else float('inf'),
+                         'SO/(SO+OS)': so / (so + os_) if so + os_ else float('nan')}
+    return index
+
+
+def pool_slides(emb, dataset):
+    """Mean of each slide's tile embeddings (the simplest slide encoder, a baseline every MIL model must beat)."""
+    _, first, inverse = np.unique(dataset['slide'], return_index=True, return_inverse=True)
+    order, counts = np.argsort(inverse, kind='stable'), np.bincount(inverse)
+    pooled = np.add.reduceat(emb[order], np.r_[0, np.cumsum(counts)[:-1]], axis=0) / counts[:, None]
+    return pooled.astype(np.float32), dataset['labels'][first], dataset['split'][first]  # one label/split a slide
+
+# -----------------------------------------------------------------------------
+# outputs
+
+def table(header, rows):
+    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
+def write_markdown(results, path):
+    rows = results['models']
+    first = next(iter(rows.values()))
+    cell = lambda e: f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+    lines = [f"# {', '.join(rows)} on {results['data']['source']}", '',
+             f"Teacher {results['teacher']}. Test split, 95% bootstrap CIs ({bootstrap} resamples). kNN@{knn_k}: "
+             "majority vote of the k nearest training samples (cosine); best-k: k chosen on val."]
+    for level in ('tile', 'slide'):
+        if level in first:
+            protocols = [(p, title) for p, title in (('linear', 'linear'), ('knn', f'kNN@{knn_k}'), ('knn_best', 'kNN best-k'))
+                         if p in first[level]]
+            header = ['model', 'params'] + [f'{title} {label}' for _, title in protocols for label in METRICS.values()]
+            lines += ['', f'## {level} level', ''] + table(
+                header + ['CKA to teacher'] * (level == 'tile'),
+                [[name, f"{r['params'] / 1e6:.1f}M"] + [cell(r[level][p][m]) for p, _ in protocols for m in METRICS]
+                 + [f"{r['cka_to_teacher']:.3f}"] * (level == 'tile') for name, r in rows.items()])
+            lines += ['', 'Chosen on val (or by CV on train): ' + '; '.join(
+                f"{name} C={r[level]['linear']['C']:g}" + (f", k={r[level]['knn_best']['k']}" if 'knn_best' in r[level] else '')
+                for name, r in rows.items())]
+    if 'robustness_index' in first:
+        ks = list(first['robustness_index'])
+        lines += ['', '## robustness index (de Jong et al. 2025): SO/OS > 1 and SO/(SO+OS) > 0.5 mean biology '
+                  'dominates the centre', ''] + table(
+            ['model'] + [f'SO/OS k={k}' for k in ks] + [f'SO/(SO+OS) k={k}' for k in ks],
+            [[name] + [f"{r['robustness_index'][k][form]:.3f}" for form in ('SO/OS', 'SO/(SO+OS)') for k in ks]
+             for name, r in rows.items()])
+    write_atomic(path, ('\n'.join(lines) + '\n').encode())
+    return '\n'.join(lines)
+
+
+def plot(results, path):
+    """Bars per metric (a group per level and protocol, a bar per model, CI error bars), CKA, and RI against k."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = results['models']
+    first = next(iter(rows.values()))
+    groups = [(level, p) for level in ('tile', 'slide') if level in first for p in ('linear', 'knn')]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    width = 0.8 / len(rows)
+    for ax, (metric, label) in zip(axes.flat, METRICS.items()):
+        for i, (name, r) in enumerate(rows.items()):
+            value = np.array([r[level][p][metric]['value'] for level, p in groups])
+            ci = np.array([r[level][p][metric]['ci'] for level, p in groups]).T
+            ax.bar(np.arange(len(groups)) + i * width, value, width, yerr=np.nan_to_num(np.abs(ci - value)), capsize=3, label=name)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(rows) - 1) / 2,
+                      [f"{level} {'linear' if p == 'linear' else f'kNN@{knn_k}'}" for level, p in groups])
+        ax.set(title=f'{label} (test, 95% CI)', ylim=(0, 1.05))
+    axes[0, 0].legend(fontsize=8)
+    axes[1, 1].bar(list(rows), [r['cka_to_teacher'] for r in rows.values()], color=[f'C{i}' for i in range(len(rows))])
+    axes[1, 1].set(title=f"linear CKA to {results['teacher']} (test)", ylim=(0, 1.05))
+    axes[1, 1].tick_params(axis='x', labelrotation=15)
+    axes[1, 2].set_title('robustness index: needs a center column')
+    if 'robustness_index' in first:
+        for name, r in rows.items():
+            ri = r['robustness_index']
+            axes[1, 2].plot([int(k) for k in ri], [ri[k]['SO/OS'] for k in ri], 'o-', label=name)
+        axes[1, 2].axhline(1, color='gray', ls='--', lw=1)
+        axes[1, 2].set(title='robustness index SO/OS (> 1: biology dominates)', xlabel='k', xticks=[int(k) for k in ri])
+        axes[1, 2].legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64, seed=0):
+    """Small PNG tiles of 3 colour/texture classes from 2 centres, written as an ImageFolder under root and
+    listed in root/labels.csv with center and slide columns. Returns the CSV's path."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    classes = {'lymphocytes': ((80, 60, 150), ((xx % 12 < 5) & (yy % 12 < 5)) * 2.0 - 1),  # dense dark dots
+               'stroma': ((230, 150, 190), np.sin(xx / 3.0)),                              # pink fibres
+               'tumor': ((150, 90, 170), np.sin(xx / 5.0) * np.sin(yy / 5.0))}            # purple blobs
+    rows = []
+    for label, (colour, texture) in classes.items():
+        for split, n_slides in zip(SPLITS, slides_per_split):
+            for s in range(n_slides):
+                os.makedirs(os.path.join(root, split, label), exist_ok=True)
+                slide, center = f'{label}-{split}-{s}', f'center{s % 2}'
+                # a stain shift per centre plus one per slide: within a lab, slides vary too
+                stain = np.array([12, -8, 10]) * (1 if s % 2 else -1) + rng.normal(0, 20, 3)
+                for t in range(tiles_per_slide):
+                    pixels = np.array(colour) + stain + 40 * texture[..., None] + rng.normal(0, 10, (size, size, 3))
+                    path = os.path.join(split, label, f'{slide}_{t}.png')
+                    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(root, path))
+                    rows.append((path, label, split, center, slide))
+    with open(os.path.join(root, 'labels.csv'), 'w') as f:
+        f.write('path,label,split,center,slide\n' + ''.join(','.join(r) + '\n' for r in rows))
+    return os.path.join(root, 'labels.csv')
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    globals().update(DEFAULTS)  # start from the defaults on every call (the tests call main more than once)
+    globals().update(configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv))
+    config = {k: globals()[k] for k in config_keys}
+    print('config:', json.dumps(config))
+    entries = [m.strip() for m in models.split(',') if m.strip()]
+    if not entries:
+        raise SystemExit('error: --models is empty; e.g. --models tiny-teacher,tiny-student')
+    weights = dict(e.partition('=')[::2] for e in entries)  # NAME=WEIGHTS -> {NAME: WEIGHTS}; '' = the default
+    reference, _, reference_weights = (teacher or entries[0]).partition('=')
+    # teacher first, as in G2L's tables; its weights from --teacher NAME=WEIGHTS or from --models
+    weights = {reference: reference_weights or weights.get(reference, '')} | {n: w for n, w in weights.items() if n != reference}
+    dataset = read_dataset(data)
+    counts = {s: int((dataset['split'] == s).sum()) for s in SPLITS}
+    print(f"data: {data}: {len(dataset['paths'])} images {counts}, classes {dataset['classes']}")
+    n_centers = 0 if dataset['center'] is None else len(np.unique(dataset['center']))
+    if n_centers == 1:
+        print('note: one centre only, so no robustness index (it needs neighbours from other centres)')
+    results = dict(config=config, teacher=reference, models={},
+                   data=dict(source=data, classes=dataset['classes'], images=counts, n_centers=n_centers or None,
+                             n_slides=None if dataset['slide'] is None else len(np.unique(dataset['slide']))))
+    test = dataset['split'] == 'test'
+    for name, name_weights in weights.items():  # one model in memory at a time: a ViT-g and a ViT-L need not share
+        emb, info = embeddings(name, name_weights, dataset)
+        print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {'from cache' if info['cached'] else 'extracted'} "
+              f"in {info['seconds']:.1f} s ({info['cache']})")
+        if name == reference:
+            teacher_test = emb[test]
+        row = info | dict(tile=run_probes(emb, dataset['labels'], dataset['split'], len(dataset['classes'])),
+                          cka_to_teacher=linear_cka(emb[test], teacher_test))
+        if dataset['slide'] is not None:
+            row['slide'] = run_probes(*pool_slides(emb, dataset), len(dataset['classes']))
+        if n_centers >= 2:
+            row['robustness_index'] = robustness_index(emb, dataset['labels'], dataset['center'], dataset['slide'], ri_k)
+        results['models'][name] = row
+    # JSON has no NaN or Infinity (SO/OS is inf when no neighbour is OS; a CI is NaN on a one-class test set): null
+    strict = json.loads(json.dumps(results), parse_constant=lambda _: None)
+    write_atomic(os.path.join(out, 'results.json'), json.dumps(strict, indent=2, allow_nan=False).encode())
+    print(write_markdown(results, os.path.join(out, 'results.md')))
+    plot(results, os.path.join(out, 'results.png'))
+    print(f'wrote {out}/results.json, results.md, results.png')
+    return results
+
+
+if __name__ == '__main__':
+    main()
