@@ -1,0 +1,858 @@
+"""
+The CPU test suite of the repository, read top to bottom as a tour of it: tiling, the model zoo,
+distillation, evaluation. Every test names the behaviour it proves and checks real numbers on real
+OpenSlide reads, real timm models and real torchrun processes (gloo); nothing is mocked.
+
+    python -m pytest -q test_smoke.py
+"""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from scipy.stats import norm
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+import distill
+import evaluate
+import model
+import tile
+
+
+# ==================================================================================================
+# tile.py: whole-slide images -> tiles, QC, TileDataset
+# ==================================================================================================
+# tile.py: synthetic pyramidal slides -> tissue tiles at a physical resolution -> TileDataset reads them back.
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def tile_slides_dir(tmp_path_factory):
+    """The same glass (seed 1) as a 40x generic TIFF, a 40x Aperio SVS and a 20x generic TIFF, plus a blank slide."""
+    root = tmp_path_factory.mktemp('slides')
+    info = {
+        'g40': tile.write_synthetic_slide(root / 'g40.tif', 4096, 3072, mpp=0.25, seed=1),
+        'a40': tile.write_synthetic_slide(root / 'a40.svs', 4096, 3072, mpp=0.25, seed=1, aperio=True),
+        'g20': tile.write_synthetic_slide(root / 'g20.tif', 2048, 1536, mpp=0.5, seed=1),
+        'blank': tile.write_synthetic_slide(root / 'blank.tif', 2048, 1536, mpp=0.25, blank=True),
+    }
+    return root, info
+
+
+def read_manifest(path):
+    with open(path, newline='') as f:
+        return {row['stem']: row for row in csv.DictReader(f)}
+
+
+def test_synthetic_slides_open_in_openslide_with_their_mpp(tile_slides_dir):
+    root, info = tile_slides_dir
+    generic, aperio = openslide.OpenSlide(root / 'g40.tif'), openslide.OpenSlide(root / 'a40.svs')
+    assert generic.properties['openslide.vendor'] == 'generic-tiff'
+    assert float(generic.properties['openslide.mpp-x']) == pytest.approx(0.25)  # from resolution tags in cm
+    assert generic.level_downsamples == pytest.approx((1, 2, 4, 8))
+    assert aperio.properties['openslide.vendor'] == 'aperio'
+    assert float(aperio.properties['aperio.MPP']) == 0.25 and aperio.properties['aperio.AppMag'] == '40'
+    assert aperio.level_downsamples == pytest.approx((1, 4, 16))  # Aperio's 4x steps: no 20x level to read
+    assert 0.15 < info['g40']['tissue_fraction'] < 0.5 and info['blank']['tissue_fraction'] == 0
+    thumb = np.asarray(generic.read_region((0, 0), 2, (1024, 768)).convert('RGB')).astype(int)
+    assert (thumb[:20, :20] > 235).all()  # white glass in the corner
+    stained = thumb[(thumb[..., 0] > thumb[..., 1] + 40)]  # pink/purple: both H&E stains absorb green most
+    assert 0.1 < len(stained) / (1024 * 768) < 0.5
+
+
+@pytest.mark.parametrize('name', ['g40.tif', 'a40.svs'])
+def test_tile_count_matches_the_known_tissue_area(tile_slides_dir, tmp_path, name):
+    root, info = tile_slides_dir
+    rows = tile.tile_slides(root / name, tmp_path, mpp=0.25)  # 64 µm tiles: a 16 x 12 grid on this 1 x 0.75 mm slide
+    assert rows[0]['status'] == 'ok' and (rows[0]['level'], rows[0]['read_size']) == (0, 256)
+    expected = info[name[:3]]['tissue_fraction'] * 16 * 12
+    assert abs(rows[0]['n_tiles'] - expected) <= 0.1 * expected, (rows[0]['n_tiles'], expected)
+    z = np.load(tmp_path / (name[:3] + '.npz'))
+    assert z['coords'].dtype == np.int64 and z['coords'].shape == (rows[0]['n_tiles'], 2)
+    assert z['tissue'].dtype == np.float32 and (z['tissue'] >= 0.5).all()
+    assert float(z['slide_mpp']) == 0.25 and float(z['mpp']) == 0.25 and int(z['tile_size']) == 256
+    # the blue pen circle is ink, not tissue: no tile centre inside it (CLAM-style hole filling would add its disc)
+    px, py, radius, _ = info[name[:3]]['pen']
+    assert (np.hypot(z['coords'][:, 0] + 128 - px, z['coords'][:, 1] + 128 - py) > radius).all()
+    qc = Image.open(tmp_path / (name[:3] + '.jpg'))
+    assert qc.size == (128, 96)  # the 8 µm/px thumbnail the tissue was found on
+
+
+def test_40x_and_20x_copies_give_the_same_tiles_in_microns(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    rows = {r['stem']: r for r in tile.tile_slides(root, tmp_path)}  # default 256 px at 0.5 µm/px
+    # 40x generic reads its 20x level; 40x Aperio has none, so it reads 512 px at level 0 and shrinks; 20x reads level 0
+    assert [(rows[s]['level'], rows[s]['read_size']) for s in ('g40', 'a40', 'g20')] == [(1, 256), (0, 512), (0, 256)]
+    microns = {s: np.load(tmp_path / f'{s}.npz')['coords'] * float(rows[s]['slide_mpp']) for s in ('g40', 'a40', 'g20')}
+    assert len(microns['g20']) >= 10
+    np.testing.assert_array_equal(microns['g40'], microns['g20'])
+    np.testing.assert_array_equal(microns['a40'], microns['g20'])
+
+
+def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    row, = tile.tile_slides(root / 'blank.tif', tmp_path)
+    assert (row['status'], row['n_tiles']) == ('error', 0)
+    assert row['error'].startswith('no tissue: 0 of 12 grid tiles')
+    assert len(np.load(tmp_path / 'blank.npz')['coords']) == 0  # finished (not retried), with a QC picture to look at
+    assert os.path.exists(tmp_path / 'blank.jpg')
+
+
+def test_bad_slides_fail_alone_with_a_readable_reason(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    batch = tmp_path / 'batch'
+    batch.mkdir()
+    shutil.copy(root / 'g40.tif', batch / 'good.tif')
+    data = (root / 'g40.tif').read_bytes()
+    (batch / 'truncated.tif').write_bytes(data[:len(data) // 3])
+    damaged = bytearray((root / 'a40.svs').read_bytes())  # opens, thumbnail level fine, level-0 tile data zeroed
+    damaged[len(damaged) // 10:len(damaged) // 2] = bytes(len(damaged) // 2 - len(damaged) // 10)
+    (batch / 'damaged.svs').write_bytes(damaged)
+    (batch / 'corrupt.svs').write_bytes(np.random.default_rng(0).bytes(50_000))
+    tifffile.imwrite(batch / 'nompp.tif', np.full((1024, 1024, 3), 200, np.uint8), tile=(256, 256),
+                     resolution=(72, 72), resolutionunit='INCH')  # a 72 dpi default is not a measured mpp
+    thumb = openslide.OpenSlide(root / 'g20.tif').read_region((0, 0), 0, (2048, 1536)).convert('RGB')
+    thumb.save(batch / 'plain.png')  # a plain image has no mpp at all
+    out = tmp_path / 'tiles'
+    status = tile.main([str(batch), '--out', str(out), '--workers', '2'])
+    manifest = read_manifest(out / 'manifest.csv')
+    assert status == 1 and sorted(manifest) == ['corrupt', 'damaged', 'good', 'nompp', 'plain', 'truncated']
+    assert manifest['good']['status'] == 'ok' and int(manifest['good']['n_tiles']) >= 10
+    for stem in ('corrupt', 'damaged', 'truncated', 'nompp', 'plain'):
+        assert manifest[stem]['status'] == 'error' and int(manifest[stem]['n_tiles']) == 0
+        assert '\n' not in manifest[stem]['error'] and 'Traceback' not in manifest[stem]['error']
+        assert not os.path.exists(out / f'{stem}.npz')  # not marked done: a rerun tries again
+    assert manifest['corrupt']['error'].startswith('cannot open')
+    assert 'truncated or corrupt' in manifest['corrupt']['error']
+    assert manifest['truncated']['error'].startswith('cannot open')
+    assert manifest['damaged']['error'].startswith('level 0 is unreadable (OpenSlideError')
+    assert '352.8 µm/px' in manifest['nompp']['error'] and '--slide-mpp' in manifest['nompp']['error']
+    assert manifest['plain']['error'].startswith('no mpp in the slide metadata')
+    assert "'plain.png,0.25' in --mpp-csv" in manifest['plain']['error']
+    # a rerun with the mpp given per slide (CSV) tiles the PNG exactly like the 20x slide it came from
+    (tmp_path / 'mpp.csv').write_text('slide,mpp\nplain.png,0.5\n')
+    tile.main([str(batch / 'plain.png'), '--out', str(out), '--mpp-csv', str(tmp_path / 'mpp.csv')])
+    reference = tile.tile_slides(root / 'g20.tif', tmp_path / 'ref')
+    np.testing.assert_array_equal(np.load(out / 'plain.npz')['coords'], np.load(tmp_path / 'ref' / 'g20.npz')['coords'])
+    assert reference[0]['n_tiles'] == len(np.load(out / 'plain.npz')['coords'])
+
+
+def test_killed_run_resumes_without_redoing_finished_slides(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    for folder in 'abcdefgh':  # eight slides that share one file name: stems get a hash of their folder
+        (tmp_path / 'slides' / folder).mkdir(parents=True)
+        os.symlink(root / 'g20.tif', tmp_path / 'slides' / folder / 'S.tif')
+    out = tmp_path / 'slides' / 'tiles'  # inside the searched folder: its QC .jpg files must not become slides
+    command = [sys.executable, os.path.join(HERE, 'tile.py'), str(tmp_path / 'slides'), '--out', str(out)]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while run.poll() is None and not (out.exists() and any(f.endswith('.npz') for f in os.listdir(out))):
+        time.sleep(0.002)
+    run.send_signal(signal.SIGKILL)  # killed mid-batch (at worst after it finished: the checks below still hold)
+    run.wait()
+    # a killed writer leaves at most a temporary file, never a half <stem>.npz; plant one as if killed mid-write
+    (out / '.S-00000000.npz.12345.tmp').write_bytes(b'half a file')
+    finished = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith('.npz')}
+    assert finished and all(len(np.load(out / f)['coords']) > 0 for f in finished)
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    done = sorted(f for f in os.listdir(out) if f.endswith('.npz') and not f.startswith('.'))
+    assert len(done) == 8 and len(set(done)) == 8 and all(f.startswith('S-') for f in done)
+    assert all(os.stat(out / f).st_mtime_ns == mtime for f, mtime in finished.items())  # not redone
+    manifest = read_manifest(out / 'manifest.csv')
+    assert len(manifest) == 8 and {r['status'] for r in manifest.values()} == {'ok'}
+    assert len(tile.TileDataset(out).stems) == 8  # the stale temporary file is not mistaken for a slide
+
+
+def test_shards_split_the_slides_and_reruns_keep_one_setting_per_folder(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    first = tile.tile_slides(root, tmp_path, shard='0/2')
+    second = tile.tile_slides(root, tmp_path, shard=(1, 2))
+    assert sorted(r['stem'] for r in first + second) == ['a40', 'blank', 'g20', 'g40']
+    assert [r['stem'] for r in first] == ['a40', 'g20'] and os.path.exists(tmp_path / 'manifest-0-of-2.csv')
+    assert len(read_manifest(tmp_path / 'manifest-1-of-2.csv')) == len(second) == 2
+    # a rerun reports finished slides without redoing them, and refuses to mix in tiles at another mpp
+    again = {r['stem']: r for r in tile.tile_slides(root, tmp_path)}
+    assert again['g20']['status'] == 'ok' and again['g20']['seconds'] == 0 and again['g20']['n_tiles'] >= 10
+    assert again['blank']['error'] == 'no tissue (done earlier)'
+    other = tile.tile_slides(root / 'g20.tif', tmp_path, mpp=1.0)[0]
+    assert other['status'] == 'error' and other['error'].startswith('done earlier at 0.5 µm/px, 256 px')
+
+
+def test_tile_dataset_returns_what_openslide_reads(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    tile.tile_slides([root / 'g40.tif', root / 'a40.svs'], tmp_path)
+    ds = tile.TileDataset(tmp_path)
+    assert ds.stems == ['a40', 'g40'] and ds.tile_size == 256 and len(ds) == len(ds.slide_index) >= 20
+    for stem in ds.stems:
+        z = np.load(tmp_path / f'{stem}.npz')
+        slide = openslide.OpenSlide(str(z['slide_path']))
+        i = int(np.flatnonzero(ds.slide_index == ds.stems.index(stem))[3])
+        x, y = map(int, ds.coords[i])
+        size = int(z['read_size'])  # 256 from the generic slide's 20x level, 512 from the Aperio level 0
+        region = np.asarray(slide.read_region((x, y), int(z['level']), (size, size)).convert('RGB')).astype(int)
+        f = size // 256  # shrinking is an area mean of f x f pixels, rounded
+        expected = ((region.reshape(256, f, 256, f, 3).sum((1, 3)) + f * f // 2) // (f * f)).transpose(2, 0, 1)
+        tensor = ds[i]
+        assert tensor.dtype == torch.uint8 and tensor.shape == (3, 256, 256)
+        np.testing.assert_array_equal(tensor.numpy(), expected)
+    # the Aperio tile (512 px shrunk) shows the same glass as the generic slide's 20x level (its own JPEG encoding)
+    a, g = ds[0].float(), ds[int(np.flatnonzero(ds.slide_index == 1)[0])].float()
+    assert (ds.coords[0] == ds.coords[ds.slide_index == 1][0]).all() and (a - g).abs().mean() < 6
+
+
+class WorkerProbe(torch.utils.data.Dataset):
+    """Returns each tile with the pid that read it and the pid its TileDataset's handle cache belongs to."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i], os.getpid(), self.ds._pid
+
+
+def test_dataloader_workers_each_open_their_own_slides(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    tile.tile_slides([root / 'g40.tif', root / 'a40.svs'], tmp_path)
+    ds = tile.TileDataset(tmp_path)
+    direct = torch.stack([ds[i] for i in range(len(ds))])  # opens both slides in this (parent) process first
+    assert ds._pid == os.getpid() and len(ds._handles) == 2
+    batches = list(torch.utils.data.DataLoader(WorkerProbe(ds), batch_size=4, num_workers=2))
+    pids, cache_pids = torch.cat([b[1] for b in batches]), torch.cat([b[2] for b in batches])
+    assert torch.equal(torch.cat([b[0] for b in batches]), direct)
+    # two workers, each reading through a cache it opened itself, never the parent's handles it inherited
+    assert len(set(pids.tolist())) == 2 and torch.equal(pids, cache_pids) and os.getpid() not in pids.tolist()
+
+
+def test_bench_times_dataset_and_bare_read_region(tile_slides_dir, tmp_path, capsys):
+    root, _ = tile_slides_dir
+    tile.tile_slides(root / 'g40.tif', tmp_path)
+    rates = tile.bench(tmp_path, n=12)
+    assert rates['bare'] > 0 and rates['dataset'] > 0
+    assert 'TileDataset' in capsys.readouterr().out
+
+
+# ==================================================================================================
+# model.py: the zoo, exact architectures, strict offline loading, Hibou-L conversion
+# ==================================================================================================
+# model.py: the zoo's architectures, strict weight loading, the Hibou-L conversion, embed() and configure().
+
+REPO = Path(__file__).resolve().parent
+
+
+def test_parameter_counts_match_the_published_figures():
+    # model cards / papers: H-optimus-0 1.13B, UNI2-h 681M, Virchow2 632M, Prov-GigaPath 1.13B (Nature 2024),
+    # UNI ViT-L/16 0.30B; built on the meta device, so this costs no memory and downloads nothing
+    published = {'H-optimus-0': 1.13e9, 'H-optimus-1': 1.13e9, 'Midnight': 1.13e9, 'UNI2-h': 681e6,
+                 'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01}
+    for name, expected in published.items():
+        assert abs(model.param_count(name) / expected - 1) < 0.01, (name, model.param_count(name))
+    # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) scaled to ViT-B
+    # must reproduce Hibou-B's published 85.7M exactly, and Hibou-L itself rounds to 0.30B
+    hibou = model.MODELS['Hibou-L']
+    hibou_b = dict(hibou, kwargs=dict(hibou['kwargs'], embed_dim=768, depth=12, num_heads=12, mlp_ratio=4096 / 768))
+    assert round(model.param_count(hibou_b) / 1e6, 1) == 85.7
+    assert round(model.param_count('Hibou-L') / 1e9, 2) == 0.30
+    # every row's declared width / registers / patch size is what timm actually builds
+    for name, spec in model.MODELS.items():
+        vit = model.build(spec, 'meta')
+        assert (vit.embed_dim, vit.num_prefix_tokens - 1, vit.patch_embed.patch_size[0]) == \
+            (spec['width'], spec['num_registers'], spec['patch_size']), name
+
+
+def test_flops_follow_the_vit_formula():
+    # H-optimus-0 at 224 px: 256 patches + CLS + 4 registers; forward ~2 x 1.13B x 261 plus attention
+    assert model.tokens_per_image('H-optimus-0') == 261
+    gflops = model.flops_per_image('H-optimus-0') / 1e9
+    assert 2 * 1.13 * 261 < gflops < 2 * 1.14 * 261 + 4 * 40 * 261 ** 2 * 1536 / 1e9 + 1
+    assert model.flops_per_image('tiny-student', 448) > 4 * model.flops_per_image('tiny-student', 224)
+
+
+def test_embed_shapes_and_patch_tokens_exclude_registers():
+    teacher, spec = model.create('tiny-teacher')
+    images = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    pooled, patches = model.embed(teacher, spec, images)
+    assert pooled.shape == (3, 96) and patches.shape == (3, 256, 96)  # 16 x 16 patches, 4 registers dropped
+    tokens = teacher.forward_features(model.prepare(spec, images))
+    assert tokens.shape[1] == 1 + 4 + 256
+    assert torch.equal(patches, tokens[:, 5:]) and torch.equal(pooled, tokens[:, 0])
+    # uint8 and [0, 1] float give the same embedding; a 256-px tile is centre-cropped to the model's 224
+    assert torch.allclose(model.embed(teacher, spec, images.float() / 255)[0], pooled, atol=1e-5)
+    big = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    assert model.embed(teacher, spec, big)[1].shape == (2, 256, 96)
+    # cls+mean rows (Virchow2, Midnight) concatenate CLS with the mean patch token: 2 x width
+    student, student_spec = model.create('tiny-student')
+    mean_spec = dict(student_spec, pool='cls+mean', dim=128)
+    pooled2, patches2 = model.embed(student, mean_spec, images)
+    assert pooled2.shape == (3, 128) and torch.allclose(pooled2[:, 64:], patches2.mean(1))
+
+
+def test_embed_trains_under_autocast_with_grad_checkpointing():
+    # how distill.py runs the student: train mode, timm grad checkpointing, bf16 autocast, gradients to the weights
+    student, spec = model.create('tiny-student')
+    student.train().set_grad_checkpointing(True)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        pooled, patches = model.embed(student, spec, images)
+    (pooled.float().pow(2).sum() + patches.float().mean()).backward()
+    grad = student.patch_embed.proj.weight.grad
+    assert pooled.shape == (2, 64) and grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+def test_random_init_is_deterministic_per_name_and_leaves_the_callers_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = model.create('tiny-teacher')
+    after = torch.rand(1)
+    b, _ = model.create('tiny-teacher')
+    assert torch.equal(before, after)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c, _ = model.create('tiny-student')
+    assert not torch.equal(a.patch_embed.proj.weight[:64, :, :14, :14].flatten()[:100],
+                           c.patch_embed.proj.weight.flatten()[:100])
+
+
+def test_export_then_create_round_trips_exactly(tmp_path):
+    student, spec = model.create('tiny-student')
+    with torch.no_grad():
+        student.blocks[0].mlp.fc1.weight.add_(1.0)  # a "trained" student, not the seeded init
+    model.export(student, spec, tmp_path / 'run')
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    for source in (tmp_path / 'run', tmp_path / 'run' / 'student.json', tmp_path / 'run' / 'student.safetensors'):
+        loaded, loaded_spec = model.create(str(source))
+        assert loaded_spec['arch'] == spec['arch'] and loaded_spec['mean'] == spec['mean']
+        for got, want in zip(model.embed(loaded, loaded_spec, images), model.embed(student, spec, images)):
+            assert torch.equal(got, want)
+    # the same file also loads by model name + local path (what an offline cluster does with hub weights)
+    loaded, _ = model.create('tiny-student', weights=str(tmp_path / 'run' / 'student.safetensors'))
+    assert torch.equal(loaded.blocks[0].mlp.fc1.weight, student.blocks[0].mlp.fc1.weight)
+
+
+def test_missing_key_and_wrong_architecture_fail_naming_the_problem(tmp_path):
+    from safetensors.torch import save_file
+    teacher, _ = model.create('tiny-teacher')
+    state = teacher.state_dict()
+    del state['blocks.2.ls2.gamma']
+    save_file(state, str(tmp_path / 'missing.safetensors'))
+    with pytest.raises(model.WeightsError, match=r"1 missing keys \(blocks\.2\.ls2\.gamma\)"):
+        model.create('tiny-teacher', weights=str(tmp_path / 'missing.safetensors'))
+    # a student checkpoint offered as the teacher: no registers, other widths, other patch size
+    student, _ = model.create('tiny-student')
+    torch.save(student.state_dict(), tmp_path / 'student.pth')
+    with pytest.raises(model.WeightsError) as error:
+        model.create('tiny-teacher', weights=str(tmp_path / 'student.pth'))
+    message = str(error.value)
+    assert 'does not fit tiny-teacher' in message and 'reg_token' in message
+    assert 'patch_embed.proj.weight (64, 3, 16, 16) vs (96, 3, 14, 14)' in message
+    assert '\n' not in message
+
+
+def test_hibou_conversion_matches_transformers(tmp_path):
+    # a small transformers Dinov2-with-registers model in Hibou-L's layout (4 registers, SwiGLU, layer scale,
+    # 224-px positions), every weight random, saved as the hub would ship it, then loaded as timm
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    config = Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+                                       patch_size=14, num_register_tokens=4, use_swiglu_ffn=True, mlp_ratio=4)
+    torch.manual_seed(0)
+    hf = Dinov2WithRegistersModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # nonzero CLS/registers, uneven layer scale
+    hf.save_pretrained(tmp_path / 'hibou')
+    hibou = model.MODELS['Hibou-L']
+    spec = dict(hibou, name='hibou-small', width=64, dim=64,
+                kwargs=dict(hibou['kwargs'], embed_dim=64, depth=2, num_heads=4, mlp_ratio=352 / 64))
+    vit, spec = model.create(spec, weights=str(tmp_path / 'hibou'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = hf(pixel_values=model.prepare(spec, images)).last_hidden_state  # [CLS, 4 registers, patches]
+        pooled, patches = model.embed(vit, spec, images)
+        # transformers>=5 names the in-memory weights differently (q_proj, gate_proj): same conversion result
+        converted = model.convert_hibou(hf.state_dict(), vit)
+    assert (pooled - reference[:, 0]).abs().max() < 1e-4
+    assert (patches - reference[:, 5:]).abs().max() < 1e-4
+    assert all(torch.equal(converted[k], v) for k, v in vit.state_dict().items())
+
+
+def test_dinov2_conversion_resamples_positions_like_transformers(tmp_path):
+    # Midnight's layout: transformers Dinov2 without registers, positions stored for another grid (here 7x7)
+    from transformers import Dinov2Config, Dinov2Model
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=98, patch_size=14,
+                          use_swiglu_ffn=True, layerscale_value=0.5)
+    torch.manual_seed(1)
+    hf = Dinov2Model(config).eval()
+    with torch.no_grad():
+        hf.embeddings.position_embeddings.normal_()
+    hf.save_pretrained(tmp_path / 'midnight')
+    midnight = model.MODELS['Midnight']
+    spec = dict(midnight, name='midnight-small', width=64, dim=128,
+                kwargs=dict(midnight['kwargs'], embed_dim=64, depth=1, num_heads=4, mlp_ratio=352 / 64))
+    vit, spec = model.create(spec, weights=str(tmp_path / 'midnight'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = hf(pixel_values=model.prepare(spec, images)).last_hidden_state
+        pooled, patches = model.embed(vit, spec, images)
+    expected = torch.cat([reference[:, 0], reference[:, 1:].mean(1)], dim=-1)  # the card's CLS || mean patch
+    assert (pooled - expected).abs().max() < 1e-4 and (patches - reference[:, 1:]).abs().max() < 1e-4
+
+
+def test_gated_model_without_network_fails_fast_with_advice(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path))  # an empty cache
+    with pytest.raises(model.WeightsError) as error:
+        model.create('H-optimus-0')
+    # a SystemExit carrying one line: uncaught (distill.py, evaluate.py, model.py) it prints that line, exit code 1
+    assert isinstance(error.value, SystemExit)
+    message = error.value.code
+    assert isinstance(message, str) and '\n' not in message
+    assert 'HF_TOKEN' in message and 'weights=' in message and 'huggingface.co/bioptimus/H-optimus-0' in message
+
+
+def test_list_shows_every_model_with_its_size():
+    run = subprocess.run([sys.executable, 'model.py', '--list'], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert run.returncode == 0, run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()[1:]}
+    assert set(rows) == set(model.MODELS)
+    assert rows['H-optimus-0'][2] == '1.13B' and rows['H-optimus-0'][3] == '1536' and rows['H-optimus-0'][4] == '261'
+    assert rows['Virchow2'][3] == '2560'
+
+
+def test_configure_overrides_from_file_and_flags(tmp_path):
+    defaults = dict(batch_size=32, lr=1e-4, out_dir='out', compile=False, teacher='H-optimus-0', resume=None)
+    config_file = tmp_path / 'brca.py'
+    config_file.write_text("import math\nbatch_size = 64\nlr = 3e-4\n_private = 1\n")
+    overrides = model.configure(defaults, [str(config_file), '--lr=1', '--out_dir', '2024', '--compile',
+                                           '--resume=runs/a.pt'])
+    assert overrides == dict(batch_size=64, lr=1.0, out_dir='2024', compile=True, resume='runs/a.pt')
+    assert isinstance(overrides['lr'], float)
+    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*did you mean batch_size"):
+        model.configure(defaults, ['--batch_sise=8'])
+    with pytest.raises(SystemExit, match='batch_size from --batch_size must be int'):
+        model.configure(defaults, ['--batch_size=0.5'])
+    with pytest.raises(SystemExit, match='compile from .* must be bool'):
+        model.configure(defaults, ['--compile=1'])
+    with pytest.raises(SystemExit, match='neither a config .py file'):
+        model.configure(defaults, ['brca'])
+
+
+# ==================================================================================================
+# distill.py: augmentation, loss, resume, DDP equivalence, non-finite guard, export, bench
+# ==================================================================================================
+
+TINY = ['--teacher=tiny-teacher', '--student=tiny-student', '--device=cpu', '--compile=False',
+        '--num_workers=0', '--batch_size=4', '--log_interval=1', '--eval_interval=1000', '--warmup_iters=2',
+        '--lr=1e-3', '--val_fraction=0.5']
+
+
+@pytest.fixture(scope='module')
+def demo_tiles(tmp_path_factory):
+    """Two small synthetic slides tiled at 0.5 um/px: one trains, one is held out."""
+    root = tmp_path_factory.mktemp('distill')
+    slides = [str(root / f'slide{i}.tiff') for i in range(2)]
+    for i, path in enumerate(slides):
+        tile.write_synthetic_slide(path, width=2048, height=1536, mpp=0.5, seed=i)
+    rows = tile.tile_slides(slides, str(root / 'tiles'), mpp=0.5, tile_size=256)
+    assert all(r['status'] == 'ok' for r in rows)
+    return str(root / 'tiles')
+
+
+def run_distill(out_dir, *args, nproc=0, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    launcher = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+                if nproc else [sys.executable])
+    cmd = launcher + [os.path.join(HERE, 'distill.py'), *TINY, f'--out_dir={out_dir}', *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def log_rows(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def student_params(out_dir):
+    """The trained parameters (backbone and projection) from the checkpoint, without BN buffers."""
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    return ckpt, {k: v for k, v in ckpt['student'].items() if 'running' not in k and 'num_batches' not in k}
+
+
+def test_augmentation_is_the_same_view_for_any_world_size_and_stays_in_range():
+    tiles = torch.randint(0, 256, (6, 3, 256, 256), dtype=torch.uint8)
+    p = distill.augment_params(6, step=3, tile_size=256, crop=224)
+    whole = distill.augment(tiles, p, 224)
+    halves = [distill.augment(tiles[i:i + 3], {k: v[i:i + 3] for k, v in p.items()}, 224) for i in (0, 3)]
+    assert whole.shape == (6, 3, 224, 224) and whole.dtype == torch.float32
+    assert 0 <= whole.min() and whole.max() <= 1
+    assert torch.equal(torch.cat(halves), whole)  # a rank's slice sees exactly its part of the global batch
+    # an un-jittered, un-blurred, un-flipped sample is exactly its crop
+    plain = {k: v[:1].clone() for k, v in p.items()}
+    plain.update(hflip=torch.tensor([False]), vflip=torch.tensor([False]), jitter=torch.tensor([False]),
+                 blur=torch.tensor([False]))
+    y, x = plain['y'].item(), plain['x'].item()
+    assert torch.equal(distill.augment(tiles[:1], plain, 224), tiles[:1, :, y:y + 224, x:x + 224].float() / 255)
+    # hue rotation about the grey axis leaves grey pixels grey and is the identity at 0
+    assert torch.allclose(distill.hue_matrices(torch.tensor([0.0]))[0], torch.eye(3), atol=1e-5)
+    grey = torch.full((3,), 0.5)
+    assert torch.allclose(distill.hue_matrices(torch.tensor([0.05]))[0] @ grey, grey, atol=1e-5)
+
+
+def test_g2l_loss_is_log_sum_of_fourth_powers():
+    s, t = torch.randn(5, 16), torch.randn(5, 16)
+    expected = torch.log(((s - t).abs() ** 4).sum(1)).mean()
+    assert torch.allclose(distill.distance(s, t), expected, rtol=1e-5)
+
+
+def test_loss_goes_down_nan_is_skipped_and_export_loads_in_plain_timm(demo_tiles, tmp_path):
+    import timm
+    out = str(tmp_path / 'run')
+    proc = run_distill(out, f'--data_dir={demo_tiles}', '--max_iters=16', '--debug_nan_step=5')
+    rows = [r for r in log_rows(out) if 'loss' in r]
+    assert len(rows) == 16
+    assert rows[-1]['skipped'] == 1 and rows[5]['skipped'] == 1 and rows[4]['skipped'] == 0
+    assert rows[5]['loss'] != rows[5]['loss']  # the poisoned step logged NaN and was skipped
+    first, last = sum(r['loss'] for r in rows[:3]) / 3, sum(r['loss'] for r in rows[-3:]) / 3
+    assert last < first - 0.1, (first, last)
+    assert '1 non-finite steps skipped' in proc.stdout
+    assert os.path.getsize(os.path.join(out, 'loss.png')) > 1000
+
+    # the exported backbone loads with plain timm and gives the checkpoint's student embeddings
+    meta = json.load(open(os.path.join(out, 'student.json')))
+    plain = timm.create_model(meta['arch'], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=os.path.join(out, 'student.safetensors')),
+                              **meta['kwargs']).eval()
+    trained, spec = model.create('tiny-student')
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    trained.load_state_dict({k[len('backbone.'):]: v for k, v in ckpt['student'].items() if k.startswith('backbone.')})
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.embed(trained, spec, images)[0]
+        x = (images - torch.tensor(meta['mean'])[:, None, None]) / torch.tensor(meta['std'])[:, None, None]
+        got = plain.forward_head(plain.forward_features(x), pre_logits=True)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert not torch.allclose(expected, model.embed(model.create('tiny-student')[0], spec, images)[0], atol=1e-3)
+    exported, _ = model.create(out)
+    with torch.no_grad():
+        assert torch.allclose(model.embed(exported, spec, images)[0], expected, atol=1e-6)
+
+
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(demo_tiles, tmp_path):
+    killed, straight = str(tmp_path / 'killed'), str(tmp_path / 'straight')
+    schedule = ['--lr_decay_iters=40', f'--data_dir={demo_tiles}']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'distill.py'), *TINY, *schedule,
+                             f'--out_dir={killed}', '--max_iters=100000'], env=env, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(killed, 'log.jsonl')
+    while not (os.path.exists(log) and sum(1 for _ in open(log)) >= 2) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends before pre-emption
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert 'SIGTERM' in output
+    ckpt, _ = student_params(killed)
+    stopped = ckpt['step']
+    assert 1 <= stopped < 100000
+    assert not os.path.exists(os.path.join(killed, 'student.safetensors'))  # no export from a pre-empted run
+
+    # without --resume the run refuses to overwrite the checkpoint
+    refused = run_distill(killed, *schedule, f'--max_iters={stopped + 3}', check=False)
+    assert refused.returncode != 0 and '--resume=True' in refused.stderr
+
+    run_distill(killed, *schedule, f'--max_iters={stopped + 3}', '--resume=True')
+    run_distill(straight, *schedule, f'--max_iters={stopped + 3}')
+    (a, resumed), (b, uninterrupted) = student_params(killed), student_params(straight)
+    assert a['step'] == b['step'] == stopped + 3
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+    assert torch.equal(a['student']['head.1.running_mean'], b['student']['head.1.running_mean'])
+    steps = [r['step'] for r in log_rows(killed) if 'loss' in r]
+    assert steps == list(range(1, stopped + 4))  # the log has each step once after the resume
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(demo_tiles, tmp_path):
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    common = [f'--data_dir={demo_tiles}', '--max_iters=3']
+    run_distill(one, *common, '--grad_accum=2')  # 2 micro-batches of 4 on one process
+    run_distill(two, *common, '--grad_accum=1', nproc=2)  # 1 micro-batch of 4 on each of 2 processes (gloo)
+    (_, a), (_, b) = student_params(one), student_params(two)
+    initial = model.create('tiny-student')[0].state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
+    moved = sum((a['backbone.' + k] - v).abs().max().item() > 1e-4 for k, v in initial.items())
+    assert moved > 10  # the weights really changed, so the equality is not trivial
+    assert [r['loss'] for r in log_rows(one) if 'loss' in r] == pytest.approx(
+        [r['loss'] for r in log_rows(two) if 'loss' in r], abs=1e-5)
+
+
+def test_bench_reports_images_per_second(tmp_path):
+    proc = run_distill(str(tmp_path / 'bench'), '--bench=2')
+    line = [l for l in proc.stdout.splitlines() if l.startswith('bench')][0]
+    assert 'images/s' in line and 'ms/step' in line and 'peak memory' in line
+    assert float(line.split(' images/s')[0].split()[-1]) > 0
+
+
+# ==================================================================================================
+# evaluate.py: probes, kNN, CKA, robustness index, cache, errors
+# ==================================================================================================
+# evaluate.py: protocols on synthetic embeddings with known answers, then the whole pipeline on small PNGs.
+
+def gaussian_classes(rng, n, dim=16, shift=5.0):
+    """Two classes whose embeddings differ only along the first axis, by +-shift (unit variance)."""
+    labels = rng.integers(0, 2, n)
+    emb = rng.normal(size=(n, dim))
+    emb[:, 0] += np.where(labels == 1, shift, -shift)
+    return emb, labels
+
+
+def splits(train, val, test):
+    return np.array(['train'] * train + ['val'] * val + ['test'] * test)
+
+
+def test_metrics_match_scikit_learn_and_bootstrap_weights_match_explicit_resamples():
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 4):
+        y = rng.integers(0, n_classes, 300)
+        scores = np.round(rng.random((300, n_classes)), 1)  # rounded: many tied scores, as kNN vote fractions give
+        scores[np.arange(300), y] += 0.3
+        scores /= scores.sum(1, keepdims=True)
+        got, pred = evaluate.metrics(y, scores), scores.argmax(1)
+        auroc = roc_auc_score(y, scores[:, 1]) if n_classes == 2 else roc_auc_score(y, scores, multi_class='ovr')
+        assert got['balanced_accuracy'][0] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+        assert got['f1_macro'][0] == pytest.approx(f1_score(y, pred, average='macro'), abs=1e-12)
+        assert got['auroc'][0] == pytest.approx(auroc, abs=1e-12)
+        assert got['accuracy'][0] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+        # a bootstrap resample is a row of multiplicities: identical to indexing the resample out
+        picks = rng.integers(0, 300, 300)
+        weighted = evaluate.metrics(y, scores, np.bincount(picks, minlength=300)[None].astype(float))
+        explicit = evaluate.metrics(y[picks], scores[picks])
+        for m in evaluate.METRICS:
+            assert weighted[m][0] == pytest.approx(explicit[m][0], abs=1e-12)
+
+
+def test_bootstrap_ci_contains_the_point_estimate_and_shrinks_like_one_over_sqrt_n():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (200, 3200):
+        emb, y = gaussian_classes(rng, n, dim=2, shift=1.0)
+        scores = np.stack([-emb[:, 0], emb[:, 0]], 1)  # the Bayes score: accuracy ~ Phi(1) = 0.84
+        result = evaluate.with_ci(y, scores)
+        for m in evaluate.METRICS:
+            low, high = result[m]['ci']
+            assert low <= result[m]['value'] <= high
+        widths.append(np.diff(result['balanced_accuracy']['ci'])[0])
+    assert 2.5 < widths[0] / widths[1] < 6  # 16x the samples: about 4x narrower
+
+
+def test_probe_and_knn_are_perfect_on_two_well_separated_classes(monkeypatch):
+    monkeypatch.setattr(evaluate, 'bootstrap', 100)
+    emb, labels = gaussian_classes(np.random.default_rng(2), 300)
+    results = evaluate.run_probes(emb, labels, splits(150, 50, 100), 2)
+    for protocol in ('linear', 'knn', 'knn_best'):
+        assert results[protocol]['balanced_accuracy']['value'] >= 0.99
+        assert results[protocol]['auroc']['value'] >= 0.999
+    assert results['knn']['k'] == 20 and 1 <= results['knn_best']['k'] <= 50
+
+
+def test_linear_probe_reaches_the_bayes_accuracy_of_overlapping_classes(monkeypatch):
+    # classes at -1 and +1 with unit noise: no classifier beats Phi(1) = 0.841 on average
+    monkeypatch.setattr(evaluate, 'bootstrap', 200)
+    emb, labels = gaussian_classes(np.random.default_rng(3), 3500, shift=1.0)
+    results = evaluate.run_probes(emb, labels, splits(1000, 500, 2000), 2)
+    linear = results['linear']['balanced_accuracy']
+    assert abs(linear['value'] - norm.cdf(1)) < 0.03
+    assert linear['ci'][0] < norm.cdf(1) + 0.01 and linear['ci'][1] > norm.cdf(1) - 0.01
+    assert results['knn']['balanced_accuracy']['value'] < linear['value'] + 0.02  # kNN cannot beat Bayes either
+
+
+def test_without_a_val_split_C_is_chosen_by_cross_validation_and_there_is_no_best_k(monkeypatch):
+    monkeypatch.setattr(evaluate, 'bootstrap', 50)
+    emb, labels = gaussian_classes(np.random.default_rng(4), 200)
+    results = evaluate.run_probes(emb, labels, splits(100, 0, 100), 2)
+    assert results['linear']['balanced_accuracy']['value'] >= 0.99
+    assert results['linear']['C'] in evaluate.probe_C
+    assert 'knn_best' not in results
+
+
+def test_linear_cka_is_one_under_rotation_and_scale_and_small_for_independent_noise():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 32))
+    q, _ = np.linalg.qr(rng.normal(size=(32, 32)))  # a random orthogonal matrix
+    assert evaluate.linear_cka(x, x) == pytest.approx(1, abs=1e-6)
+    assert evaluate.linear_cka(x, x @ q) == pytest.approx(1, abs=1e-6)
+    assert evaluate.linear_cka(x, 3 * x @ q + 7) == pytest.approx(1, abs=1e-6)
+    assert evaluate.linear_cka(x, rng.normal(size=(500, 48))) < 0.15  # expected ~ d/n for independent features
+
+
+def test_robustness_index_counts_match_a_brute_force_reading_of_the_definition():
+    rng = np.random.default_rng(6)
+    emb = rng.normal(size=(40, 8))
+    labels, centers, slides = rng.integers(0, 2, 40), rng.integers(0, 3, 40), rng.integers(0, 10, 40)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for groups in (None, slides):
+        index = evaluate.robustness_index(emb, labels, centers, groups, [3, 5])
+        for k in (3, 5):
+            so = os_ = 0
+            for i in range(40):
+                others = [j for j in range(40) if j != i and (groups is None or groups[j] != groups[i])]
+                for j in sorted(others, key=lambda j: -unit[i] @ unit[j])[:k]:
+                    so += labels[j] == labels[i] and centers[j] != centers[i]
+                    os_ += labels[j] != labels[i] and centers[j] == centers[i]
+            assert (index[str(k)]['SO'], index[str(k)]['OS']) == (so, os_)
+            assert index[str(k)]['SO/OS'] == pytest.approx(so / os_)
+            assert index[str(k)]['SO/(SO+OS)'] == pytest.approx(so / (so + os_))
+
+
+def test_robustness_index_is_far_above_one_when_class_dominates_and_below_one_when_centre_does():
+    rng = np.random.default_rng(7)
+    n = 400
+    labels, centers = rng.integers(0, 2, n), rng.integers(0, 2, n)  # centres independent of class
+    class_axis, centre_axis = np.eye(16)[0], np.eye(16)[1]
+    def index(class_strength, centre_strength):
+        emb = rng.normal(size=(n, 16)) + 3 + class_strength * np.outer(2 * labels - 1, class_axis) \
+            + centre_strength * np.outer(2 * centers - 1, centre_axis)
+        return evaluate.robustness_index(emb, labels, centers, None, [3, 5, 10, 20])
+    biology = index(4.0, 0.5)
+    centre = index(0.5, 4.0)
+    for k in ('3', '5', '10', '20'):
+        assert biology[k]['SO/OS'] > 5 and biology[k]['SO/(SO+OS)'] > 0.8
+        assert centre[k]['SO/OS'] < 0.5 and centre[k]['SO/(SO+OS)'] < 0.35
+
+
+def run(tmp_path, data, *extra, models='tiny-teacher,tiny-student'):
+    return evaluate.main(['--data', str(data), '--models', models, '--out', str(tmp_path / 'out'),
+                          '--device', 'cpu', '--num_workers', '2', '--bootstrap', '200', *extra])
+
+
+def test_imagefolder_end_to_end_then_second_run_uses_the_cache(tmp_path, monkeypatch):
+    evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 3 classes, 36 PNGs of 64 px
+    calls = []
+    real_embed = evaluate.embed
+    monkeypatch.setattr(evaluate, 'embed', lambda *a: calls.append(len(a[2])) or real_embed(*a))
+    start = time.time()
+    first = run(tmp_path, tmp_path / 'tiles')
+    first_seconds = time.time() - start
+    assert sum(calls) == 2 * 36  # every image through both models, once
+
+    out = tmp_path / 'out'
+    saved = json.loads((out / 'results.json').read_text())
+    assert list(saved['models']) == ['tiny-teacher', 'tiny-student']  # the teacher first
+    assert saved['data']['images'] == {'train': 18, 'val': 6, 'test': 12}
+    assert saved['data']['classes'] == ['lymphocytes', 'stroma', 'tumor']
+    teacher, student = saved['models']['tiny-teacher'], saved['models']['tiny-student']
+    assert teacher['dim'] == 96 and student['dim'] == 64
+    assert teacher['cka_to_teacher'] == pytest.approx(1, abs=1e-6) and 0 < student['cka_to_teacher'] < 1
+    for row in (teacher, student):  # colour/texture classes: far above chance (1/3) even for random tiny ViTs
+        assert row['tile']['linear']['balanced_accuracy']['value'] >= 0.75
+        assert row['tile']['knn_best']['balanced_accuracy']['value'] >= 0.75
+        assert 'slide' not in row and 'robustness_index' not in row  # ImageFolder has no centres or slides
+    table = (out / 'results.md').read_text().splitlines()
+    rows = [line for line in table if line.startswith('| tiny-')]
+    assert [r.split(' | ')[0] for r in rows] == ['| tiny-teacher', '| tiny-student']
+    assert len(rows[0].split(' | ')) == len(next(line for line in table if line.startswith('| model')).split(' | '))
+    with Image.open(out / 'results.png') as png:
+        assert png.format == 'PNG' and png.width > 800
+
+    caches = sorted((out / 'cache').glob('*.npz'))
+    assert len(caches) == 2
+    mtimes = [c.stat().st_mtime_ns for c in caches]
+    calls.clear()
+    start = time.time()
+    second = run(tmp_path, tmp_path / 'tiles')
+    second_seconds = time.time() - start
+    assert calls == []  # no forward pass at all: both models came from the cache
+    assert [c.stat().st_mtime_ns for c in caches] == mtimes
+    assert all(second['models'][n]['cached'] for n in second['models'])
+    for name in first['models']:
+        assert second['models'][name]['tile'] == first['models'][name]['tile']
+    extract = sum(first['models'][n]['seconds'] for n in first['models'])
+    cached = sum(second['models'][n]['seconds'] for n in second['models'])
+    print(f'\ncache: embeddings {extract:.2f} s -> {cached:.2f} s ({extract / cached:.0f}x); '
+          f'whole run {first_seconds:.1f} s -> {second_seconds:.1f} s ({first_seconds / second_seconds:.1f}x)')
+
+
+def test_cache_key_changes_when_the_weights_or_an_image_change(tmp_path, monkeypatch):
+    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    monkeypatch.setattr(evaluate, 'out', str(tmp_path / 'out'))
+    net, spec = evaluate.create('tiny-student')
+    dataset = evaluate.read_dataset(str(tmp_path / 'tiles'))
+    before = evaluate.cache_path('tiny-student', net, spec, dataset)
+    assert evaluate.cache_path('tiny-student', *evaluate.create('tiny-student'), dataset) == before  # deterministic
+    with evaluate.torch.no_grad():
+        net.blocks[0].attn.qkv.bias[0] += 1e-3  # one weight of a "re-trained" student
+    assert evaluate.cache_path('tiny-student', net, spec, dataset) != before
+    net, spec = evaluate.create('tiny-student')
+    image = tmp_path / 'tiles' / dataset['paths'][0]
+    Image.new('RGB', (64, 64), (255, 0, 0)).save(image)  # the same file name with new pixels
+    os.utime(image, ns=(1, 1))  # and a different mtime even on coarse-clock filesystems
+    changed = evaluate.read_dataset(str(tmp_path / 'tiles'))
+    assert evaluate.cache_path('tiny-student', net, spec, changed) != before
+
+
+def test_a_corrupt_image_stops_the_run_with_one_line_naming_the_file(tmp_path):
+    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
+    corrupt = tmp_path / 'tiles' / 'test' / 'stroma' / 'stroma-test-0_1.png'
+    corrupt.write_bytes(b'\x89PNG\r\n\x1a\n this is not a PNG')
+    with pytest.raises(SystemExit) as error:
+        run(tmp_path, tmp_path / 'tiles')
+    message = str(error.value)
+    assert message.startswith('error: cannot read image') and str(corrupt) in message and '\n' not in message
+
+
+def test_an_empty_class_folder_or_missing_split_is_a_clear_error(tmp_path):
+    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    (tmp_path / 'tiles' / 'train' / 'necrosis').mkdir()
+    with pytest.raises(SystemExit, match=r'class folder .*train/necrosis has no images'):
+        evaluate.read_dataset(str(tmp_path / 'tiles'))
+    os.rmdir(tmp_path / 'tiles' / 'train' / 'necrosis')
+    (tmp_path / 'tiles' / 'test').rename(tmp_path / 'tiles' / 'holdout')
+    with pytest.raises(SystemExit, match=r'test is missing'):
+        evaluate.read_dataset(str(tmp_path / 'tiles'))
+
+
+def test_csv_with_center_and_slide_adds_slide_level_probes_and_the_robustness_index(tmp_path):
+    csv_path = evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 18 slides from 2 centres
+    first_line = open(csv_path).readline().strip()
+    assert first_line == 'path,label,split,center,slide'
+    # the teacher listed last, with NAME=WEIGHTS: it still comes first
+    results = run(tmp_path, csv_path, '--teacher=tiny-teacher', models='tiny-student,tiny-teacher=random')
+    assert list(results['models']) == ['tiny-teacher', 'tiny-student'] and results['teacher'] == 'tiny-teacher'
+    assert results['data']['n_slides'] == 18 and results['data']['n_centers'] == 2
+    for name, row in results['models'].items():
+        slide = row['slide']
+        assert slide['knn']['k'] == 9  # k=20 capped at the 9 train slides
+        assert slide['linear']['balanced_accuracy']['value'] >= 0.8
+        ri = row['robustness_index']
+        assert list(ri) == ['3', '5', '10', '20']
+        for k, counts in ri.items():
+            assert counts['SO'] + counts['OS'] <= 36 * int(k)
+            assert counts['SO/(SO+OS)'] == pytest.approx(counts['SO'] / (counts['SO'] + counts['OS']))
+    saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert saved['models']['tiny-student']['robustness_index']['20']['SO'] == results['models']['tiny-student']['robustness_index']['20']['SO']
+    assert '## slide level' in (tmp_path / 'out' / 'results.md').read_text()
+
+
+def test_a_slide_with_tiles_of_two_labels_is_a_clear_error(tmp_path):
+    csv_path = evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
+    lines = open(csv_path).read().splitlines()
+    lines[1] = lines[1].replace(',lymphocytes,', ',stroma,')  # relabel one tile of slide lymphocytes-train-0
+    open(csv_path, 'w').write('\n'.join(lines) + '\n')
+    with pytest.raises(SystemExit, match=r"slide 'lymphocytes-train-0' has tiles with different labels"):
+        evaluate.read_dataset(csv_path)
