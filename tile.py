@@ -441,14 +441,6 @@ def bench(tiles_dir, n=BENCH_TILES):
 
 # ----------------------------------------------------------------------------- synthetic slides (tests, demo)
 
-def _jpeg_encode(data, level=None, subsampling=None, **_):
-    """JPEG tile encoder for tifffile through PIL (tifffile's own needs imagecodecs, which is not a dependency)."""
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(data).reshape(data.shape[-3:])).save(out, 'JPEG', quality=level or 80,
-                                                                     subsampling=2 if subsampling else 0)
-    return out.getvalue()
-
-
 @functools.lru_cache(maxsize=1)
 def _stain_textures(size=1024):
     """A seamless 256 µm square of H&E at 0.25 µm/px (pink eosin, purple nuclei 5-9 µm wide, stain noise) and one
@@ -510,8 +502,6 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
                     tissue_px += int((tissue & ~ring).sum())
                 yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
 
-    if 7 not in tifffile.TIFF.COMPRESSORS._codecs:  # noqa: private table; no public hook to add an encoder
-        tifffile.TIFF.COMPRESSORS._codecs[7] = _jpeg_encode
     description = f'Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB ' \
                   f'Q=80|MPP = {mpp}|AppMag = {10 / mpp:g}' if aperio else None
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2 ** 31) as tif:
