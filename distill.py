@@ -197,11 +197,12 @@ def patch_distance(s_patches, t_patches):
     return distance(s_patches.flatten(0, 1), t_patches.flatten(0, 1))
 
 
-def schedule(step, start, end):
-    """Linear warm-up to `start` (for the lr; weight decay has none), then cosine to `end`."""
+def schedule(step, start, end, warmup=0):
+    """Linear warm-up to `start` over `warmup` steps, then a cosine from `start` to `end` that
+    ends at lr_decay_iters (or max_iters) and stays there."""
+    if step < warmup:
+        return start * (step + 1) / warmup
     total = lr_decay_iters or max_iters
-    if start == lr and step < warmup_iters:
-        return lr * (step + 1) / warmup_iters
     t = min(1.0, max(0, step - warmup_iters) / max(1, total - warmup_iters))
     return end + 0.5 * (1 + math.cos(math.pi * t)) * (start - end)
 
@@ -273,8 +274,9 @@ def main():
         say(f'{len(train_idx)} training tiles from {len(tiles.stems) - held_out} slides, {len(val_idx)} held-out tiles')
 
     # models, in the deliberate order: build -> load weights -> optimizer -> its state -> compile -> DDP
-    t_model, t_spec = zoo.create(teacher, teacher_weights or None, device=dev)
-    s_backbone, s_spec = zoo.create(student, student_weights or None, device=dev)
+    # --bench times random weights unless told otherwise: speed does not depend on them
+    t_model, t_spec = zoo.create(teacher, teacher_weights or ('random' if bench else None), device=dev)
+    s_backbone, s_spec = zoo.create(student, student_weights or ('random' if bench else None), device=dev)
     if t_spec['img_size'] != crop_size or s_spec['img_size'] != crop_size:
         raise SystemExit(f"error: crop_size {crop_size} must equal both models' input sizes "
                          f"({t_spec['img_size']}, {s_spec['img_size']})")
@@ -421,9 +423,8 @@ def main():
     t0, t0_step, why, signalled = sync_time(), step, 'reached max_iters', False
     while step < max_iters:
         for g in optimizer.param_groups:
-            g['lr'] = schedule(step, lr, min_lr)
-            if g['weight_decay'] > 0:
-                g['weight_decay'] = schedule(step, weight_decay, weight_decay_end)
+            g['lr'] = schedule(step, lr, min_lr, warmup_iters)
+        optimizer.param_groups[0]['weight_decay'] = schedule(step, weight_decay, weight_decay_end)  # group 0 decays
         batch_loss, grad_norm, cosine = train_step(next_tiles, tiles.tile_size, step)
         # one small all-reduce per step: mean loss across ranks plus the stop flag, so every rank
         # takes the same early-stop / non-finite / pre-emption decision at the same step

@@ -520,6 +520,22 @@ def test_g2l_loss_is_log_sum_of_fourth_powers():
     assert torch.allclose(distill.distance(s, t), expected, rtol=1e-5)
 
 
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    saved = {k: getattr(distill, k) for k in ('warmup_iters', 'max_iters', 'lr_decay_iters')}
+    distill.warmup_iters, distill.max_iters, distill.lr_decay_iters = 10, 110, 0
+    try:
+        lrs = [distill.schedule(step, 1e-4, 1e-6, warmup=10) for step in range(120)]
+        assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+        assert lrs[60] == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))  # half way down the cosine
+        assert lrs[110] == lrs[119] == pytest.approx(1e-6)
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+        wd = [distill.schedule(step, 0.05, 0.2) for step in (0, 10, 60, 110)]  # weight decay: no warm-up
+        assert wd == pytest.approx([0.05, 0.05, 0.125, 0.2])
+    finally:
+        for k, v in saved.items():
+            setattr(distill, k, v)
+
+
 def test_loss_goes_down_nan_is_skipped_and_export_loads_in_plain_timm(demo_tiles, tmp_path):
     import timm
     out = str(tmp_path / 'run')
