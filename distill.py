@@ -421,6 +421,7 @@ def main():
             log_file.write(json.dumps(dict(step=0, val_cosine=c)) + '\n')
     bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True)
     t0, t0_step, why, signalled = sync_time(), step, 'reached max_iters', False
+    interval = []  # finite losses since the last log line: the logged loss is their mean, less noisy than one batch
     while step < max_iters:
         for g in optimizer.param_groups:
             g['lr'] = schedule(step, lr, min_lr, warmup_iters)
@@ -443,6 +444,7 @@ def main():
                 break
         else:
             state['nonfinite'] = 0
+            interval.append(batch_loss)
             # the paper's early stop, read as: more than `patience` consecutive losses above the mean
             # of the previous `window` losses (a plateau or a rise), counted only when enabled
             recent = state['recent']
@@ -454,18 +456,19 @@ def main():
         if step % log_interval == 0 or step == max_iters:
             dt = (sync_time() - t0) / (step - t0_step)
             ips = global_batch / dt
-            row = dict(step=step, loss=batch_loss, lr=optimizer.param_groups[0]['lr'], grad_norm=grad_norm.item(),
-                       cosine=cosine, images_per_s=round(ips, 1), mfu=flops * ips / world / peak if peak else None,
+            row = dict(step=step, loss=sum(interval) / len(interval) if interval else float('nan'),
+                       lr=optimizer.param_groups[0]['lr'], grad_norm=grad_norm.item(), cosine=cosine,
+                       images_per_s=round(ips, 1), mfu=flops * ips / world / peak if peak else None,
                        skipped=state['skipped'])
             if master:
                 if step % eval_interval == 0 or step == max_iters:
                     row['val_cosine'] = held_out_cosine()
                 log_file.write(json.dumps(row) + '\n')
                 log_file.flush()
-                bar.set_postfix_str(f"loss {batch_loss:.4f} cos {cosine:.3f} {ips:.0f} img/s MFU {mfu_text(row['mfu'], 1)}")
+                bar.set_postfix_str(f"loss {row['loss']:.4f} cos {cosine:.3f} {ips:.0f} img/s MFU {mfu_text(row['mfu'], 1)}")
                 if 'val_cosine' in row:
-                    bar.write(f"step {step}: loss {batch_loss:.4f}, held-out teacher-student cosine {row['val_cosine']:.4f}")
-            t0, t0_step = sync_time(), step
+                    bar.write(f"step {step}: loss {row['loss']:.4f}, held-out teacher-student cosine {row['val_cosine']:.4f}")
+            t0, t0_step, interval = sync_time(), step, []
         if signalled:
             why = 'SIGTERM: checkpoint written; rerun with --resume=True to continue'
             break
