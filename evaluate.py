@@ -15,6 +15,8 @@ the same --out (the cache is shared, written atomically), then one run with all 
 
 --data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV path,label,split
 [,center][,slide] (paths relative to the CSV). Writes OUT/results.json, results.md, results.png; OUT/cache/.
+--models: one row per entry, named by its model name, or by the whole entry when entries share a name
+(--models Hibou-L,Hibou-L=out/g2l/student.safetensors: the student before and after distillation).
 """
 import csv
 import hashlib
@@ -39,13 +41,14 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
-from model import configure, create, embed
+from model import configure, create, embed, resize_crop
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value (model.configure checks keys and types)
 data = None                          # ImageFolder root or CSV path,label,split[,center][,slide]
 models = 'tiny-teacher,tiny-student' # comma-separated: model.py names, NAME=WEIGHTS, distilled folders
-teacher = None                       # the reference row (CKA is measured to it); None = the first of models
+teacher = None                       # the reference row (CKA is measured to it): a name or entry of models, or
+                                     # one more entry; None = the first of models
 out = 'out/eval'                     # results.* here, embeddings in out/cache/
 batch_size = 64
 num_workers = min(8, os.cpu_count() or 1)  # image decoding and resizing run in DataLoader workers
@@ -65,7 +68,7 @@ DEFAULTS = {k: globals()[k] for k in config_keys}
 SPLITS = ('train', 'val', 'test')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
 METRICS = {'balanced_accuracy': 'bal. acc', 'f1_macro': 'macro F1', 'auroc': 'AUROC', 'accuracy': 'acc'}  # eva leads with the first
-CACHE_VERSION = 'v1 bicubic'  # bump when load_images or the cache layout changes, so old caches miss
+CACHE_VERSION = 'v2 shorter side, centre crop'  # bump when load_images or the cache layout changes: old caches miss
 
 # -----------------------------------------------------------------------------
 # data
@@ -141,8 +144,10 @@ def read_csv(path):
     return rows
 
 
-def load_images(paths, img_size, resize):
-    """DataLoader collate_fn, so decoding runs in the workers: paths -> (uint8 (B, 3, S, S), None) or (None, error)."""
+def load_images(paths, spec):
+    """DataLoader collate_fn, so decoding runs in the workers: paths -> ([0, 1] float (B, 3, S, S), None) or (None,
+    error). model.resize_crop, the pixels model.embed gives a whole image: the card's shorter side, centre crop, never
+    squashed (cells keep their shape). Tiles of the card's size keep their um/px (S x S, or `resize`); others scale."""
     images = []
     for path in paths:
         try:
@@ -150,14 +155,7 @@ def load_images(paths, img_size, resize):
                 im = im.convert('RGB')
         except Exception as e:  # a worker's traceback would bury the file name: hand back one line instead
             return None, f'error: cannot read image {path} ({type(e).__name__}); fix or remove it'
-        if resize:  # the card's recipe: shorter side to `resize`, then centre-crop (Prov-GigaPath: 256 -> 224)
-            scale = resize / min(im.size)
-            im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - img_size) // 2, (im.height - img_size) // 2
-            im = im.crop((left, top, left + img_size, top + img_size))
-        elif im.size != (img_size, img_size):  # bicubic, antialiased: timm's eval default for the DINOv2 family
-            im = im.resize((img_size, img_size), Image.BICUBIC)
-        images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+        images.append(resize_crop(spec, torch.from_numpy(np.array(im)).permute(2, 0, 1)[None])[0])
     return torch.stack(images), None
 
 
@@ -194,7 +192,7 @@ def embeddings(name, weights, dataset):
         with np.load(path) as cached:
             return cached['embeddings'], info | dict(seconds=time.time() - start)
     loader = torch.utils.data.DataLoader(dataset['paths'], batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=partial(load_images, img_size=spec['img_size'], resize=spec['resize']),
+                                         collate_fn=partial(load_images, spec=spec),
                                          pin_memory=device.startswith('cuda'))
     # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 autocast is 3-4x slower
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
@@ -485,12 +483,18 @@ def main(argv=None):
     config = {k: globals()[k] for k in config_keys}
     print('config:', json.dumps(config))
     entries = [m.strip() for m in models.split(',') if m.strip()]
-    if not entries:
-        raise SystemExit('error: --models is empty; e.g. --models tiny-teacher,tiny-student')
-    weights = dict(e.partition('=')[::2] for e in entries)  # NAME=WEIGHTS -> {NAME: WEIGHTS}; '' = the default
-    reference, _, reference_weights = (teacher or entries[0]).partition('=')
-    # teacher first, as in G2L's tables; its weights from --teacher NAME=WEIGHTS or from --models
-    weights = {reference: reference_weights or weights.get(reference, '')} | {n: w for n, w in weights.items() if n != reference}
+    twice = [e for e in entries if entries.count(e) > 1]
+    if not entries or twice:
+        raise SystemExit(f"error: --models {f'lists {twice[0]} twice' if twice else 'is empty'}: one entry per row, "
+                         'e.g. --models tiny-teacher,tiny-student')
+    def row_names(entries):  # {row: entry}; a row is named by its model name, or by its entry when names repeat
+        model_names = [e.partition('=')[0] for e in entries]
+        return {(e if model_names.count(n) > 1 else n): e for n, e in zip(model_names, entries)}
+    first = row_names(entries).get(teacher or entries[0], teacher or entries[0])  # a row, an entry, or one more entry
+    if first not in entries and first in [e.partition('=')[0] for e in entries]:
+        raise SystemExit(f'error: --teacher {first} is the name of several --models entries: give the whole entry')
+    rows = row_names([first] + [e for e in entries if e != first])  # teacher first, as in G2L's tables
+    reference = next(iter(rows))
     dataset = read_dataset(data)
     counts = {s: int((dataset['split'] == s).sum()) for s in SPLITS}
     print(f"data: {data}: {len(dataset['paths'])} images {counts}, classes {dataset['classes']}")
@@ -501,8 +505,8 @@ def main(argv=None):
                    data=dict(source=data, classes=dataset['classes'], images=counts, n_centers=n_centers or None,
                              n_slides=None if dataset['slide'] is None else len(np.unique(dataset['slide']))))
     test = dataset['split'] == 'test'
-    for name, name_weights in weights.items():  # one model in memory at a time: a ViT-g and a ViT-L need not share
-        emb, info = embeddings(name, name_weights, dataset)
+    for name, entry in rows.items():  # one model in memory at a time: a ViT-g and a ViT-L need not share
+        emb, info = embeddings(*entry.partition('=')[::2], dataset)
         print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {'from cache' if info['cached'] else 'extracted'} "
               f"in {info['seconds']:.1f} s ({info['cache']})")
         if name == reference:

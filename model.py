@@ -79,9 +79,10 @@ MODELS = {r['name']: r for r in [
         dict(patch_size=16, init_values=1e-5, mlp_ratio=5.33334), resize=256,
         weights='hub, gated: prov-gigapath/prov-gigapath'),
     # huggingface.co/histai/hibou-L: transformers Dinov2-with-registers ViT-L/14, 4 registers, SwiGLU MLP,
-    # own mean/std; Apache-2.0, gated. Converted to timm on load (convert_hibou).
-    row('Hibou-L', 'vit_large_patch14_reg4_dinov2', 'histai/hibou-L', 1024, 14,
-        dict(init_values=1.0, mlp_ratio=5472 / 1024, **SWIGLU), num_registers=4,
+    # own mean/std; Apache-2.0, gated. Converted to timm on load (convert_hibou). timm has no ViT-L with SwiGLU; its
+    # ViT-g/14-reg4 at ViT-L sizes is the same module with JSON-able kwargs, so an export loads in plain timm
+    row('Hibou-L', 'vit_giant_patch14_reg4_dinov2', 'histai/hibou-L', 1024, 14,
+        dict(embed_dim=1024, depth=24, num_heads=16, init_values=1.0, mlp_ratio=5472 / 1024), num_registers=4,
         mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816), weights='hub, gated: histai/hibou-L'),
     # huggingface.co/MahmoodLab/uni: ViT-L/16, init_values 1e-5, ImageNet mean/std, gated
     row('UNI', 'vit_large_patch16_224', 'MahmoodLab/uni', 1024, 16, dict(init_values=1e-5, dynamic_img_size=True),
@@ -166,12 +167,17 @@ def flops_per_image(name_or_spec, img_size=None):
 # ----------------------------------------------------------------------------- weights
 
 def hub_reachable(timeout=3.0):
-    # huggingface_hub retries a dead connection for ~25 s; one quick socket check makes "no network" fail fast
+    # huggingface_hub retries a dead connection for ~25 s; one quick TCP connect makes "no network" fail fast. Behind
+    # a proxy (HTTPS_PROXY/ALL_PROXY, NO_PROXY: as huggingface_hub's client) the proxy is what must answer, not the hub
     import socket
     from urllib.parse import urlparse
-    host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+    from urllib.request import getproxies, proxy_bypass
+    hub = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+    proxy = None if proxy_bypass(hub.hostname) else getproxies().get(hub.scheme) or getproxies().get('all')
+    target = urlparse(proxy if '://' in proxy else f'http://{proxy}') if proxy else hub
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((target.hostname, target.port or (443 if target.scheme == 'https' else 80)),
+                                 timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -199,7 +205,8 @@ def download(spec):
         except Exception as e:  # network errors of whichever HTTP client huggingface_hub uses
             raise WeightsError(f"error: cannot download {repo} ({type(e).__name__}): {advice}") from None
     if offline:
-        raise WeightsError(f"error: no network (or HF_HUB_OFFLINE is set) and {repo} is not in the local cache: {advice}")
+        raise WeightsError(f"error: no network (or its proxy is down, or HF_HUB_OFFLINE is set) and {repo} is not in "
+                           f"the local cache: {advice}")
     raise WeightsError(f"error: {repo} has neither model.safetensors nor pytorch_model.bin: pass weights=<local file>")
 
 
@@ -362,18 +369,25 @@ def create(name_or_path, weights=None, device='cpu'):
     return vit.float().to(device).eval(), spec
 
 
-def prepare(spec, images):
-    """uint8 or [0, 1] float (B, 3, H, W) -> the model's input: its size and normalisation, on the images' device."""
+def resize_crop(spec, images):
+    """uint8 or [0, 1] float (B, 3, H, W) -> [0, 1] float (B, 3, S, S) by the cards' eval recipe (timm, eva): shorter
+    side to spec['resize'] or S (bicubic, antialiased), centre crop S; never squashed. S x S tiles (the distillation
+    crop) pass untouched, and with `resize` (Prov-GigaPath 256 -> 224) its tiles are only cropped: um/px as trained."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    size = spec['img_size']
-    if x.shape[-2:] != (size, size):  # tiles already at the model's size (the distillation crop) pass untouched
-        short = spec['resize'] or size  # the card's recipe: resize the shorter side, then centre-crop
+    size, short = spec['img_size'], spec['resize'] or spec['img_size']
+    if x.shape[-2:] != (size, size):
         h, w = x.shape[-2:]
         if min(h, w) != short:
-            x = F.interpolate(x, size=(round(h * short / min(h, w)), round(w * short / min(h, w))), mode='bilinear',
-                              antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(round(h * short / min(h, w)), round(w * short / min(h, w))), mode='bicubic',
+                              antialias=True, align_corners=False).clamp(0, 1)
         top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
         x = x[..., top:top + size, left:left + size]
+    return x
+
+
+def prepare(spec, images):
+    """uint8 or [0, 1] float (B, 3, H, W) -> the model's input: its size and normalisation, on the images' device."""
+    x = resize_crop(spec, images)
     mean = torch.tensor(spec['mean'], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec['std'], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -389,14 +403,22 @@ def embed(vit, spec, images):
 
 
 def export(vit, spec, out_dir):
-    """out_dir/student.safetensors (plain timm keys) + out_dir/student.json; create(out_dir) loads it back."""
+    """out_dir/student.safetensors + student.json, written atomically (student.json, the mark of a complete export,
+    last). create(out_dir) loads it, and so does timm.create_model(meta['arch'], pretrained=True,
+    pretrained_cfg_overlay=dict(file=...), **meta['kwargs']); rows with mlp_layer (UNI2-h, Virchow2): see 'note'."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-    save_file(state, str(out_dir / 'student.safetensors'))
     meta = dict(spec, source=spec.get('source', spec['name']), hub=None, weights='student.safetensors')
-    (out_dir / 'student.json').write_text(json.dumps(meta, indent=2))
+    if 'mlp_layer' in spec['kwargs']:  # JSON holds no Python class; timm 1.0 does not look the name up
+        meta['note'] = "plain timm: pass mlp_layer=timm.layers.SwiGLUPacked in place of kwargs' 'swiglu_packed'"
+    tmp = f'.tmp{os.getpid()}'
+    save_file(state, str(out_dir / f'student.safetensors{tmp}'))
+    (out_dir / f'student.json{tmp}').write_text(json.dumps(meta, indent=2))
+    (out_dir / 'student.json').unlink(missing_ok=True)  # never an old student.json beside new weights
+    os.replace(out_dir / f'student.safetensors{tmp}', out_dir / 'student.safetensors')
+    os.replace(out_dir / f'student.json{tmp}', out_dir / 'student.json')
 
 
 # ----------------------------------------------------------------------------- configuration
