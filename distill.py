@@ -83,7 +83,8 @@ max_nonfinite = 20  # consecutive non-finite steps that stop the run
 # system: each speed trick is a switch, because compile + DDP + checkpointing has broken in
 # several PyTorch releases; the defaults are the combination tested in test_smoke.py
 device = 'auto'  # 'auto' (cuda if available), 'cuda', 'cpu'
-compile = True  # torch.compile teacher and student (ignored on CPU, where it only costs time)
+compile = True  # torch.compile teacher and student (on CPU it costs a minute and gains little)
+compile_backend = 'inductor'  # 'aot_eager' traces the same graphs without generating kernels (fast, for tests)
 grad_ckpt = True  # recompute student activations in backward: bigger batches, ~25% more compute
 fused_adam = True
 tf32 = True
@@ -93,9 +94,10 @@ bench = 0  # >0: time this many steps on random tiles (no data loading) and exit
 debug_nan_step = -1  # testing aid: poison the loss at this step to exercise the non-finite guard
 # -----------------------------------------------------------------------------
 
-# peak dense bf16 FLOP/s, by the substring of torch.cuda.get_device_name() (vendor data sheets)
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12,
-              'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'A6000': 155e12, 'A40': 150e12,
+# peak dense bf16 FLOP/s by a substring of torch.cuda.get_device_name() (vendor data sheets); the
+# first match wins, so the more specific names ('H100 PCIe', 'L40S') come before their prefixes
+PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'B200': 2250e12,
+              'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'L40': 181e12, 'A6000': 155e12, 'A40': 150e12,
               '4090': 165e12, 'L4': 121e12, 'A10': 125e12, 'V100': 125e12}
 
 
@@ -180,7 +182,9 @@ class Student(nn.Module):
     def __init__(self, backbone, spec, teacher_spec):
         super().__init__()
         self.backbone, self.spec = backbone, spec
-        self.head = nn.Sequential(nn.Linear(spec['dim'], teacher_spec['dim']), nn.BatchNorm1d(teacher_spec['dim']))
+        # no bias before BatchNorm: BN removes any shift, so the bias would get no gradient
+        self.head = nn.Sequential(nn.Linear(spec['dim'], teacher_spec['dim'], bias=False),
+                                  nn.BatchNorm1d(teacher_spec['dim']))
         self.patch_head = nn.Linear(spec['width'], teacher_spec['width']) if patch_weight > 0 else None
 
     def forward(self, images):
@@ -203,7 +207,7 @@ def schedule(step, start, end, warmup=0):
     if step < warmup:
         return start * (step + 1) / warmup
     total = lr_decay_iters or max_iters
-    t = min(1.0, max(0, step - warmup_iters) / max(1, total - warmup_iters))
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
     return end + 0.5 * (1 + math.cos(math.pi * t)) * (start - end)
 
 
@@ -238,6 +242,8 @@ def main():
 
     # DDP is detected from torchrun's environment; one process per GPU (or per CPU process, gloo)
     use_cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit('error: device=cuda but PyTorch sees no GPU; check nvidia-smi and the torch build, or use --device=cpu')
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
         dist.init_process_group('nccl' if use_cuda else 'gloo')
@@ -266,12 +272,19 @@ def main():
         if ddp:
             dist.barrier()  # other ranks wait for the demo tiles
         tiles = tile.TileDataset(data_dir)
-        held_out = max(1, round(val_fraction * len(tiles.stems))) if len(tiles.stems) > 1 else 0
-        val_idx = np.flatnonzero(tiles.slide_index >= len(tiles.stems) - held_out)[:val_tiles]
-        train_idx = np.flatnonzero(tiles.slide_index < len(tiles.stems) - held_out)
+        if crop_size > tiles.tile_size:
+            raise SystemExit(f'error: crop_size {crop_size} is larger than the {tiles.tile_size} px tiles in {data_dir}')
+        # held-out slides drawn at random (seeded): sorted names would hold out one site of a TCGA
+        # cohort; the measured tiles are a random sample across all of them
+        rng = np.random.default_rng(seed)
+        held_out = rng.permutation(len(tiles.stems))[:max(1, round(val_fraction * len(tiles.stems)))]
+        is_val = np.isin(tiles.slide_index, held_out) if len(tiles.stems) > 1 else np.zeros(len(tiles), bool)
+        val_idx = np.sort(rng.permutation(np.flatnonzero(is_val))[:val_tiles])
+        train_idx = np.flatnonzero(~is_val)
         if len(train_idx) < global_batch:
             raise SystemExit(f'error: {len(train_idx)} training tiles in {data_dir}, fewer than the global batch {global_batch}')
-        say(f'{len(train_idx)} training tiles from {len(tiles.stems) - held_out} slides, {len(val_idx)} held-out tiles')
+        say(f'{len(train_idx)} training tiles from {len(np.unique(tiles.slide_index[train_idx]))} slides, '
+            f'{len(val_idx)} held-out tiles measured')
 
     # models, in the deliberate order: build -> load weights -> optimizer -> its state -> compile -> DDP
     # --bench times random weights unless told otherwise: speed does not depend on them
@@ -313,13 +326,15 @@ def main():
         del ckpt  # free the checkpoint's memory before compiling
     else:
         torch.manual_seed(seed + rank)
-    # compile the embedding functions, not the modules: torch.compile(module) only compiles
-    # __call__, and the teacher is run through model.embed (forward_features + pooling)
-    teacher_embed, student_fwd = (lambda images: zoo.embed(t_model, t_spec, images)), raw_student
-    if compile and use_cuda:
-        teacher_embed, student_fwd = torch.compile(teacher_embed), torch.compile(raw_student)
-    if ddp:
-        student_fwd = DDP(student_fwd, device_ids=[local_rank] if use_cuda else None)
+    # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
+    # buckets so their all-reduce overlaps the backward. The teacher is compiled as the function
+    # it runs (model.embed): torch.compile(module) would only compile its __call__
+    teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
+    ddp_student = DDP(raw_student, device_ids=[local_rank] if use_cuda else None) if ddp else None
+    student_fwd = ddp_student or raw_student
+    if compile:
+        teacher_embed = torch.compile(teacher_embed, backend=compile_backend)
+        student_fwd = torch.compile(student_fwd, backend=compile_backend)
 
     def train_step(next_tiles, tile_size, step):
         """One optimizer step over grad_accum micro-batches; returns the loss, grad norm and cosine."""
@@ -329,7 +344,7 @@ def main():
             k = micro * world + rank  # this micro-batch's slice of the global batch
             images = augment(next_tiles(), {n: v[k * batch_size:(k + 1) * batch_size].to(dev) for n, v in p.items()}, crop_size)
             # skip the gradient all-reduce on all but the last micro-step
-            sync = nullcontext() if not ddp or micro == grad_accum - 1 else student_fwd.no_sync()
+            sync = nullcontext() if not ddp or micro == grad_accum - 1 else ddp_student.no_sync()
             with sync, autocast:
                 with torch.no_grad():  # not inference_mode: its tensors cannot enter the student's graph
                     t_pooled, t_patches = teacher_embed(images)
@@ -357,7 +372,7 @@ def main():
 
     if bench:  # speed only: random uint8 tiles already on the device, nothing read from disk
         random_tiles = lambda: torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=dev)
-        warmup = 10 if compile and use_cuda else 3  # compilation happens in the first steps
+        warmup = 10 if compile else 3  # compilation happens in the first steps
         for i in range(warmup):
             train_step(random_tiles, 256, i)
         if use_cuda:
@@ -369,7 +384,7 @@ def main():
         ips = global_batch / dt
         mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if use_cuda else peak_rss_gib()
         say(f"bench {t_spec['name']} -> {s_spec['name']} at {crop_size} px, batch {batch_size}/GPU, "
-            f"compile={compile and use_cuda} grad_ckpt={grad_ckpt}: {dt * 1000:.1f} ms/step, "
+            f"compile={compile} grad_ckpt={grad_ckpt}: {dt * 1000:.1f} ms/step, "
             f"{ips:.1f} images/s, MFU {mfu_text(flops * ips / world, peak)}, peak memory {mem:.2f} GiB")
         finish(ddp)
         return
@@ -409,9 +424,11 @@ def main():
             atomic_save(dict(student=raw_student.state_dict(), optimizer=optimizer.state_dict(), step=step,
                              state=state, config=config, world=world, rng=rng), ckpt_path)
 
-    # SIGTERM (pre-emption) only raises a flag: the loop finishes its step, checkpoints and exits
-    stop = dict(signal=False)
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    # pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) only raises a
+    # flag: the loop finishes its step, every rank checkpoints at the same step, and the run exits
+    stop = dict(signal=0)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, _: stop.update(signal=signum))
     if master:
         os.makedirs(out_dir, exist_ok=True)
         trim_log(os.path.join(out_dir, 'log.jsonl'), step)
@@ -426,10 +443,11 @@ def main():
         for g in optimizer.param_groups:
             g['lr'] = schedule(step, lr, min_lr, warmup_iters)
         optimizer.param_groups[0]['weight_decay'] = schedule(step, weight_decay, weight_decay_end)  # group 0 decays
+        bn_stats = {k: v.clone() for k, v in raw_student.head[1].state_dict().items()}
         batch_loss, grad_norm, cosine = train_step(next_tiles, tiles.tile_size, step)
         # one small all-reduce per step: mean loss across ranks plus the stop flag, so every rank
         # takes the same early-stop / non-finite / pre-emption decision at the same step
-        shared = torch.stack([batch_loss.float(), cosine.float(), torch.tensor(float(stop['signal']), device=dev)])
+        shared = torch.stack([batch_loss.float(), cosine.float(), torch.tensor(float(stop['signal'] > 0), device=dev)])
         if ddp:
             dist.all_reduce(shared)
             shared[:2] /= world
@@ -437,6 +455,7 @@ def main():
         step += 1
         bar.update(1)
         if not (math.isfinite(batch_loss) and math.isfinite(grad_norm.item())):
+            raw_student.head[1].load_state_dict(bn_stats)  # a NaN forward also poisoned BatchNorm's running stats
             state['skipped'] += 1
             state['nonfinite'] += 1
             if state['nonfinite'] >= max_nonfinite:
@@ -463,14 +482,16 @@ def main():
             if master:
                 if step % eval_interval == 0 or step == max_iters:
                     row['val_cosine'] = held_out_cosine()
-                log_file.write(json.dumps(row) + '\n')
+                # NaN/inf as null: log.jsonl stays valid JSON for jq, pandas and friends
+                log_file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                           for k, v in row.items()}) + '\n')
                 log_file.flush()
                 bar.set_postfix_str(f"loss {row['loss']:.4f} cos {cosine:.3f} {ips:.0f} img/s MFU {mfu_text(row['mfu'], 1)}")
-                if 'val_cosine' in row:
+                if row.get('val_cosine') is not None:
                     bar.write(f"step {step}: loss {row['loss']:.4f}, held-out teacher-student cosine {row['val_cosine']:.4f}")
             t0, t0_step, interval = sync_time(), step, []
         if signalled:
-            why = 'SIGTERM: checkpoint written; rerun with --resume=True to continue'
+            why = 'pre-empted (SIGTERM/SIGUSR1): checkpoint written; rerun with --resume=True to continue'
             break
         if step % ckpt_interval == 0:
             save_checkpoint()
@@ -486,6 +507,8 @@ def main():
     finish(ddp)
     if why.startswith(f'{max_nonfinite} non-finite'):
         raise SystemExit(f'error: {why}')
+    if signalled:  # not finished: a non-zero status (128 + signal, the shell's convention) says so
+        raise SystemExit(128 + (stop['signal'] or signal.SIGTERM))
 
 
 def ignore_sigterm(worker_id):
