@@ -311,14 +311,17 @@ def main():
               dict(params=[p for n, p in named if no_decay(n, p)], weight_decay=0.0)]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=fused_adam)
     step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
-    if resume and os.path.exists(ckpt_path):
+    if resume and not bench and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
         for k in ('teacher', 'student', 'loss', 'patch_weight', 'batch_size', 'grad_accum', 'seed'):
             if ckpt['config'][k] != config[k]:
                 raise SystemExit(f"error: --{k}={config[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}")
         if ckpt['world'] != world:
             raise SystemExit(f"error: the checkpoint ran on {ckpt['world']} processes; resume on the same number")
-        raw_student.load_state_dict(ckpt['student'])
+        try:
+            raw_student.load_state_dict(ckpt['student'])
+        except RuntimeError as e:  # a checkpoint of another student or projection layout
+            raise SystemExit(f"error: {ckpt_path} does not fit this student: {str(e).splitlines()[1].strip()}") from None
         optimizer.load_state_dict(ckpt['optimizer'])
         step, state = ckpt['step'], ckpt['state']
         torch.set_rng_state(ckpt['rng'][rank])

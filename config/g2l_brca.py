@@ -4,18 +4,23 @@
 #   torchrun --standalone --nproc_per_node=8 distill.py config/g2l_brca.py
 # Both models are gated on the Hugging Face hub: request access on their pages and set HF_TOKEN,
 # or download them once and point teacher_weights / student_weights at the local files.
+# From the paper: the models, data, crop, augmentation, loss, lr, weight decay, cosine schedules,
+# batch 32, early stop. Ours (the paper does not give them): warm-up, length, min_lr, clipping,
+# and that 32 is per GPU (G2L ran 3 RTX A6000; 8 GPUs here make a global batch of 256 at the same lr).
 out_dir = 'out/g2l_brca'
 data_dir = 'tiles/brca'
 teacher = 'H-optimus-0'
 student = 'Hibou-L'
-batch_size = 32  # per GPU; G2L used 32 on 3x RTX A6000
+batch_size = 32  # per GPU (G2L: 32 on 3x RTX A6000, per GPU or in all is not stated)
 crop_size = 224
 loss = 'g2l'
 alpha = 4.0
 lr = 1e-4
-weight_decay = 0.05
-warmup_iters = 1000
-max_iters = 60000
+weight_decay = 0.05  # cosine-scheduled in G2L, end value not given: weight_decay_end stays 0.05
+warmup_iters = 1000  # ours
+max_iters = 60000  # ours: an upper bound; the paper's early stop usually ends the run first
+min_lr = 1e-6  # ours
+grad_clip = 1.0  # ours
 early_stop = True  # the paper's stopping rule
 num_workers = 10
 resume = True  # a requeued job continues from out_dir/ckpt.pt
