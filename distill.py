@@ -217,21 +217,16 @@ def batches(n_tiles, start_step, rank, world, rng_seed):
     function of the step, so resuming at step s reads exactly the tiles s would have read."""
     global_batch = batch_size * grad_accum * world
     per_epoch = n_tiles // global_batch
-    step = start_step
+    step, order_epoch = start_step, None
     while True:
         epoch, b = divmod(step, per_epoch)
-        order = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles)
+        if epoch != order_epoch:  # once per epoch: permuting ~10M tiles takes a good part of a second
+            order, order_epoch = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles), epoch
         chunk = order[b * global_batch:(b + 1) * global_batch]
         for micro in range(grad_accum):
             k = micro * world + rank
             yield chunk[k * batch_size:(k + 1) * batch_size].tolist()
         step += 1
-
-
-def atomic_save(obj, path):
-    tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a killed run leaves the old checkpoint, never half a new one
 
 
 def main():
@@ -402,17 +397,20 @@ def main():
     def next_tiles():
         return next(loader_iter).to(dev, non_blocking=True)
 
+    val_batches = []  # (uint8 centre crops, teacher embeddings): read and embedded once, the teacher is frozen
+
     def held_out_cosine():
         """Mean teacher-student cosine on held-out slides, centre crop, BatchNorm in eval mode."""
         if not len(val_idx):
             return None
         raw_student.eval()
-        sims = []
         o = (tiles.tile_size - crop_size) // 2
         with torch.no_grad(), autocast:
-            for chunk in np.array_split(val_idx, math.ceil(len(val_idx) / batch_size)):
-                images = torch.stack([tiles[i] for i in chunk]).to(dev)[:, :, o:o + crop_size, o:o + crop_size].float() / 255
-                sims.append(F.cosine_similarity(raw_student(images)[0].float(), zoo.embed(t_model, t_spec, images)[0].float()))
+            if not val_batches:
+                for chunk in np.array_split(val_idx, math.ceil(len(val_idx) / batch_size)):
+                    crops = torch.stack([tiles[i] for i in chunk]).to(dev)[:, :, o:o + crop_size, o:o + crop_size]
+                    val_batches.append((crops, zoo.embed(t_model, t_spec, crops)[0].float()))
+            sims = [F.cosine_similarity(raw_student(crops)[0].float(), t) for crops, t in val_batches]
         raw_student.train()
         return torch.cat(sims).mean().item()
 
@@ -424,8 +422,9 @@ def main():
             rng = [torch.get_rng_state()]
         if master:
             os.makedirs(out_dir, exist_ok=True)
-            atomic_save(dict(student=raw_student.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                             state=state, config=config, world=world, rng=rng), ckpt_path)
+            ckpt = dict(student=raw_student.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                        state=state, config=config, world=world, rng=rng)
+            tile.save_atomic(ckpt_path, lambda f: torch.save(ckpt, f))  # a kill leaves the old one, never half
 
     # pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) only raises a
     # flag: the loop finishes its step, every rank checkpoints at the same step, and the run exits
@@ -541,9 +540,7 @@ def trim_log(path, step):
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(rows)
-    os.replace(path + '.tmp', path)
+    tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
 
 
 def plot_loss(log_path, png_path):
@@ -560,8 +557,7 @@ def plot_loss(log_path, png_path):
     ax[1].plot([r['step'] for r in val], [r['val_cosine'] for r in val], marker='o')
     ax[1].set(xlabel='step', ylabel='cosine', title='held-out teacher-student cosine')
     fig.tight_layout()
-    fig.savefig(png_path + '.tmp.png', dpi=100)
-    os.replace(png_path + '.tmp.png', png_path)
+    tile.save_atomic(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
 def make_demo_data():

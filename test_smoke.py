@@ -502,6 +502,13 @@ def test_missing_key_and_wrong_architecture_fail_naming_the_problem(tmp_path):
     assert '\n' not in message
 
 
+def small_hibou(**overrides):
+    """Hibou-L's row (SwiGLU, 4 registers, layer scale) at 64 wide and 2 deep: its layout, CPU-cheap."""
+    hibou = model.MODELS['Hibou-L']
+    return dict(hibou, name='hibou-small', width=64, dim=64, **overrides,
+                kwargs=dict(hibou['kwargs'], embed_dim=64, depth=2, num_heads=4, mlp_ratio=352 / 64))
+
+
 def test_hibou_conversion_matches_transformers(tmp_path):
     # a small transformers Dinov2-with-registers model in Hibou-L's layout (4 registers, SwiGLU, layer scale,
     # 224-px positions), every weight random, saved as the hub would ship it, then loaded as timm
@@ -514,9 +521,7 @@ def test_hibou_conversion_matches_transformers(tmp_path):
         for p in hf.parameters():
             p.add_(0.2 * torch.randn_like(p))  # nonzero CLS/registers, uneven layer scale
     hf.save_pretrained(tmp_path / 'hibou')
-    hibou = model.MODELS['Hibou-L']
-    spec = dict(hibou, name='hibou-small', width=64, dim=64,
-                kwargs=dict(hibou['kwargs'], embed_dim=64, depth=2, num_heads=4, mlp_ratio=352 / 64))
+    spec = small_hibou()
     vit, spec = model.create(spec, weights=str(tmp_path / 'hibou'))
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
@@ -594,9 +599,7 @@ def test_configure_overrides_from_file_and_flags(tmp_path):
 
 def test_a_hibou_layout_student_exports_atomically_and_loads_in_plain_timm(tmp_path):
     # Hibou-L's row (SwiGLU, 4 registers, layer scale) at tiny sizes, random weights, exported as distill.py does
-    hibou = model.MODELS['Hibou-L']
-    spec = dict(hibou, name='hibou-small', width=64, dim=64, weights='random',
-                kwargs=dict(hibou['kwargs'], embed_dim=64, depth=2, num_heads=4, mlp_ratio=352 / 64))
+    spec = small_hibou(weights='random')
     student = model.build_random(spec).eval()
     mlp = student.blocks[0].mlp  # timm's SwiGLUPacked: a GluMlp with SiLU and one packed fc1
     assert isinstance(mlp, timm.layers.GluMlp) and isinstance(mlp.act, torch.nn.SiLU) and student.num_prefix_tokens == 5
