@@ -3,16 +3,24 @@ The teacher and student zoo: one table of pathology foundation models as timm Vi
 strict offline weight loading, a forward that returns (pooled embedding, patch tokens), and the
 nanoGPT-style configurator shared by distill.py and evaluate.py.
 
-    python model.py --list                          # every row: params, dim, tokens, GFLOPs (meta device, no network)
-    python model.py tiny-teacher                    # build one model and embed a dummy batch
-    python model.py H-optimus-0 --weights=/data/hf/H-optimus-0   # check a local file/folder loads strictly
-    HF_TOKEN=hf_... python model.py Hibou-L --weights=hub         # download from the hub (gated: request access first)
+Run it:
+  every row: params, dim, tokens, GFLOPs (on the meta device, no network):
+    python model.py --list
+  build one model and embed a dummy batch:
+    python model.py tiny-teacher
+  check that a local file or snapshot folder loads strictly:
+    python model.py H-optimus-0 --weights=/data/hf/H-optimus-0
+  download from the hub (gated rows: request access on the model card first):
+    HF_TOKEN=hf_... python model.py Hibou-L --weights=hub
 
 From Python:
     import model
-    teacher, spec = model.create('H-optimus-0', weights='/data/hf/H-optimus-0')  # local file or snapshot folder
-    pooled, patches = model.embed(teacher, spec, tiles_uint8)   # (B, spec['dim']), (B, N, spec['width'])
-    model.export(student, student_spec, 'out/run1'); model.create('out/run1')
+    # weights: a local file or snapshot folder
+    teacher, spec = model.create('H-optimus-0', weights='/data/hf/H-optimus-0')
+    # (B, spec['dim']), (B, N, spec['width'])
+    pooled, patches = model.embed(teacher, spec, tiles_uint8)
+    model.export(student, student_spec, 'out/run1')
+    model.create('out/run1')
 """
 import ast
 import difflib
@@ -29,77 +37,99 @@ import torch.nn.functional as F
 import timm
 from timm.layers import SwiGLUPacked
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# H-optimus-0 model card (huggingface.co/bioptimus/H-optimus-0): its own mean/std, 224 px at 0.5 um/px
-HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
-# DINOv2-style giant MLP: SwiGLU with 2/3 of 4x the width, packed into one fc1 (timm's vit_giant_patch14_dinov2)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# H-optimus-0 model card (huggingface.co/bioptimus/H-optimus-0): its own mean/std,
+# 224 px at 0.5 um/px
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+# DINOv2-style giant MLP: SwiGLU with 2/3 of 4x the width, packed into one fc1
+# (timm's vit_giant_patch14_dinov2)
 SWIGLU = dict(mlp_layer='swiglu_packed', act_layer='silu')
-MLP_LAYERS = {'swiglu_packed': SwiGLUPacked}  # kwargs stay JSON-able strings; resolved only when building
+# kwargs stay JSON-able strings; the class is resolved only when building
+MLP_LAYERS = {'swiglu_packed': SwiGLUPacked}
 
 
+# a SystemExit: uncaught, Python prints its one line (what to do), exit code 1, no traceback
 class WeightsError(SystemExit):
-    """Weights that cannot be fetched or do not fit: one line saying what to do, exit code 1, no traceback."""
+    """Weights that cannot be fetched or do not fit."""
 
 
-def row(name, arch, hub, width, patch_size, kwargs, num_registers=0, pool='cls', mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, img_size=224, resize=None, weights='hub'):
-    # a spec: timm arch + kwargs as the card gives them; pool 'cls' or 'cls+mean' (dim = 2 x width);
-    # resize: shorter side before the centre crop to img_size (None: straight to img_size); weights: where from
+def row(name, arch, hub, width, patch_size, kwargs, num_registers=0, pool='cls',
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, img_size=224, resize=None, weights='hub'):
+    # One spec: the timm arch and its kwargs as the model card gives them.
+    # pool: 'cls', or 'cls+mean' (CLS || mean of the patch tokens, so dim = 2 x width).
+    # resize: the shorter side before the centre crop to img_size (None: straight to img_size).
+    # weights: where they come from ('random': no pretrained weights, the row's default then).
     kwargs = dict(img_size=img_size, num_classes=0, **kwargs)
-    return dict(name=name, arch=arch, kwargs=kwargs, hub=hub, pool=pool, img_size=img_size, resize=resize,
-                patch_size=patch_size, num_registers=num_registers, mean=tuple(mean), std=tuple(std),
-                dim=width * (2 if pool == 'cls+mean' else 1), width=width, weights=weights)
+    dim = width * 2 if pool == 'cls+mean' else width
+    return dict(name=name, arch=arch, kwargs=kwargs, hub=hub, pool=pool, img_size=img_size,
+                resize=resize, patch_size=patch_size, num_registers=num_registers,
+                mean=tuple(mean), std=tuple(std), dim=dim, width=width, weights=weights)
 
 
+# One row per model: row(name, timm arch, hub id, width, patch size, timm kwargs, ...).
+# The comment above each row cites the model card it comes from.
 MODELS = {r['name']: r for r in [
-    # huggingface.co/bioptimus/H-optimus-0: timm ViT-g/14, 4 registers, 1536-d CLS, gated (Apache-2.0)
+    # huggingface.co/bioptimus/H-optimus-0: timm ViT-g/14, 4 registers, 1536-d CLS,
+    # gated (Apache-2.0)
     row('H-optimus-0', 'vit_giant_patch14_reg4_dinov2', 'bioptimus/H-optimus-0', 1536, 14,
-        dict(init_values=1e-5, dynamic_img_size=False), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        weights='hub, gated: bioptimus/H-optimus-0'),
-    # huggingface.co/bioptimus/H-optimus-1: same architecture and normalisation as H-optimus-0, gated
+        dict(init_values=1e-5, dynamic_img_size=False), num_registers=4,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='hub, gated: bioptimus/H-optimus-0'),
+    # huggingface.co/bioptimus/H-optimus-1: same architecture and normalisation as H-optimus-0,
+    # gated
     row('H-optimus-1', 'vit_giant_patch14_reg4_dinov2', 'bioptimus/H-optimus-1', 1536, 14,
-        dict(init_values=1e-5, dynamic_img_size=False), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        weights='hub, gated: bioptimus/H-optimus-1'),
-    # huggingface.co/kaiko-ai/midnight: transformers Dinov2 ViT-g/14 (no registers), mean=std=0.5,
-    # embedding = CLS || mean of patch tokens (3072-d); MIT, ungated. Converted to timm on load.
-    row('Midnight', 'vit_giant_patch14_dinov2', 'kaiko-ai/midnight', 1536, 14, dict(init_values=1e-5),
-        pool='cls+mean', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights='hub, ungated (MIT)'),
-    # huggingface.co/MahmoodLab/UNI2-h: timm_kwargs from the card (ViT-H/14-ish, 8 registers, SwiGLU), gated
+        dict(init_values=1e-5, dynamic_img_size=False), num_registers=4,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='hub, gated: bioptimus/H-optimus-1'),
+    # huggingface.co/kaiko-ai/midnight: transformers Dinov2 ViT-g/14 (no registers),
+    # mean=std=0.5, embedding = CLS || mean of patch tokens (3072-d); MIT, ungated.
+    # Converted to timm on load.
+    row('Midnight', 'vit_giant_patch14_dinov2', 'kaiko-ai/midnight', 1536, 14,
+        dict(init_values=1e-5), pool='cls+mean', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        weights='hub, ungated (MIT)'),
+    # huggingface.co/MahmoodLab/UNI2-h: timm_kwargs from the card (ViT-H/14-ish, 8 registers,
+    # SwiGLU), gated
     row('UNI2-h', 'vit_giant_patch14_224', 'MahmoodLab/UNI2-h', 1536, 14,
-        dict(patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2,
-             no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU), num_registers=8,
-        weights='hub, gated: MahmoodLab/UNI2-h'),
-    # huggingface.co/paige-ai/Virchow2: ViT-H/14, 4 registers, SwiGLU + SiLU, embedding = CLS || mean patch, gated
+        dict(patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+             mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
+             **SWIGLU),
+        num_registers=8, weights='hub, gated: MahmoodLab/UNI2-h'),
+    # huggingface.co/paige-ai/Virchow2: ViT-H/14, 4 registers, SwiGLU + SiLU,
+    # embedding = CLS || mean patch, gated
     row('Virchow2', 'vit_huge_patch14_224', 'paige-ai/Virchow2', 1280, 14,
         dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, dynamic_img_size=True, **SWIGLU),
         num_registers=4, pool='cls+mean', weights='hub, gated: paige-ai/Virchow2'),
-    # huggingface.co/prov-gigapath/prov-gigapath: vit_giant_patch14_dinov2 with patch 16 (SwiGLU inherited),
-    # transforms Resize(256) + CenterCrop(224), ImageNet mean/std, gated
+    # huggingface.co/prov-gigapath/prov-gigapath: vit_giant_patch14_dinov2 with patch 16
+    # (SwiGLU inherited), transforms Resize(256) + CenterCrop(224), ImageNet mean/std, gated
     row('Prov-GigaPath', 'vit_giant_patch14_dinov2', 'prov-gigapath/prov-gigapath', 1536, 16,
         dict(patch_size=16, init_values=1e-5, mlp_ratio=5.33334), resize=256,
         weights='hub, gated: prov-gigapath/prov-gigapath'),
-    # huggingface.co/histai/hibou-L: transformers Dinov2-with-registers ViT-L/14, 4 registers, SwiGLU MLP,
-    # own mean/std; Apache-2.0, gated. Converted to timm on load (convert_hibou). timm has no ViT-L with SwiGLU; its
-    # ViT-g/14-reg4 at ViT-L sizes is the same module with JSON-able kwargs, so an export loads in plain timm
+    # huggingface.co/histai/hibou-L: transformers Dinov2-with-registers ViT-L/14, 4 registers,
+    # SwiGLU MLP, own mean/std; Apache-2.0, gated. Converted to timm on load (convert_hibou).
+    # timm has no ViT-L with SwiGLU; its ViT-g/14-reg4 at ViT-L sizes is the same module with
+    # JSON-able kwargs, so an export loads in plain timm
     row('Hibou-L', 'vit_giant_patch14_reg4_dinov2', 'histai/hibou-L', 1024, 14,
-        dict(embed_dim=1024, depth=24, num_heads=16, init_values=1.0, mlp_ratio=5472 / 1024), num_registers=4,
-        mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816), weights='hub, gated: histai/hibou-L'),
+        dict(embed_dim=1024, depth=24, num_heads=16, init_values=1.0, mlp_ratio=5472 / 1024),
+        num_registers=4, mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816),
+        weights='hub, gated: histai/hibou-L'),
     # huggingface.co/MahmoodLab/uni: ViT-L/16, init_values 1e-5, ImageNet mean/std, gated
-    row('UNI', 'vit_large_patch16_224', 'MahmoodLab/uni', 1024, 16, dict(init_values=1e-5, dynamic_img_size=True),
-        weights='hub, gated: MahmoodLab/uni'),
+    row('UNI', 'vit_large_patch16_224', 'MahmoodLab/uni', 1024, 16,
+        dict(init_values=1e-5, dynamic_img_size=True), weights='hub, gated: MahmoodLab/uni'),
     # timm vit_large_patch14_reg4_dinov2.lvd142m: natural images (DINOv2 LVD-142M), ungated
-    row('DINOv2-L-reg4', 'vit_large_patch14_reg4_dinov2', 'timm/vit_large_patch14_reg4_dinov2.lvd142m', 1024, 14,
+    row('DINOv2-L-reg4', 'vit_large_patch14_reg4_dinov2',
+        'timm/vit_large_patch14_reg4_dinov2.lvd142m', 1024, 14,
         dict(), num_registers=4, weights='hub, ungated (Apache-2.0)'),
     # a ViT-L/14-reg4 student trained from scratch (random init), with H-optimus-0's normalisation
-    row('ViT-L-scratch', 'vit_large_patch14_reg4_dinov2', None, 1024, 14, dict(), num_registers=4,
-        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),
-    # tiny rows for tests and the CPU demo. The teacher keeps H-optimus-0's layout (patch 14, 4 registers,
-    # SwiGLU, layer scale) but with layer scale 1.0: at 1e-5 a random teacher's blocks would be no-ops.
+    row('ViT-L-scratch', 'vit_large_patch14_reg4_dinov2', None, 1024, 14,
+        dict(), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),
+    # Tiny rows for tests and the CPU demo. The teacher keeps H-optimus-0's layout (patch 14,
+    # 4 registers, SwiGLU, layer scale) but with layer scale 1.0: at 1e-5 a random teacher's
+    # blocks would be no-ops.
     row('tiny-teacher', 'vit_giant_patch14_reg4_dinov2', None, 96, 14,
         dict(embed_dim=96, depth=3, num_heads=3, init_values=1.0), num_registers=4,
         mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),
-    row('tiny-student', 'vit_tiny_patch16_224', None, 64, 16, dict(embed_dim=64, depth=2, num_heads=2),
-        weights='random'),
+    row('tiny-student', 'vit_tiny_patch16_224', None, 64, 16,
+        dict(embed_dim=64, depth=2, num_heads=2), weights='random'),
 ]}
 
 
@@ -109,24 +139,26 @@ def get_spec(name_or_spec):
     if name_or_spec not in MODELS:
         close = difflib.get_close_matches(str(name_or_spec), MODELS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(MODELS)})"
-        raise WeightsError(f"error: unknown model {name_or_spec!r}{hint}; or pass a distilled output folder")
+        raise WeightsError(f"error: unknown model {name_or_spec!r}{hint}; "
+                           "or pass a distilled output folder")
     return MODELS[name_or_spec]
 
 
 def build(spec, device=None):
-    """The bare timm VisionTransformer for a spec; on the meta device it costs no memory and no time."""
+    """The bare timm VisionTransformer for a spec; on the meta device it costs no memory or time."""
     kwargs = dict(spec['kwargs'])
     if 'mlp_layer' in kwargs:
         kwargs['mlp_layer'] = MLP_LAYERS[kwargs['mlp_layer']]
     if device == 'meta':
-        kwargs['weight_init'] = 'skip'  # every tensor will come from a checkpoint (or is only counted)
+        # every tensor will come from a checkpoint (or is only counted): skip the init
+        kwargs['weight_init'] = 'skip'
     with torch.device(device or 'cpu'):
         return timm.create_model(spec['arch'], pretrained=False, **kwargs)
 
 
 def build_random(spec):
-    # seeded by the model's name inside a forked RNG: distill.py and evaluate.py build the same tiny teacher,
-    # and the caller's own random stream is left untouched
+    # Seeded by the model's name inside a forked RNG: distill.py and evaluate.py build the same
+    # tiny teacher, and the caller's own random stream is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(spec['name'].encode()))
         return build(spec)
@@ -137,12 +169,13 @@ def _meta_stats(arch_json):
     vit = build(json.loads(arch_json), 'meta')
     params = sum(p.numel() for p in vit.parameters())
     # every matmul weight that each token passes through once per forward (qkv, proj, fc1, fc2)
-    block_matmul = sum(p.numel() for n, p in vit.blocks.named_parameters() if p.ndim == 2)
+    block_matmul = sum(p.numel() for p in vit.blocks.parameters() if p.ndim == 2)
     patch_matmul = vit.patch_embed.proj.weight.numel()
     return params, block_matmul, patch_matmul, len(vit.blocks), vit.num_prefix_tokens
 
 
-def _arch_key(spec):  # rows that share an architecture (H-optimus-0/1) share one meta build
+# rows that share an architecture (H-optimus-0 and -1) share one meta build
+def _arch_key(spec):
     return json.dumps(dict(arch=spec['arch'], kwargs=spec['kwargs']), sort_keys=True)
 
 
@@ -152,16 +185,22 @@ def param_count(name_or_spec):
 
 def tokens_per_image(name_or_spec, img_size=None):
     spec = get_spec(name_or_spec)
-    return ((img_size or spec['img_size']) // spec['patch_size']) ** 2 + 1 + spec['num_registers']
+    patches_per_side = (img_size or spec['img_size']) // spec['patch_size']
+    # the patch grid, the class token, the registers
+    return patches_per_side ** 2 + 1 + spec['num_registers']
 
 
 def flops_per_image(name_or_spec, img_size=None):
-    """Forward FLOPs: 2 x matmul params x tokens + attention 4 x depth x tokens^2 x width (training ~3x)."""
+    """Forward FLOPs of one image; training costs about 3x this (backward = 2 x forward)."""
     spec = get_spec(name_or_spec)
     _, block_matmul, patch_matmul, depth, prefix = _meta_stats(_arch_key(spec))
     patches = ((img_size or spec['img_size']) // spec['patch_size']) ** 2
     tokens = patches + prefix
-    return 2 * block_matmul * tokens + 2 * patch_matmul * patches + 4 * depth * tokens ** 2 * spec['width']
+    # 2 FLOPs (multiply, add) per matmul weight per token; the patch embedding sees patches only
+    matmul = 2 * block_matmul * tokens + 2 * patch_matmul * patches
+    # attention: q @ k^T and attention @ v, 2 x tokens^2 x width each, in every block
+    attention = 4 * depth * tokens ** 2 * spec['width']
+    return matmul + attention
 
 
 # ----------------------------------------------------------------------------- weights
