@@ -206,17 +206,27 @@ def flops_per_image(name_or_spec, img_size=None):
 # ----------------------------------------------------------------------------- weights
 
 def hub_reachable(timeout=3.0):
-    # huggingface_hub retries a dead connection for ~25 s; one quick TCP connect makes "no network" fail fast. Behind
-    # a proxy (HTTPS_PROXY/ALL_PROXY, NO_PROXY: as huggingface_hub's client) the proxy is what must answer, not the hub
+    # huggingface_hub retries a dead connection for ~25 s; one quick TCP connect makes
+    # "no network" fail fast
     import socket
     from urllib.parse import urlparse
     from urllib.request import getproxies, proxy_bypass
     hub = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
-    proxy = None if proxy_bypass(hub.hostname) else getproxies().get(hub.scheme) or getproxies().get('all')
-    target = urlparse(proxy if '://' in proxy else f'http://{proxy}') if proxy else hub
+    # Behind a proxy (HTTPS_PROXY/ALL_PROXY, minus NO_PROXY, read as huggingface_hub's client
+    # reads them) the proxy is what must answer, not the hub.
+    proxies = getproxies()
+    proxy = None if proxy_bypass(hub.hostname) else proxies.get(hub.scheme) or proxies.get('all')
+    if not proxy:
+        target = hub
+    elif '://' in proxy:
+        target = urlparse(proxy)
+    else:
+        # a proxy given as host:port, without a scheme
+        target = urlparse(f'http://{proxy}')
+    default_port = 443 if target.scheme == 'https' else 80
+    address = (target.hostname, target.port or default_port)
     try:
-        socket.create_connection((target.hostname, target.port or (443 if target.scheme == 'https' else 80)),
-                                 timeout=timeout).close()
+        socket.create_connection(address, timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -228,56 +238,74 @@ def download(spec):
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
     repo = spec['hub']
     if repo is None:
-        raise WeightsError(f"error: {spec['name']} has no hub weights: use weights='random' or a local file")
-    advice = (f"request access at https://huggingface.co/{repo} and set HF_TOKEN, or download it where there is "
-              f"network (hf download {repo}) and pass weights=<that folder>")
-    offline = os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes') or not hub_reachable()
-    for filename in ('model.safetensors', 'pytorch_model.bin'):  # the two names timm and transformers publish
+        raise WeightsError(f"error: {spec['name']} has no hub weights: "
+                           "use weights='random' or a local file")
+    advice = (f"request access at https://huggingface.co/{repo} and set HF_TOKEN, "
+              f"or download it where there is network (hf download {repo}) "
+              "and pass weights=<that folder>")
+    offline_by_env = os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes')
+    offline = offline_by_env or not hub_reachable()
+    token = os.environ.get('HF_TOKEN') or None
+    # the two file names timm and transformers publish
+    for filename in ('model.safetensors', 'pytorch_model.bin'):
         try:
-            return hf_hub_download(repo, filename, token=os.environ.get('HF_TOKEN') or None, local_files_only=offline)
+            return hf_hub_download(repo, filename, token=token, local_files_only=offline)
         except GatedRepoError:
-            raise WeightsError(f"error: {repo} is gated and HF_TOKEN is missing or has no access: {advice}") from None
+            raise WeightsError(f"error: {repo} is gated and HF_TOKEN is missing or has no access: "
+                               f"{advice}") from None
         except RepositoryNotFoundError:
-            raise WeightsError(f"error: {repo} not found (or gated and HF_TOKEN is not set): {advice}") from None
-        except EntryNotFoundError:  # also LocalEntryNotFoundError: not in the cache under this name
+            raise WeightsError(f"error: {repo} not found (or gated and HF_TOKEN is not set): "
+                               f"{advice}") from None
+        except EntryNotFoundError:
+            # also LocalEntryNotFoundError: not in the cache under this name, try the next
             continue
-        except Exception as e:  # network errors of whichever HTTP client huggingface_hub uses
-            raise WeightsError(f"error: cannot download {repo} ({type(e).__name__}): {advice}") from None
+        except Exception as e:
+            # network errors of whichever HTTP client huggingface_hub uses
+            raise WeightsError(f"error: cannot download {repo} ({type(e).__name__}): "
+                               f"{advice}") from None
     if offline:
-        raise WeightsError(f"error: no network (or its proxy is down, or HF_HUB_OFFLINE is set) and {repo} is not in "
-                           f"the local cache: {advice}")
-    raise WeightsError(f"error: {repo} has neither model.safetensors nor pytorch_model.bin: pass weights=<local file>")
+        raise WeightsError(f"error: no network (or its proxy is down, or HF_HUB_OFFLINE is set) "
+                           f"and {repo} is not in the local cache: {advice}")
+    raise WeightsError(f"error: {repo} has neither model.safetensors nor pytorch_model.bin: "
+                       "pass weights=<local file>")
 
 
 def find_weight_file(folder):
-    """The checkpoint inside a folder: an export, a hub snapshot, or a HF cache folder (newest snapshot wins)."""
-    files = [p for p in Path(folder).rglob('*') if p.suffix in ('.safetensors', '.bin', '.pth', '.pt') and p.is_file()]
+    """The checkpoint inside a folder: an export, a hub snapshot, or a HF cache folder."""
+    suffixes = ('.safetensors', '.bin', '.pth', '.pt')
+    weight_files = [p for p in Path(folder).rglob('*') if p.suffix in suffixes and p.is_file()]
+    # a known name first; a HF cache folder holds one copy per snapshot: the newest wins
     for preferred in ('student.safetensors', 'model.safetensors', 'pytorch_model.bin'):
-        named = [p for p in files if p.name == preferred]
+        named = [p for p in weight_files if p.name == preferred]
         if named:
             return max(named, key=lambda p: p.stat().st_mtime)
-    if len(files) == 1:
-        return files[0]
-    found = ', '.join(p.name for p in files[:5]) or 'none'
-    raise WeightsError(f"error: cannot tell which weight file in {folder} to load (found: {found}): pass the file itself")
+    if len(weight_files) == 1:
+        return weight_files[0]
+    found = ', '.join(p.name for p in weight_files[:5]) or 'none'
+    raise WeightsError(f"error: cannot tell which weight file in {folder} to load "
+                       f"(found: {found}): pass the file itself")
 
 
 def read_state_dict(path):
     path = Path(path)
     if not path.exists():
-        raise WeightsError(f"error: weights path {path} does not exist: pass a .safetensors/.bin/.pth file or a folder")
+        raise WeightsError(f"error: weights path {path} does not exist: "
+                           "pass a .safetensors/.bin/.pth file or a folder")
     if path.is_dir():
         path = find_weight_file(path)
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file
             state = load_file(str(path))
-        else:  # .bin / .pth / .pt: tensors only, never arbitrary pickled code
+        else:
+            # .bin / .pth / .pt: tensors only, never arbitrary pickled code
             state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise WeightsError(f"error: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        first_line = str(e).splitlines()[0][:200]
+        raise WeightsError(f"error: cannot read {path} ({type(e).__name__}: {first_line}): "
                            "is it a complete, uncorrupted checkpoint?") from None
-    for wrapper in ('state_dict', 'model'):  # training checkpoints nest the weights one level down
+    # training checkpoints nest the weights one level down
+    for wrapper in ('state_dict', 'model'):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     # DDP and torch.compile wrappers prefix every key; the weights underneath are the plain model's
@@ -289,28 +317,42 @@ def read_state_dict(path):
 
 def fit_state_dict(state, spec, vit, source):
     """Make a checkpoint fit the timm model exactly, or fail naming the keys that do not."""
+    # the transformers Dinov2 layout (Hibou-L, Midnight) gets timm's names first
     if any(k.startswith(('embeddings.', 'dinov2.embeddings.')) for k in state):
-        state = convert_hibou(state, vit)  # transformers Dinov2 layout (Hibou-L, Midnight)
+        state = convert_hibou(state, vit)
     # a classifier head is not part of the backbone (every row has num_classes=0)
     state = {k: v for k, v in state.items() if not k.startswith('head.')}
     expected = vit.state_dict()
-    pos, want = state.get('pos_embed'), expected['pos_embed']
+
+    # Positions stored for another grid (DINOv2 ships 518 px = 37x37): resample them to ours
+    # exactly as timm's loader does. With no_embed_class (UNI2-h) they cover the patches only.
+    stored_pos, model_pos = state.get('pos_embed'), expected['pos_embed']
     prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-    if pos is not None and pos.shape != want.shape and pos.shape[-1] == want.shape[-1] \
-            and math.isqrt(pos.shape[1] - prefix) ** 2 == pos.shape[1] - prefix:
-        # stored for another grid (DINOv2 ships 518 px = 37x37): resample to ours exactly as timm's loader does
-        from timm.layers import resample_abs_pos_embed
-        state['pos_embed'] = resample_abs_pos_embed(pos, list(vit.patch_embed.grid_size), num_prefix_tokens=prefix)
+    if stored_pos is not None and stored_pos.shape != model_pos.shape:
+        same_width = stored_pos.shape[-1] == model_pos.shape[-1]
+        stored_patches = stored_pos.shape[1] - prefix
+        if same_width and math.isqrt(stored_patches) ** 2 == stored_patches:
+            from timm.layers import resample_abs_pos_embed
+            grid = list(vit.patch_embed.grid_size)
+            state['pos_embed'] = resample_abs_pos_embed(stored_pos, grid, num_prefix_tokens=prefix)
+
+    # every key must be there, nothing more, each of the model's shape
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    shared = [k for k in expected if k in state]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = [f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
-                for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                                   ('shape mismatches file vs model', mismatched)) if keys]
+                  for k in shared if state[k].shape != expected[k].shape]
+    problems = []
+    for what, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                       ('shape mismatches file vs model', mismatched)):
+        if keys:
+            # the first four of each kind are enough to tell which checkpoint this is
+            shown = ', '.join(keys[:4]) + (', ...' if len(keys) > 4 else '')
+            problems.append(f"{len(keys)} {what} ({shown})")
     if problems:
-        raise WeightsError(f"error: {source} does not fit {spec['name']} ({spec['arch']}): {'; '.join(problems)}. "
-                           "Pass the checkpoint of this model, or the model name that matches the checkpoint.")
+        raise WeightsError(f"error: {source} does not fit {spec['name']} ({spec['arch']}): "
+                           f"{'; '.join(problems)}. Pass the checkpoint of this model, "
+                           "or the model name that matches the checkpoint.")
     return state
 
 
