@@ -356,68 +356,109 @@ def fit_state_dict(state, spec, vit, source):
     return state
 
 
-def convert_hibou(state, vit=None):
-    """transformers Dinov2(-with-registers) keys (Hibou-L, Midnight) -> timm VisionTransformer keys.
+def take(state, *keys):
+    """Remove one tensor from a transformers state dict, or several concatenated (q|k|v into
+    timm's qkv, gate|up into SwiGLU's fc1). Whatever is never taken has no place in timm."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise WeightsError(f"error: transformers checkpoint lacks {', '.join(missing)}: "
+                           "incomplete or not a Dinov2")
+    tensors = [state.pop(k) for k in keys]
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
-    transformers adds the position embedding to [CLS, patches], then inserts the registers after CLS. timm
-    prepends [CLS, registers] and adds pos_embed to the patches only (no_embed_class: CLS's position is folded
-    into cls_token) or to every token (registers get a zero position). Reads the hub's on-disk names
-    (attention.attention.query, mlp.weights_in) and transformers>=5's in-memory ones (q_proj, gate_proj/up_proj).
-    """
-    state = {k.removeprefix('dinov2.'): v for k, v in state.items()}
-    used = {'embeddings.mask_token'}  # only used for masked-image training, never by the encoder
 
-    def take(*keys):  # one tensor, or the concatenation of several (q|k|v into qkv, gate|up into SwiGLU's fc1)
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise WeightsError(f"error: transformers checkpoint lacks {', '.join(missing)}: incomplete or not a Dinov2")
-        used.update(keys)
-        return torch.cat([state[k] for k in keys]) if len(keys) > 1 else state[keys[0]]
+def resample_patch_positions(patch_pos, grid, antialias):
+    """(1, side x side, width) patch positions -> (1, grid[0] x grid[1], width), bicubic."""
+    side = math.isqrt(patch_pos.shape[1])
+    # (1, width, side, side): the image layout that F.interpolate resamples
+    image = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(image, size=grid, mode='bicubic', align_corners=False,
+                            antialias=antialias)
+    return resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(patch_pos.dtype)
 
-    pos = take('embeddings.position_embeddings')
+
+def dinov2_embeddings(state, vit):
+    """timm's patch embedding, class and register tokens, positions and final norm."""
+    has_registers = 'embeddings.register_tokens' in state
+    pos = take(state, 'embeddings.position_embeddings')
     cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
     grid = tuple(vit.patch_embed.grid_size) if vit is not None else None
     if grid and patch_pos.shape[1] != grid[0] * grid[1]:
-        # transformers interpolates at run time (bicubic; antialiased in Dinov2WithRegisters, not in Dinov2);
-        # doing the same once here gives timm the exact positions transformers uses at this input size
-        side = math.isqrt(patch_pos.shape[1])
-        resized = F.interpolate(patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float(), size=grid,
-                                mode='bicubic', align_corners=False, antialias='embeddings.register_tokens' in state)
-        patch_pos = resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
-    out = {'patch_embed.proj.weight': take('embeddings.patch_embeddings.projection.weight'),
-           'patch_embed.proj.bias': take('embeddings.patch_embeddings.projection.bias'),
-           'norm.weight': take('layernorm.weight'), 'norm.bias': take('layernorm.bias')}
-    registers = take('embeddings.register_tokens') if 'embeddings.register_tokens' in state else None
-    out.update({'reg_token': registers} if registers is not None else {})
+        # transformers interpolates at run time (bicubic; antialiased in Dinov2WithRegisters, not
+        # in Dinov2); doing the same once here gives timm the exact positions transformers uses
+        # at this input size
+        patch_pos = resample_patch_positions(patch_pos, grid, antialias=has_registers)
+    out = {'patch_embed.proj.weight': take(state, 'embeddings.patch_embeddings.projection.weight'),
+           'patch_embed.proj.bias': take(state, 'embeddings.patch_embeddings.projection.bias'),
+           'norm.weight': take(state, 'layernorm.weight'),
+           'norm.bias': take(state, 'layernorm.bias')}
+    registers = take(state, 'embeddings.register_tokens') if has_registers else None
+    if has_registers:
+        out['reg_token'] = registers
+    cls_token = take(state, 'embeddings.cls_token')
+    # transformers adds the position embedding to [CLS, patches], then inserts the registers
+    # after CLS. timm prepends [CLS, registers] and adds pos_embed either to the patches only
+    # (no_embed_class: CLS's position is folded into cls_token) or to every token (the registers
+    # get a zero position).
     if vit is None or vit.no_embed_class:
-        out['cls_token'], out['pos_embed'] = take('embeddings.cls_token') + cls_pos, patch_pos
+        out['cls_token'] = cls_token + cls_pos
+        out['pos_embed'] = patch_pos
     else:
-        no_pos = [torch.zeros_like(registers)] if registers is not None else []
-        out['cls_token'], out['pos_embed'] = take('embeddings.cls_token'), torch.cat([cls_pos, *no_pos, patch_pos], 1)
+        register_pos = [torch.zeros_like(registers)] if has_registers else []
+        out['cls_token'] = cls_token
+        out['pos_embed'] = torch.cat([cls_pos, *register_pos, patch_pos], 1)
+    return out
 
+
+def dinov2_block_keys(state, i):
+    """For block i: each timm key -> the transformers keys it is made of."""
+    hf, tm = f'encoder.layer.{i}.', f'blocks.{i}.'
+    # the hub's on-disk names (attention.attention.query), or transformers>=5's in-memory ones
+    if hf + 'attention.q_proj.weight' in state:
+        qkv = ('q_proj', 'k_proj', 'v_proj')
+        proj = 'attention.o_proj'
+    else:
+        qkv = ('attention.query', 'attention.key', 'attention.value')
+        proj = 'attention.output.dense'
+    if hf + 'mlp.gate_proj.weight' in state:
+        # transformers>=5: SwiGLU's gate and up projections apart, concatenated into fc1
+        fc1, fc2 = ('mlp.gate_proj', 'mlp.up_proj'), 'mlp.down_proj'
+    elif hf + 'mlp.weights_in.weight' in state:
+        # SwiGLU packed [gate; up]: exactly timm's SwiGLUPacked fc1
+        fc1, fc2 = ('mlp.weights_in',), 'mlp.weights_out'
+    else:
+        # a plain MLP (Dinov2 without use_swiglu_ffn)
+        fc1, fc2 = ('mlp.fc1',), 'mlp.fc2'
+    keys = {}
+    for p in ('weight', 'bias'):
+        keys[f'{tm}attn.qkv.{p}'] = [f'{hf}attention.{n}.{p}' for n in qkv]
+        keys[f'{tm}attn.proj.{p}'] = [f'{hf}{proj}.{p}']
+        keys[f'{tm}mlp.fc1.{p}'] = [f'{hf}{n}.{p}' for n in fc1]
+        keys[f'{tm}mlp.fc2.{p}'] = [f'{hf}{fc2}.{p}']
+        keys[f'{tm}norm1.{p}'] = [f'{hf}norm1.{p}']
+        keys[f'{tm}norm2.{p}'] = [f'{hf}norm2.{p}']
+    keys[f'{tm}ls1.gamma'] = [f'{hf}layer_scale1.lambda1']
+    keys[f'{tm}ls2.gamma'] = [f'{hf}layer_scale2.lambda1']
+    return keys
+
+
+def convert_hibou(state, vit=None):
+    """transformers Dinov2(-with-registers) keys (Hibou-L, Midnight) -> timm VisionTransformer keys.
+    Reads the hub's on-disk names (attention.attention.query, mlp.weights_in) and transformers>=5's
+    in-memory ones (q_proj, gate_proj/up_proj)."""
+    # a copy: take() removes what it converts, so what is left at the end has no timm place
+    state = {k.removeprefix('dinov2.'): v for k, v in state.items()}
+    # only used for masked-image training, never by the encoder
+    state.pop('embeddings.mask_token', None)
+    out = dinov2_embeddings(state, vit)
     depth = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.layer.'))
     for i in range(depth):
-        hf, tm = f'encoder.layer.{i}.', f'blocks.{i}.'
-        new_names = hf + 'attention.q_proj.weight' in state
-        qkv = ('q_proj', 'k_proj', 'v_proj') if new_names else ('attention.query', 'attention.key', 'attention.value')
-        proj = 'attention.o_proj' if new_names else 'attention.output.dense'
-        if hf + 'mlp.gate_proj.weight' in state:
-            fc1, fc2 = ('mlp.gate_proj', 'mlp.up_proj'), 'mlp.down_proj'
-        elif hf + 'mlp.weights_in.weight' in state:  # SwiGLU packed [gate; up]: exactly timm's SwiGLUPacked fc1
-            fc1, fc2 = ('mlp.weights_in',), 'mlp.weights_out'
-        else:
-            fc1, fc2 = ('mlp.fc1',), 'mlp.fc2'
-        for p in ('weight', 'bias'):
-            out[f'{tm}attn.qkv.{p}'] = take(*(f'{hf}attention.{n}.{p}' for n in qkv))
-            out[f'{tm}attn.proj.{p}'] = take(f'{hf}{proj}.{p}')
-            out[f'{tm}mlp.fc1.{p}'] = take(*(f'{hf}{n}.{p}' for n in fc1))
-            out[f'{tm}mlp.fc2.{p}'] = take(f'{hf}{fc2}.{p}')
-            out[f'{tm}norm1.{p}'], out[f'{tm}norm2.{p}'] = take(f'{hf}norm1.{p}'), take(f'{hf}norm2.{p}')
-        out[f'{tm}ls1.gamma'] = take(f'{hf}layer_scale1.lambda1')
-        out[f'{tm}ls2.gamma'] = take(f'{hf}layer_scale2.lambda1')
-    left = sorted(set(state) - used)
+        for timm_key, hf_keys in dinov2_block_keys(state, i).items():
+            out[timm_key] = take(state, *hf_keys)
+    left = sorted(state)
     if left:
-        raise WeightsError(f"error: {len(left)} transformers keys have no timm counterpart ({', '.join(left[:4])}): "
+        raise WeightsError(f"error: {len(left)} transformers keys have no timm counterpart "
+                           f"({', '.join(left[:4])}): "
                            "not a Dinov2 / Dinov2-with-registers checkpoint")
     return out
 
