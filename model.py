@@ -466,49 +466,63 @@ def convert_hibou(state, vit=None):
 # ----------------------------------------------------------------------------- create / embed / export
 
 def create(name_or_path, weights=None, device='cpu'):
-    """(timm VisionTransformer in eval mode, float32, spec). name_or_path: a MODELS key, a spec dict, or a
-    distilled output folder / student.json / student.safetensors. weights: None (the row's default: hub for
-    real rows, random for tiny ones), 'random', 'hub', or a local file/folder."""
+    """(timm VisionTransformer in eval mode, float32, spec).
+
+    name_or_path: a MODELS key, a spec dict, or a distilled output folder / student.json /
+    student.safetensors. weights: None (the row's default: hub for real rows, random for tiny
+    ones), 'random', 'hub', or a local file/folder.
+    """
     path = Path(str(name_or_path))
-    if not isinstance(name_or_path, dict) and name_or_path not in MODELS and path.exists():
+    is_model_name = isinstance(name_or_path, dict) or name_or_path in MODELS
+    if not is_model_name and path.exists():
+        # a distilled output folder, or a file in it: its student.json is the spec
         folder = path if path.is_dir() else path.parent
         if not (folder / 'student.json').exists():
-            raise WeightsError(f"error: {folder} has no student.json: pass a model name and weights=<this path>")
+            raise WeightsError(f"error: {folder} has no student.json: "
+                               "pass a model name and weights=<this path>")
         spec = json.loads((folder / 'student.json').read_text())
+        # JSON gives lists; the table's specs hold tuples
         spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
         weights = weights or str(folder / 'student.safetensors')
     else:
         spec = get_spec(name_or_path)
-        weights = weights or ('random' if spec['weights'] == 'random' else 'hub')
+        row_default = 'random' if spec['weights'] == 'random' else 'hub'
+        weights = weights or row_default
     if weights == 'random':
         vit = build_random(spec)
     else:
-        path = download(spec) if weights == 'hub' else weights
-        state, source = read_state_dict(path)
-        vit = build(spec, 'meta')  # no memory, no init time: every tensor comes from the checkpoint
+        weights_path = download(spec) if weights == 'hub' else weights
+        state, source = read_state_dict(weights_path)
+        # no memory, no init time: every tensor comes from the checkpoint
+        vit = build(spec, 'meta')
         state = fit_state_dict(state, spec, vit, source)
         vit.load_state_dict(state, strict=True, assign=True)
     return vit.float().to(device).eval(), spec
 
 
 def resize_crop(spec, images):
-    """uint8 or [0, 1] float (B, 3, H, W) -> [0, 1] float (B, 3, S, S) by the cards' eval recipe (timm, eva): shorter
-    side to spec['resize'] or S (bicubic, antialiased), centre crop S; never squashed. S x S tiles (the distillation
-    crop) pass untouched, and with `resize` (Prov-GigaPath 256 -> 224) its tiles are only cropped: um/px as trained."""
+    """uint8 or [0, 1] float (B, 3, H, W) -> [0, 1] float (B, 3, S, S), S = spec['img_size']."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    size, short = spec['img_size'], spec['resize'] or spec['img_size']
-    if x.shape[-2:] != (size, size):
-        h, w = x.shape[-2:]
-        if min(h, w) != short:
-            x = F.interpolate(x, size=(round(h * short / min(h, w)), round(w * short / min(h, w))), mode='bicubic',
-                              antialias=True, align_corners=False).clamp(0, 1)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        x = x[..., top:top + size, left:left + size]
-    return x
+    size = spec['img_size']
+    # S x S tiles (the distillation crop) pass untouched
+    if x.shape[-2:] == (size, size):
+        return x
+    # The cards' eval recipe (timm, eva): the shorter side to spec['resize'] or S (bicubic,
+    # antialiased), then a centre crop of S; never squashed. With `resize` (Prov-GigaPath
+    # 256 -> 224) its 256 px tiles are only cropped: um/px as trained.
+    target_short = spec['resize'] or size
+    h, w = x.shape[-2:]
+    short = min(h, w)
+    if short != target_short:
+        resized = (round(h * target_short / short), round(w * target_short / short))
+        x = F.interpolate(x, size=resized, mode='bicubic', antialias=True, align_corners=False)
+        x = x.clamp(0, 1)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
 
 
 def prepare(spec, images):
-    """uint8 or [0, 1] float (B, 3, H, W) -> the model's input: its size and normalisation, on the images' device."""
+    """uint8 or [0, 1] float (B, 3, H, W) -> the model's input (its size and normalisation)."""
     x = resize_crop(spec, images)
     mean = torch.tensor(spec['mean'], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec['std'], device=x.device).view(1, 3, 1, 1)
@@ -516,31 +530,45 @@ def prepare(spec, images):
 
 
 def embed(vit, spec, images):
-    """(pooled (B, spec['dim']), patch tokens (B, N, width) without class and register tokens). Differentiable."""
-    tokens = vit.forward_features(prepare(spec, images))  # final norm applied; grad checkpointing honoured
+    """(pooled (B, spec['dim']), patch tokens (B, N, width) without class and register tokens)."""
+    # differentiable: the final norm applied, grad checkpointing honoured
+    tokens = vit.forward_features(prepare(spec, images))
     cls, patches = tokens[:, 0], tokens[:, vit.num_prefix_tokens:]
+    pooled = cls
     # Virchow2 and Midnight cards: embedding = CLS || mean over patch tokens (registers excluded)
-    pooled = torch.cat([cls, patches.mean(1)], dim=-1) if spec['pool'] == 'cls+mean' else cls
+    if spec['pool'] == 'cls+mean':
+        pooled = torch.cat([cls, patches.mean(1)], dim=-1)
     return pooled, patches
 
 
 def export(vit, spec, out_dir):
-    """out_dir/student.safetensors + student.json, written atomically (student.json, the mark of a complete export,
-    last). create(out_dir) loads it, and so does timm.create_model(meta['arch'], pretrained=True,
-    pretrained_cfg_overlay=dict(file=...), **meta['kwargs']); rows with mlp_layer (UNI2-h, Virchow2): see 'note'."""
+    """out_dir/student.safetensors + student.json, written atomically.
+
+    create(out_dir) loads it, and so does plain timm: timm.create_model(meta['arch'],
+    pretrained=True, pretrained_cfg_overlay=dict(file=...), **meta['kwargs']); rows with
+    mlp_layer (UNI2-h, Virchow2): see meta['note'].
+    """
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-    meta = dict(spec, source=spec.get('source', spec['name']), hub=None, weights='student.safetensors')
-    if 'mlp_layer' in spec['kwargs']:  # JSON holds no Python class; timm 1.0 does not look the name up
-        meta['note'] = "plain timm: pass mlp_layer=timm.layers.SwiGLUPacked in place of kwargs' 'swiglu_packed'"
+    source = spec.get('source', spec['name'])
+    meta = dict(spec, source=source, hub=None, weights='student.safetensors')
+    if 'mlp_layer' in spec['kwargs']:
+        # JSON holds no Python class, and timm 1.0 does not look the name up
+        meta['note'] = ("plain timm: pass mlp_layer=timm.layers.SwiGLUPacked "
+                        "in place of kwargs' 'swiglu_packed'")
+    # Both files are written under temporary names first. student.json, the mark of a complete
+    # export, is renamed last, and the old one goes first: never an old student.json beside new
+    # weights.
     tmp = f'.tmp{os.getpid()}'
-    save_file(state, str(out_dir / f'student.safetensors{tmp}'))
-    (out_dir / f'student.json{tmp}').write_text(json.dumps(meta, indent=2))
-    (out_dir / 'student.json').unlink(missing_ok=True)  # never an old student.json beside new weights
-    os.replace(out_dir / f'student.safetensors{tmp}', out_dir / 'student.safetensors')
-    os.replace(out_dir / f'student.json{tmp}', out_dir / 'student.json')
+    weights_tmp = out_dir / f'student.safetensors{tmp}'
+    meta_tmp = out_dir / f'student.json{tmp}'
+    save_file(state, str(weights_tmp))
+    meta_tmp.write_text(json.dumps(meta, indent=2))
+    (out_dir / 'student.json').unlink(missing_ok=True)
+    os.replace(weights_tmp, out_dir / 'student.safetensors')
+    os.replace(meta_tmp, out_dir / 'student.json')
 
 
 # ----------------------------------------------------------------------------- configuration
