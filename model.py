@@ -203,7 +203,7 @@ def flops_per_image(name_or_spec, img_size=None):
     return matmul + attention
 
 
-# ----------------------------------------------------------------------------- weights
+# ---------------------------------------------------------------------- weights
 
 def hub_reachable(timeout=3.0):
     # huggingface_hub retries a dead connection for ~25 s; one quick TCP connect makes
@@ -463,7 +463,7 @@ def convert_hibou(state, vit=None):
     return out
 
 
-# ----------------------------------------------------------------------------- create / embed / export
+# ---------------------------------------------------------------------- create / embed / export
 
 def create(name_or_path, weights=None, device='cpu'):
     """(timm VisionTransformer in eval mode, float32, spec).
@@ -571,67 +571,95 @@ def export(vit, spec, out_dir):
     os.replace(meta_tmp, out_dir / 'student.json')
 
 
-# ----------------------------------------------------------------------------- configuration
+# ---------------------------------------------------------------------- configuration
+
+def check_config_value(config, key, value, origin):
+    """value for config[key]; an unknown key or a type unlike the default's exits with one line."""
+    if key not in config:
+        close = difflib.get_close_matches(key, config, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ''
+        raise SystemExit(f"error: unknown config key {key!r} from {origin}{hint}; "
+                         f"known keys: {', '.join(config)}")
+    default = config[key]
+    # a None default takes anything
+    if default is None or type(value) is type(default):
+        return value
+    # --lr=1 for a float default, and a list literal for a tuple default, mean what they say
+    if type(default) is float and type(value) is int:
+        return float(value)
+    if type(default) is tuple and type(value) is list:
+        return tuple(value)
+    raise SystemExit(f"error: {key} from {origin} must be {type(default).__name__} "
+                     f"like its default {default!r}, got {value!r} ({type(value).__name__})")
+
+
+def read_config_file(config, path):
+    """The settings a config .py file makes: its public names, each checked against config."""
+    if not (path.endswith('.py') and os.path.isfile(path)):
+        raise SystemExit(f"error: {path!r} is neither a config .py file nor --key=value")
+    scope = {}
+    exec(Path(path).read_text(), scope)
+    settings = {}
+    for key, value in scope.items():
+        # not __builtins__, nor the modules and helper functions the file uses for itself
+        is_helper = key.startswith('_') or callable(value) or type(value).__name__ == 'module'
+        if not is_helper:
+            settings[key] = check_config_value(config, key, value, path)
+    return settings
+
+
+def parse_config_value(config, key, raw):
+    """--key=VALUE as a Python literal (1e-4, True, (1, 2)), or else the text itself."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    # --out_dir=2024 is the string '2024' when the default is a string
+    if isinstance(config.get(key), str) and not isinstance(value, str):
+        value = raw
+    return value
+
 
 def configure(config, argv):
-    """nanoGPT-style overrides of `config` (the caller's defaults): each arg is a config .py file (its public names
-    override) or --key=value / --key value. Unknown keys and wrong types exit with one line. Returns the overrides."""
-    def check(key, value, origin):
-        if key not in config:
-            close = difflib.get_close_matches(key, config, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ''
-            raise SystemExit(f"error: unknown config key {key!r} from {origin}{hint}; known keys: {', '.join(config)}")
-        default = config[key]
-        if default is None or type(value) is type(default):
-            return value
-        if type(default) is float and type(value) is int:
-            return float(value)
-        if type(default) is tuple and type(value) is list:
-            return tuple(value)
-        raise SystemExit(f"error: {key} from {origin} must be {type(default).__name__} like its default "
-                         f"{default!r}, got {value!r} ({type(value).__name__})")
+    """nanoGPT-style overrides of `config` (the caller's defaults); returns the overrides.
 
+    Each arg is a config .py file (its public names override) or --key=value / --key value,
+    applied in order. Unknown keys and wrong types exit with one line.
+    """
     overrides, i = {}, 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if not arg.startswith('--'):
-            if not (arg.endswith('.py') and os.path.isfile(arg)):
-                raise SystemExit(f"error: {arg!r} is neither a config .py file nor --key=value")
-            scope = {}
-            exec(Path(arg).read_text(), scope)
-            for key, value in scope.items():
-                if not key.startswith('_') and not callable(value) and type(value).__name__ != 'module':
-                    overrides[key] = check(key, value, arg)
+            overrides.update(read_config_file(config, arg))
             continue
         key, sep, raw = arg[2:].partition('=')
         key = key.replace('-', '_')
-        if not sep:  # --key value, or a bare --flag for a bool
+        if not sep:
+            # --key value, or a bare --flag for a bool
             if i < len(argv) and not argv[i].startswith('--'):
                 raw, i = argv[i], i + 1
             elif isinstance(config.get(key), bool):
                 raw = 'True'
             else:
                 raise SystemExit(f"error: --{key} needs a value: --{key}=VALUE")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        if isinstance(config.get(key), str) and not isinstance(value, str):
-            value = raw  # --out_dir=2024 is the string '2024' when the default is a string
-        overrides[key] = check(key, value, f'--{key}')
+        value = parse_config_value(config, key, raw)
+        overrides[key] = check_config_value(config, key, value, f'--{key}')
     return overrides
 
 
-# ----------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------- command line
 
 def print_table():
-    print(f"{'name':<15} {'architecture':<32} {'params':>8} {'dim':>5} {'tokens':>6} {'GFLOPs':>7}  weights")
+    print(f"{'name':<15} {'architecture':<32} {'params':>8} {'dim':>5} {'tokens':>6} "
+          f"{'GFLOPs':>7}  weights")
     for name, spec in MODELS.items():
         params = param_count(spec)
         size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-        print(f"{name:<15} {spec['arch']:<32} {size:>8} {spec['dim']:>5} {tokens_per_image(spec, 224):>6} "
-              f"{flops_per_image(spec, 224) / 1e9:>7.1f}  {spec['weights']}")
+        tokens = tokens_per_image(spec, 224)
+        gflops = flops_per_image(spec, 224) / 1e9
+        print(f"{name:<15} {spec['arch']:<32} {size:>8} {spec['dim']:>5} {tokens:>6} "
+              f"{gflops:>7.1f}  {spec['weights']}")
 
 
 if __name__ == '__main__':
@@ -644,8 +672,9 @@ if __name__ == '__main__':
         opts = dict(weights=None, device='cpu', batch=2)
         opts.update(configure(opts, args[1:]))
         vit, spec = create(args[0], weights=opts['weights'], device=opts['device'])
-        images = torch.randint(0, 256, (opts['batch'], 3, 224, 224), dtype=torch.uint8, device=opts['device'])
+        shape = (opts['batch'], 3, 224, 224)
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, device=opts['device'])
         with torch.no_grad():
             pooled, patches = embed(vit, spec, images)
-        print(f"{spec['name']}: {param_count(spec) / 1e6:.1f}M params, pooled {tuple(pooled.shape)}, "
-              f"patch tokens {tuple(patches.shape)}")
+        print(f"{spec['name']}: {param_count(spec) / 1e6:.1f}M params, "
+              f"pooled {tuple(pooled.shape)}, patch tokens {tuple(patches.shape)}")
