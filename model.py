@@ -392,8 +392,9 @@ def dinov2_embeddings(state, vit):
            'patch_embed.proj.bias': take(state, 'embeddings.patch_embeddings.projection.bias'),
            'norm.weight': take(state, 'layernorm.weight'),
            'norm.bias': take(state, 'layernorm.bias')}
-    registers = take(state, 'embeddings.register_tokens') if has_registers else None
+    registers = None
     if has_registers:
+        registers = take(state, 'embeddings.register_tokens')
         out['reg_token'] = registers
     cls_token = take(state, 'embeddings.cls_token')
     # transformers adds the position embedding to [CLS, patches], then inserts the registers
