@@ -566,6 +566,11 @@ def export(vit, spec, out_dir):
     weights_tmp = out_dir / f'student.safetensors{tmp}'
     meta_tmp = out_dir / f'student.json{tmp}'
     save_file(state, str(weights_tmp))
+    # safetensors writes its files mode 0600: on a shared cluster the group could not read the
+    # student. Give it the mode every other output gets, 0666 less the user's umask (0644 at 022)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights_tmp, 0o666 & ~umask)
     meta_tmp.write_text(json.dumps(meta, indent=2))
     (out_dir / 'student.json').unlink(missing_ok=True)
     os.replace(weights_tmp, out_dir / 'student.safetensors')

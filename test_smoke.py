@@ -481,6 +481,15 @@ def test_export_then_create_round_trips_exactly(tmp_path):
     # the same file also loads by model name + local path (what an offline cluster does with hub weights)
     loaded, _ = model.create('tiny-student', weights=str(tmp_path / 'run' / 'student.safetensors'))
     assert torch.equal(loaded.blocks[0].mlp.fc1.weight, student.blocks[0].mlp.fc1.weight)
+    # both files get the mode of every other output (0666 less the umask), not safetensors' 0600,
+    # so the group can read the student on a shared cluster
+    umask = os.umask(0o027)
+    try:
+        model.export(student, spec, tmp_path / 'shared')
+    finally:
+        os.umask(umask)
+    for name in ('student.safetensors', 'student.json'):
+        assert (tmp_path / 'shared' / name).stat().st_mode & 0o777 == 0o640
 
 
 def test_missing_key_and_wrong_architecture_fail_naming_the_problem(tmp_path):
