@@ -1,20 +1,27 @@
 """
 Tile whole-slide images at a physical resolution (µm/px) for G2L distillation.
 
-For each slide: find tissue on a low-resolution pyramid level (HSV saturation + Otsu, as in CLAM), lay a grid of
-non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE tissue and save their level-0 top-left
-x,y (int64 N×2, as in TRIDENT) with a QC picture. TileDataset reads the tiles later, for distill.py and evaluate.py.
+For each slide: find tissue on a low-resolution pyramid level (HSV saturation + Otsu, as in CLAM),
+lay a grid of non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE
+tissue and save their level-0 top-left x,y (int64 N×2, as in TRIDENT) with a QC picture.
+TileDataset reads the tiles later, for distill.py and evaluate.py.
 
-  python tile.py --demo /tmp/g2l_demo                               # CPU demo: synthetic slides -> tiles -> bench
-  python tile.py /data/TCGA-BRCA --out tiles/brca --workers 16      # every slide below a folder (recursive)
-  python tile.py slides/ --out tiles --slide-mpp 0.25 --mpp-csv mpp.csv    # slides whose metadata lacks mpp
-  python tile.py /data/TCGA-BRCA --out tiles/brca --shard $SLURM_ARRAY_TASK_ID/64   # job array: shard I of N
-  python tile.py --bench tiles/brca                                 # TileDataset vs bare read_region, tiles/s
+  # CPU demo: synthetic slides -> tiles -> bench
+  python tile.py --demo /tmp/g2l_demo
+  # every slide below a folder (recursive), 16 at a time
+  python tile.py /data/TCGA-BRCA --out tiles/brca --workers 16
+  # slides whose metadata lacks mpp
+  python tile.py slides/ --out tiles --slide-mpp 0.25 --mpp-csv mpp.csv
+  # job array: shard I of N
+  python tile.py /data/TCGA-BRCA --out tiles/brca --shard $SLURM_ARRAY_TASK_ID/64
+  # TileDataset vs bare read_region, tiles/s
+  python tile.py --bench tiles/brca
 
-Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue, slide_mpp, slide_path),
-<stem>.jpg (QC: tissue outline in green, kept tiles in blue) and manifest.csv, a row per slide (shard I of N writes
-manifest-I-of-N.csv, and the last shard to finish merges them into manifest.csv). Finished slides are skipped on a
-rerun; the exit status is 0 only when every slide succeeded.
+Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue,
+slide_mpp, slide_path), <stem>.jpg (QC: tissue outline in green, kept tiles in blue) and
+manifest.csv, a row per slide (shard I of N writes manifest-I-of-N.csv, and the last shard to
+finish merges them into manifest.csv). Finished slides are skipped on a rerun; the exit status is 0
+only when every slide succeeded.
 """
 import argparse
 import collections
@@ -37,106 +44,159 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
-MPP = 0.5               # target µm/px of a tile: H-optimus-0 and G2L work at 0.5 µm/px (~20x)
-TILE_SIZE = 256         # tile side in px at MPP; G2L cuts non-overlapping 256 px tiles, then random-crops 224
-MIN_TISSUE = 0.5        # keep a tile when at least half of it is tissue, our choice: CLAM keeps a tile if 1 of 4 points
-                        # ±1/4 tile from its centre is in tissue ('four_pt'), TRIDENT's --min_tissue_proportion is 0
-MPP_SLACK = 0.05        # a level up to 5% coarser than MPP still counts as "not coarser": scanners' 20x is 0.46-0.50
-SNAP = 0.02             # read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
-SEG_MPP = 8.0           # µm/px of the image tissue is found on (CLAM segments 40x scans at downsample 64, 16 µm/px)
-MIN_SATURATION = 20     # Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
-                        # so a blank slide (where Otsu splits noise) finds nothing
-MIN_VALUE = 40          # darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
-INK_MARGIN = 20         # G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
-MIN_PIECE_MM2 = 0.02    # tissue pieces smaller than this are dust or debris (CLAM's a_t area filter); ~1 tile
-MAX_HOLE_MM2 = 0.02     # holes smaller than this are filled (gaps between cells); bigger ones (lumen, fat) stay holes
-PLAIN_IMAGES = {'.png', '.jpg', '.jpeg'}  # read whole through PIL, as one level
-SUFFIXES = {'.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif', '.czi',
-            '.dcm'} | PLAIN_IMAGES  # what OpenSlide 4 opens, plus plain images
-MAX_OPEN_SLIDES = 64    # OpenSlide handles a reading process keeps (least recently used closed first): ~0.4 MiB each
-                        # on a small slide, more on a big one; reopening took ~1.5 ms on the synthetic SVS, ~1 tile read
-SLIDE_CACHE_MB = 64     # one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens
-                        # of GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
-COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds', 'error']  # manifest
-Image.MAX_IMAGE_PIXELS = None  # plain PNG/JPEG scans are far bigger than PIL's decompression-bomb limit
+# target µm/px of a tile: H-optimus-0 and G2L work at 0.5 µm/px (~20x)
+MPP = 0.5
+# tile side in px at MPP: G2L cuts non-overlapping 256 px tiles, then random-crops 224
+TILE_SIZE = 256
+# keep a tile when at least half of it is tissue, our choice: CLAM keeps a tile if 1 of 4 points
+# ±1/4 tile from its centre is in tissue ('four_pt'), TRIDENT's --min_tissue_proportion is 0
+MIN_TISSUE = 0.5
+# a level up to 5% coarser than MPP still counts as "not coarser": scanners' 20x is 0.46-0.50
+MPP_SLACK = 0.05
+# read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
+SNAP = 0.02
+# µm/px of the image tissue is found on (CLAM segments 40x scans at downsample 64, 16 µm/px)
+SEG_MPP = 8.0
+# Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
+# so a blank slide (where Otsu splits noise) finds nothing
+MIN_SATURATION = 20
+# darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
+MIN_VALUE = 40
+# G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
+INK_MARGIN = 20
+# tissue pieces smaller than this are dust or debris (CLAM's a_t area filter); ~1 tile
+MIN_PIECE_MM2 = 0.02
+# holes smaller than this are filled (gaps between cells); bigger ones (lumen, fat) stay holes
+MAX_HOLE_MM2 = 0.02
+# read whole through PIL, as one level
+PLAIN_IMAGES = {'.png', '.jpg', '.jpeg'}
+# what OpenSlide 4 opens, plus plain images
+SUFFIXES = {'.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif',
+            '.czi', '.dcm'} | PLAIN_IMAGES
+# OpenSlide handles a reading process keeps (least recently used closed first): ~0.4 MiB each on a
+# small slide, more on a big one; reopening took ~1.5 ms on the synthetic SVS, ~1 tile read
+MAX_OPEN_SLIDES = 64
+# one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens of
+# GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
+SLIDE_CACHE_MB = 64
+# the columns of manifest.csv, a row per slide
+COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds',
+           'error']
+# plain PNG/JPEG scans are far bigger than PIL's decompression-bomb limit
+Image.MAX_IMAGE_PIXELS = None
 
 
 class SlideError(Exception):
     """An expected per-slide failure; its message is the one-line reason written to the manifest."""
 
 
-# ----------------------------------------------------------------------------- slide metadata and levels
+def new_row(path, stem):
+    """A manifest row of a slide not (yet) tiled: an error until it succeeds."""
+    return dict.fromkeys(COLUMNS, '') | dict(path=path, stem=stem, status='error', n_tiles=0)
+
+
+def npz_files(folder):
+    """The <stem>.npz files of a tiles folder, sorted; hidden ones are save_atomic's temporaries."""
+    return sorted(f for f in os.listdir(folder) if f.endswith('.npz') and not f.startswith('.'))
+
+
+# ----------------------------------------------------------------------- slide metadata and levels
 
 def open_slide(path):
-    """OpenSlide for slide formats, openslide.ImageSlide (PIL) for plain images. A .tif that OpenSlide rejects is an
-    error, not a PIL fallback: a truncated or strip-organised TIFF would otherwise be decoded whole, or fail later."""
+    """OpenSlide for slide formats, openslide.ImageSlide (PIL) for plain images."""
+    # a .tif that OpenSlide rejects is an error, not a PIL fallback: a truncated or strip-organised
+    # TIFF would otherwise be decoded whole, or fail later
     try:
         if os.path.splitext(path)[1].lower() in PLAIN_IMAGES:
             return openslide.ImageSlide(path)
         return openslide.OpenSlide(path)
     except Exception as e:
-        size = os.path.getsize(path) / 2 ** 20 if os.path.exists(path) else 0
-        raise SlideError(f"cannot open ({type(e).__name__}: {e}; {size:.1f} MiB): truncated or corrupt, or a format "
-                         "OpenSlide 4 does not read (it reads SVS, NDPI, MRXS, SCN, BIF, CZI, DICOM, tiled TIFF); "
-                         "convert it with `vips tiffsave in out.tif --tile --pyramid --compression jpeg`") from None
+        size_mib = os.path.getsize(path) / 2 ** 20 if os.path.exists(path) else 0
+        raise SlideError(
+            f"cannot open ({type(e).__name__}: {e}; {size_mib:.1f} MiB): truncated or corrupt, "
+            "or a format OpenSlide 4 does not read (it reads SVS, NDPI, MRXS, SCN, BIF, CZI, "
+            "DICOM, tiled TIFF); convert it with "
+            "`vips tiffsave in out.tif --tile --pyramid --compression jpeg`") from None
 
 
 def find_mpp(slide, path, mpp_table=None, default=None):
-    """Level-0 µm/px: a row of --mpp-csv for this slide, else the metadata (TRIDENT's order), else --slide-mpp."""
-    for key in (os.path.abspath(path), os.path.basename(path), os.path.splitext(os.path.basename(path))[0]):
+    """Level-0 µm/px: from --mpp-csv, else the metadata (TRIDENT's order), else --slide-mpp."""
+    name = os.path.basename(path)
+    # --mpp-csv names a slide by its path, its file name or its stem
+    for key in (os.path.abspath(path), name, os.path.splitext(name)[0]):
         if mpp_table and key in mpp_table:
             return mpp_table[key]
     props = slide.properties
-    unit = {'centimeter': 1e4, 'inch': 25400.0}.get(props.get('tiff.ResolutionUnit'))
-    resolution = unit / float(props['tiff.XResolution']) if unit and props.get('tiff.XResolution') else None
-    found = next((float(m) for m in (props.get('openslide.mpp-x'), props.get('aperio.MPP'), resolution) if m), None)
-    if found and 0.05 <= found <= 50:  # 72 or 300 dpi (353 or 85 µm/px) is a default of a non-scanner tool
+    # tiff.XResolution is in pixels per ResolutionUnit
+    um_per_unit = {'centimeter': 1e4, 'inch': 25400.0}.get(props.get('tiff.ResolutionUnit'))
+    x_resolution = props.get('tiff.XResolution')
+    tiff_mpp = um_per_unit / float(x_resolution) if um_per_unit and x_resolution else None
+    candidates = (props.get('openslide.mpp-x'), props.get('aperio.MPP'), tiff_mpp)
+    found = next((float(m) for m in candidates if m), None)
+    # 72 or 300 dpi (353 or 85 µm/px) is a default of a non-scanner tool
+    if found and 0.05 <= found <= 50:
         return found
     if default:
         return default
     power = props.get('openslide.objective-power')
-    hint = (f' (it says {found:.4g} µm/px, not a scan resolution)' if found else '') + \
-        (f' (objective {power}x suggests {10 / float(power):g})' if power else '')
-    raise SlideError(f"no mpp in the slide metadata{hint}; give the level-0 µm/px with --slide-mpp 0.25 "
-                     f"(all such slides) or a line '{os.path.basename(path)},0.25' in --mpp-csv (header slide,mpp)")
+    hint = ''
+    if found:
+        hint += f' (it says {found:.4g} µm/px, not a scan resolution)'
+    if power:
+        hint += f' (objective {power}x suggests {10 / float(power):g})'
+    raise SlideError(
+        f"no mpp in the slide metadata{hint}; give the level-0 µm/px with --slide-mpp 0.25 "
+        f"(all such slides) or a line '{name},0.25' in --mpp-csv (header slide,mpp)")
 
 
 def pick_level(slide, slide_mpp, mpp, tile_size):
-    """The coarsest level not coarser than the target mpp, and read_size: its pixels that cover one tile.
-    40x and 20x scans of the same glass then give tiles of the same µm (CLAM reads 40x at a level as if 20x)."""
+    """The coarsest level not coarser than mpp, and read_size: its pixels that cover one tile."""
+    # 40x and 20x scans of the same glass then give tiles of the same µm
+    # (CLAM reads 40x at a level as if 20x)
     level_mpps = [slide_mpp * d for d in slide.level_downsamples]
-    fine_enough = [i for i, m in enumerate(level_mpps) if m <= mpp * (1 + MPP_SLACK)]
+    coarsest_mpp = mpp * (1 + MPP_SLACK)
+    fine_enough = [i for i, m in enumerate(level_mpps) if m <= coarsest_mpp]
     if not fine_enough:
-        raise SlideError(f"level 0 is {slide_mpp:.3f} µm/px, coarser than the target {mpp} µm/px; "
-                         f"tile at --mpp {slide_mpp:.3g} or coarser instead of inventing resolution")
+        raise SlideError(
+            f"level 0 is {slide_mpp:.3f} µm/px, coarser than the target {mpp} µm/px; "
+            f"tile at --mpp {slide_mpp:.3g} or coarser instead of inventing resolution")
     level = max(fine_enough, key=lambda i: level_mpps[i])
     read_size = round(tile_size * mpp / level_mpps[level])
-    return level, tile_size if abs(read_size - tile_size) <= SNAP * tile_size else read_size
+    if abs(read_size - tile_size) <= SNAP * tile_size:
+        read_size = tile_size
+    return level, read_size
 
 
 def slide_bounds(slide):
-    """Level-0 (x, y, w, h) of the scanned area: MRXS and some others scan only a rectangle of the glass."""
-    p, (w, h) = slide.properties, slide.dimensions
-    x, y = int(p.get('openslide.bounds-x', 0)), int(p.get('openslide.bounds-y', 0))
-    return x, y, int(p.get('openslide.bounds-width', w)), int(p.get('openslide.bounds-height', h))
+    """Level-0 (x, y, w, h) of the scanned area."""
+    # MRXS and some others scan only a rectangle of the glass
+    props, (width, height) = slide.properties, slide.dimensions
+    x = int(props.get('openslide.bounds-x', 0))
+    y = int(props.get('openslide.bounds-y', 0))
+    w = int(props.get('openslide.bounds-width', width))
+    h = int(props.get('openslide.bounds-height', height))
+    return x, y, w, h
 
 
 def read_thumbnail(slide, level, factor, bounds):
-    """The bounds of pyramid `level` as uint8 RGB, shrunk by an integer `factor` (box average), read in bands of
-    ~16 Mpx so a slide with no pyramid (one huge level) never needs the whole level in memory."""
+    """The bounds of pyramid `level` as uint8 RGB, shrunk by an integer `factor` (box average)."""
     x0, y0, w0, h0 = bounds
-    ds = slide.level_downsamples[level]
-    w, h = max(1, int(w0 / ds)), max(1, int(h0 / ds))
-    band = max(1, (1 << 24) // (w * factor)) * factor
-    rows = []
-    for y in range(0, h, band):
-        rgba = np.asarray(slide.read_region((x0, y0 + round(y * ds)), level, (w, min(band, h - y))))
-        rgb, clear = rgba[..., :3], rgba[..., 3] == 0
-        if clear.any():  # unscanned (transparent) areas of MRXS and others are glass, not black tissue
+    downsample = slide.level_downsamples[level]
+    width, height = max(1, int(w0 / downsample)), max(1, int(h0 / downsample))
+    # read in bands of ~16 Mpx (whole multiples of factor rows), so a slide with no pyramid (one
+    # huge level) never needs the whole level in memory
+    band_rows = max(1, (1 << 24) // (width * factor)) * factor
+    bands = []
+    for y in range(0, height, band_rows):
+        origin = (x0, y0 + round(y * downsample))
+        rgba = np.asarray(slide.read_region(origin, level, (width, min(band_rows, height - y))))
+        rgb, unscanned = rgba[..., :3], rgba[..., 3] == 0
+        # unscanned (transparent) areas of MRXS and others are glass, not black tissue
+        if unscanned.any():
             rgb = rgb.copy()
-            rgb[clear] = 255
-        rows.append(np.asarray(Image.fromarray(rgb).reduce(factor)))
-    return np.concatenate(rows)
+            rgb[unscanned] = 255
+        bands.append(np.asarray(Image.fromarray(rgb).reduce(factor)))
+    return np.concatenate(bands)
 
 
 # ----------------------------------------------------------------------------- tissue detection and tile grid
