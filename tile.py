@@ -199,11 +199,12 @@ def read_thumbnail(slide, level, factor, bounds):
     return np.concatenate(bands)
 
 
-# ----------------------------------------------------------------------------- tissue detection and tile grid
+# ------------------------------------------------------------------ tissue detection and tile grid
 
 def otsu(values):
     """Otsu's threshold of uint8 values: the split that maximises the between-class variance."""
     hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    # weight and first moment of the class below (0) and above (1) each candidate threshold
     w0, m0 = np.cumsum(hist), np.cumsum(hist * np.arange(256))
     w1, m1 = w0[-1] - w0, m0[-1] - m0
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -214,32 +215,51 @@ def otsu(values):
 def tissue_mask(rgb, seg_mpp):
     """Boolean tissue mask of an RGB thumbnail at seg_mpp µm/px."""
     hsv = np.asarray(Image.fromarray(rgb).convert('HSV'))
-    # CLAM median-blurs the saturation channel before thresholding; a 3x3 box blur does the same job at a fraction of
-    # the cost (PIL's median filter takes ~1 s on a 1 Mpx thumbnail), and speck removal follows anyway
+    # CLAM median-blurs the saturation channel before thresholding; a 3x3 box blur does the same
+    # job at a fraction of the cost (PIL's median filter takes ~1 s on a 1 Mpx thumbnail), and
+    # speck removal follows anyway
     saturation = np.asarray(Image.fromarray(hsv[..., 1]).filter(ImageFilter.BoxBlur(1)))
-    red, green, value = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16), hsv[..., 2]
-    mask = (saturation > max(otsu(saturation), MIN_SATURATION)) & (value >= MIN_VALUE) & (green <= red + INK_MARGIN)
+    red, green = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
+    value = hsv[..., 2]
+    saturation_threshold = max(otsu(saturation), MIN_SATURATION)
+    stained = saturation > saturation_threshold
+    not_dark = value >= MIN_VALUE
+    not_ink = green <= red + INK_MARGIN
+    mask = stained & not_dark & not_ink
     px_mm2 = (seg_mpp / 1000) ** 2
-    pieces, n = ndimage.label(mask)  # drop specks: pieces smaller than MIN_PIECE_MM2
-    mask = (np.bincount(pieces.ravel(), minlength=n + 1) * px_mm2 >= MIN_PIECE_MM2)[pieces] & mask
-    holes, n = ndimage.label(~mask)  # fill holes: background pieces that are small and do not touch the border
-    small = np.bincount(holes.ravel(), minlength=n + 1) * px_mm2 < MAX_HOLE_MM2
-    small[np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))] = False
+    # drop specks: pieces smaller than MIN_PIECE_MM2
+    pieces, n_pieces = ndimage.label(mask)
+    piece_mm2 = np.bincount(pieces.ravel(), minlength=n_pieces + 1) * px_mm2
+    mask = (piece_mm2 >= MIN_PIECE_MM2)[pieces] & mask
+    # fill holes: background pieces that are small and do not touch the border
+    holes, n_holes = ndimage.label(~mask)
+    hole_mm2 = np.bincount(holes.ravel(), minlength=n_holes + 1) * px_mm2
+    small = hole_mm2 < MAX_HOLE_MM2
+    on_border = np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])
+    small[np.unique(on_border)] = False
+    # label 0 is the tissue itself
     small[0] = False
     return mask | small[holes]
 
 
 def score_grid(mask, seg_ds, footprint, bounds):
-    """Tissue fraction of every tile of the grid (rows × cols) at once, from an integral image of the mask.
-    Tile (r, c) covers level-0 [c·footprint, (c+1)·footprint) from the bounds' origin; only whole tiles count."""
+    """Tissue fraction of every tile of the grid (rows × cols) at once, from an integral image."""
+    # tile (r, c) covers level-0 [c·footprint, (c+1)·footprint) from the bounds' origin;
+    # only whole tiles count
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int32)
     integral[1:, 1:] = mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
     cols, rows = int(bounds[2] // footprint), int(bounds[3] // footprint)
-    ex = np.clip(np.rint(np.arange(cols + 1) * footprint / seg_ds), 0, mask.shape[1]).astype(int)
-    ey = np.clip(np.rint(np.arange(rows + 1) * footprint / seg_ds), 0, mask.shape[0]).astype(int)
-    y0, y1, x0, x1 = ey[:-1, None], ey[1:, None], ex[None, :-1], ex[None, 1:]
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return inside / np.maximum((y1 - y0) * (x1 - x0), 1)
+    # tile edges in thumbnail px
+    edges_x = np.rint(np.arange(cols + 1) * footprint / seg_ds)
+    edges_y = np.rint(np.arange(rows + 1) * footprint / seg_ds)
+    edges_x = np.clip(edges_x, 0, mask.shape[1]).astype(int)
+    edges_y = np.clip(edges_y, 0, mask.shape[0]).astype(int)
+    top, bottom = edges_y[:-1, None], edges_y[1:, None]
+    left, right = edges_x[None, :-1], edges_x[None, 1:]
+    # tissue pixels inside each tile: four corners of the integral image
+    inside = (integral[bottom, right] - integral[top, right]
+              - integral[bottom, left] + integral[top, left])
+    return inside / np.maximum((bottom - top) * (right - left), 1)
 
 
 def draw_qc(rgb, mask, tiles_px, tile_px, caption):
@@ -255,59 +275,102 @@ def draw_qc(rgb, mask, tiles_px, tile_px, caption):
 
 
 def save_atomic(path, write):
-    """Write through a temporary name and rename: a killed run never leaves a half file that looks done."""
+    """Write `path` through a temporary name, then rename it."""
+    # a killed run never leaves a half file that looks done
     tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
     with open(tmp, 'wb') as f:
         write(f)
     os.replace(tmp, path)
 
 
-def tile_slide(path, stem, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, mpp_table=None,
-               slide_mpp=None):
-    """Tile one slide: writes out_dir/<stem>.jpg then out_dir/<stem>.npz (the 'done' mark); returns a manifest row."""
+def segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds):
+    """The scanned area at about SEG_MPP µm/px as uint8 RGB, and its level-0 px per pixel."""
+    # capped so a tile spans >= 8 thumbnail px (tissue fraction in 1/64s)
+    seg_mpp = min(SEG_MPP, tile_size * mpp / 8)
+    downsamples = slide.level_downsamples
+    # segment on the coarsest level still finer than seg_mpp, then box-shrink to it; never level 0
+    # when the slide has a pyramid
+    finer = [i for i, d in enumerate(downsamples) if slide_mpp * d <= seg_mpp] or [0]
+    seg_level = max(finer, key=lambda i: downsamples[i])
+    factor = max(1, int(seg_mpp / (slide_mpp * downsamples[seg_level])))
+    rgb = read_thumbnail(slide, seg_level, factor, bounds)
+    return rgb, downsamples[seg_level] * factor
+
+
+def check_readable(slide, coords, level, read_size):
+    """Read the first and last tile of a slide."""
+    # an unreadable tile level fails here, not in the middle of training
+    try:
+        for x, y in coords[[0, -1]] if len(coords) else []:
+            slide.read_region((int(x), int(y)), level, (read_size, read_size))
+    except openslide.OpenSlideError as e:
+        raise SlideError(
+            f'level {level} is unreadable (OpenSlideError: {e}): truncated or corrupt') from None
+
+
+def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
+    """Where one slide's tiles are: level, read size, level-0 coords and what they were found on."""
+    slide_mpp = find_mpp(slide, path, mpp_table, default_mpp)
+    level, read_size = pick_level(slide, slide_mpp, mpp, tile_size)
+    # level-0 px per tile side
+    footprint = read_size * slide.level_downsamples[level]
+    bounds = slide_bounds(slide)
+    # seg_ds: level-0 px per thumbnail px
+    rgb, seg_ds = segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds)
+    mask = tissue_mask(rgb, slide_mpp * seg_ds)
+    tissue = score_grid(mask, seg_ds, footprint, bounds)
+    rows, cols = np.nonzero(tissue >= min_tissue)
+    xs = bounds[0] + np.rint(cols * footprint)
+    ys = bounds[1] + np.rint(rows * footprint)
+    coords = np.stack([xs, ys], 1).astype(np.int64).reshape(-1, 2)
+    check_readable(slide, coords, level, read_size)
+    return dict(slide_mpp=slide_mpp, level=level, read_size=read_size, footprint=footprint,
+                rgb=rgb, mask=mask, seg_ds=seg_ds, tissue=tissue, rows=rows, cols=cols,
+                coords=coords)
+
+
+def write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue):
+    """<stem>.jpg (QC), then <stem>.npz: written last, the .npz marks the slide as done."""
+    level, read_size, coords = tiles['level'], tiles['read_size'], tiles['coords']
+    caption = (f'{stem}: {len(coords)} tiles, {tile_size}px at {mpp} um/px, '
+               f'level {level} read {read_size}px')
+    rows, cols = tiles['rows'], tiles['cols']
+    # the kept tiles' corners and side, in thumbnail px
+    corners_px = np.stack([cols, rows], 1) * tiles['footprint'] / tiles['seg_ds']
+    side_px = tiles['footprint'] / tiles['seg_ds']
+    qc = draw_qc(tiles['rgb'], tiles['mask'], corners_px, side_px, caption)
+    save_atomic(os.path.join(out_dir, stem + '.jpg'), lambda f: qc.save(f, 'JPEG', quality=85))
+    tissue = tiles['tissue'][rows, cols].astype(np.float32)
+    arrays = dict(coords=coords, tissue=tissue, level=level, read_size=read_size,
+                  tile_size=tile_size, mpp=mpp, min_tissue=min_tissue,
+                  slide_mpp=tiles['slide_mpp'], slide_path=os.path.abspath(path))
+    save_atomic(os.path.join(out_dir, stem + '.npz'), lambda f: np.savez(f, **arrays))
+
+
+def tile_slide(path, stem, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE,
+               mpp_table=None, slide_mpp=None):
+    """Tile one slide into out_dir/<stem>.jpg and <stem>.npz; returns its manifest row."""
     t0 = time.perf_counter()
-    row = dict.fromkeys(COLUMNS, '') | dict(path=path, stem=stem, status='error', n_tiles=0)
+    row = new_row(path, stem)
+    # one bad slide must not stop the batch: record a one-line reason, never a traceback
     try:
         slide = open_slide(path)
         try:
-            downsamples = slide.level_downsamples
-            mpp0 = find_mpp(slide, path, mpp_table, slide_mpp)
-            level, read_size = pick_level(slide, mpp0, mpp, tile_size)
-            footprint = read_size * downsamples[level]  # level-0 px per tile side
-            bounds = slide_bounds(slide)
-            # segment on the coarsest level still finer than seg_mpp, then box-shrink to it; never level 0 when the
-            # slide has a pyramid. seg_mpp is capped so a tile spans >= 8 thumbnail px (tissue fraction in 1/64s)
-            seg_mpp = min(SEG_MPP, tile_size * mpp / 8)
-            seg_level = max([i for i, d in enumerate(downsamples) if mpp0 * d <= seg_mpp] or [0],
-                            key=lambda i: downsamples[i])
-            factor = max(1, int(seg_mpp / (mpp0 * downsamples[seg_level])))
-            rgb = read_thumbnail(slide, seg_level, factor, bounds)
-            seg_ds = downsamples[seg_level] * factor  # level-0 px per thumbnail px
-            mask = tissue_mask(rgb, mpp0 * seg_ds)
-            tissue = score_grid(mask, seg_ds, footprint, bounds)
-            rows, cols = np.nonzero(tissue >= min_tissue)
-            coords = np.stack([bounds[0] + np.rint(cols * footprint), bounds[1] + np.rint(rows * footprint)], 1)
-            coords = coords.astype(np.int64).reshape(-1, 2)
-            try:  # read the first and last tile: an unreadable tile level fails here, not in the middle of training
-                for x, y in coords[[0, -1]] if len(coords) else []:
-                    slide.read_region((int(x), int(y)), level, (read_size, read_size))
-            except openslide.OpenSlideError as e:
-                raise SlideError(f'level {level} is unreadable (OpenSlideError: {e}): truncated or corrupt') from None
+            tiles = find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, slide_mpp)
         finally:
             slide.close()
-        caption = f'{stem}: {len(coords)} tiles, {tile_size}px at {mpp} um/px, level {level} read {read_size}px'
-        qc = draw_qc(rgb, mask, np.stack([cols, rows], 1) * footprint / seg_ds, footprint / seg_ds, caption)
-        save_atomic(os.path.join(out_dir, stem + '.jpg'), lambda f: qc.save(f, 'JPEG', quality=85))
-        save_atomic(os.path.join(out_dir, stem + '.npz'), lambda f: np.savez(
-            f, coords=coords, tissue=tissue[rows, cols].astype(np.float32), level=level, read_size=read_size,
-            tile_size=tile_size, mpp=mpp, min_tissue=min_tissue, slide_mpp=mpp0, slide_path=os.path.abspath(path)))
-        row.update(n_tiles=len(coords), slide_mpp=mpp0, level=level, read_size=read_size)
-        if len(coords):
+        write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue)
+        n_tiles = len(tiles['coords'])
+        row.update(n_tiles=n_tiles, slide_mpp=tiles['slide_mpp'], level=tiles['level'],
+                   read_size=tiles['read_size'])
+        if n_tiles:
             row['status'] = 'ok'
         else:
-            row['error'] = (f'no tissue: 0 of {tissue.size} grid tiles are >= {min_tissue:.0%} tissue '
-                            f'(tissue covers {mask.mean():.1%} of the thumbnail; see {stem}.jpg)')
-    except Exception as e:  # one bad slide must not stop the batch: record a one-line reason, never a traceback
+            tissue_cover = tiles['mask'].mean()
+            row['error'] = (f"no tissue: 0 of {tiles['tissue'].size} grid tiles are "
+                            f">= {min_tissue:.0%} tissue (tissue covers {tissue_cover:.1%} "
+                            f"of the thumbnail; see {stem}.jpg)")
+    except Exception as e:
         reason = str(e) if isinstance(e, SlideError) else f'{type(e).__name__}: {e}'
         row['error'] = ' '.join(reason.split())
     row['seconds'] = round(time.perf_counter() - t0, 3)
