@@ -377,24 +377,28 @@ def tile_slide(path, stem, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN
     return row
 
 
-# ----------------------------------------------------------------------------- batch
+# ------------------------------------------------------------------------------------------- batch
 
 def find_slides(inputs, exclude=None):
-    """Slide files named or found (recursively) under the inputs, sorted. A DICOM series is a folder of .dcm files
-    that OpenSlide opens from any one of them, so one file per folder is kept."""
+    """Slide files named or found (recursively) under the inputs, sorted."""
     exclude = os.path.abspath(exclude) + os.sep if exclude else None
     found, dicom_dirs = [], set()
     for item in inputs:
-        if os.path.isfile(item):  # named explicitly: always tried, whatever its suffix
+        # named explicitly: always tried, whatever its suffix
+        if os.path.isfile(item):
             found.append(item)
             continue
-        for p in sorted(os.path.join(d, f) for d, _, files in os.walk(item, followlinks=True) for f in files):
+        walk = os.walk(item, followlinks=True)
+        for p in sorted(os.path.join(d, f) for d, _, files in walk for f in files):
             root, ext = os.path.splitext(p)
             ext = ext.lower()
-            qc = ext in PLAIN_IMAGES and (os.path.exists(root + '.npz') or exclude and
-                                          os.path.abspath(p).startswith(exclude))  # our own QC picture
-            if ext not in SUFFIXES or os.path.basename(p).startswith('.') or qc:
+            # our own QC picture: beside its .npz, or anywhere in the output folder
+            in_output = exclude and os.path.abspath(p).startswith(exclude)
+            is_qc = ext in PLAIN_IMAGES and (os.path.exists(root + '.npz') or in_output)
+            if ext not in SUFFIXES or os.path.basename(p).startswith('.') or is_qc:
                 continue
+            # a DICOM series is a folder of .dcm files that OpenSlide opens from any one of them,
+            # so one file per folder is kept
             if ext == '.dcm':
                 if os.path.dirname(p) in dicom_dirs:
                     continue
@@ -404,16 +408,19 @@ def find_slides(inputs, exclude=None):
 
 
 def unique_stems(paths, earlier):
-    """Output stem of each slide: its file stem, plus a short hash of its folder when another slide has the same one
-    (a/S.svs, b/S.svs). Slides in `earlier` (tiled into --out before: path -> stem) keep their stem, and a new slide
-    never takes that of another existing slide: tiling folder A, then B, into one --out keeps both (how users add a
-    cohort). A stem whose slide is gone (moved), or is this file by another path, goes to the new slide."""
+    """Output stem of each slide: its file stem, plus a short hash of its folder when another
+    slide has the same one (a/S.svs, b/S.svs)."""
+    # slides in `earlier` (tiled into --out before: path -> stem) keep their stem, and a new slide
+    # never takes that of another existing slide: tiling folder A, then B, into one --out keeps
+    # both (how users add a cohort). A stem whose slide is gone (moved), or is this very file by
+    # another path, goes to the new slide
     owners = {stem: path for path, stem in earlier.items()}
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     counts = collections.Counter(stems)
     result = []
     for path, stem in zip(map(os.path.abspath, paths), stems):
-        owner = owners.get(stem, '')  # the slide whose tiles <stem>.npz holds, if any
+        # the slide whose tiles <stem>.npz holds, if any
+        owner = owners.get(stem, '')
         taken = counts[stem] > 1 or os.path.exists(owner) and not os.path.samefile(owner, path)
         folder = hashlib.sha1(os.path.dirname(path).encode()).hexdigest()[:8]
         result.append(earlier.get(path) or (f'{stem}-{folder}' if taken else stem))
@@ -425,7 +432,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def write_manifest(path, rows):  # sorted by stem, in place
+def write_manifest(path, rows):
+    """Write the rows as a manifest CSV, atomically; sorts the rows by stem, in place."""
     rows.sort(key=lambda r: r['stem'])
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS)
@@ -434,67 +442,113 @@ def write_manifest(path, rows):  # sorted by stem, in place
     save_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
+def rows_after_crash(running, pool_size, suspects):
+    """Rows of the slides in flight when a worker process died: those that finished before the
+    crash; the others join `suspects`, or, when one was alone in its pool, it is the culprit."""
+    for future, (path, stem) in running.items():
+        if future.exception() is None:
+            yield future.result()
+        elif pool_size > 1:
+            suspects.append((path, stem))
+        else:
+            error = ('crashed the worker process (a segfault or abort in the slide reader, '
+                     'or no memory)')
+            yield new_row(path, stem) | dict(error=error)
+
+
 def run_slides(jobs, workers, kwargs):
-    """Yield the manifest row of each (path, stem), tiling `workers` slides at a time in worker processes. A slide that
-    crashes its process (a segfault in libopenslide or libtiff, the kernel's OOM killer) breaks the whole pool: the
-    slides that were in flight are then retried one at a time in a fresh pool, so only the culprit is marked."""
+    """Yield the manifest row of each (path, stem), tiling `workers` slides at a time."""
+    # a slide that crashes its process (a segfault in libopenslide or libtiff, the kernel's OOM
+    # killer) breaks the whole pool: the slides that were in flight are then retried one at a time
+    # in a fresh pool, so only the culprit is marked
     queue, suspects = collections.deque(jobs), collections.deque()
     while queue or suspects:
-        (source, size), running = (suspects, 1) if suspects else (queue, workers), {}
+        source, size = (suspects, 1) if suspects else (queue, workers)
+        running = {}
         with ProcessPoolExecutor(size) as pool:
             try:
                 while source or running:
-                    while source and len(running) < size:  # never more in flight: on a crash, they are the suspects
+                    # never more in flight: on a crash, they are the suspects
+                    while source and len(running) < size:
                         running[pool.submit(tile_slide, *source[0], **kwargs)] = source[0]
                         source.popleft()
                     for future in wait(running, return_when=FIRST_COMPLETED).done:
                         yield future.result()
                         del running[future]
             except BrokenProcessPool:
-                for future, (path, stem) in running.items():
-                    if future.exception() is None:  # it finished before the crash
-                        yield future.result()
-                    elif size > 1:
-                        suspects.append((path, stem))
-                    else:  # it was alone in the pool: the culprit
-                        yield dict.fromkeys(COLUMNS, '') | dict(path=path, stem=stem, status='error', n_tiles=0,
-                            error='crashed the worker process (a segfault or abort in the slide reader, or no memory)')
+                yield from rows_after_crash(running, size, suspects)
 
 
-def tile_slides(inputs, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, workers=1, shard=None,
-                overwrite=False, slide_mpp=None, mpp_csv=None):
-    """Tile every slide under `inputs` into out_dir in max(1, workers) processes; returns the manifest rows, written to
-    manifest.csv too (a shard writes manifest-I-of-N.csv, and the last of N to finish merges them into manifest.csv)."""
-    out_dir, inputs = str(out_dir), [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+def finished_row(path, stem, out_dir, settings):
+    """The manifest row of a slide tiled into out_dir earlier: an error when it was tiled with other
+    settings (mpp, tile_size, min_tissue) or found no tissue."""
+    with np.load(os.path.join(out_dir, stem + '.npz')) as done:
+        done_settings = (float(done['mpp']), int(done['tile_size']),
+                         float(done.get('min_tissue', settings[2])))
+        row = dict(path=path, stem=stem, status='ok', n_tiles=len(done['coords']),
+                   slide_mpp=float(done['slide_mpp']), level=int(done['level']),
+                   read_size=int(done['read_size']), seconds=0, error='')
+    # never mix two settings in one folder
+    if done_settings != settings:
+        done_mpp, done_tile_size, done_min_tissue = done_settings
+        error = (f'done earlier at {done_mpp} µm/px, {done_tile_size} px, --min-tissue '
+                 f'{done_min_tissue}; use another --out, or --overwrite')
+        row.update(status='error', error=error)
+    elif not row['n_tiles']:
+        row.update(status='error', error='no tissue (done earlier)')
+    return row
+
+
+def plan_batch(inputs, out_dir, shard, overwrite, settings):
+    """This shard's slides still to tile, as (path, stem), and the rows of those done earlier."""
+    paths = find_slides(inputs, exclude=out_dir)
+    # slides tiled into out_dir before: absolute path -> stem
+    earlier = {str(np.load(os.path.join(out_dir, f))['slide_path']): f[:-4]
+               for f in npz_files(out_dir)}
+    # stems from the full list, so every shard agrees on them
+    jobs = list(zip(paths, unique_stems(paths, earlier)))
+    index, count = shard
+    jobs = jobs[index::count]
+    todo = [(p, stem) for p, stem in jobs if overwrite or os.path.abspath(p) not in earlier]
+    finished = sorted(set(jobs) - set(todo))
+    return todo, [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+
+
+def parse_shard(shard):
+    """(index, count) of --shard I/N, given as 'I/N' or (I, N); (0, 1) without one."""
+    if not shard:
+        return 0, 1
+    return tuple(map(int, shard.split('/'))) if isinstance(shard, str) else tuple(shard)
+
+
+def tile_slides(inputs, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, workers=1,
+                shard=None, overwrite=False, slide_mpp=None, mpp_csv=None):
+    """Tile every slide under `inputs` into out_dir in max(1, workers) processes; returns the
+    manifest rows, written to manifest.csv too."""
+    out_dir = str(out_dir)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     os.makedirs(out_dir, exist_ok=True)
-    paths = find_slides([str(p) for p in inputs], exclude=out_dir)
-    earlier = {str(np.load(os.path.join(out_dir, f))['slide_path']): f[:-4]  # slides tiled before: abs path -> stem
-               for f in sorted(os.listdir(out_dir)) if f.endswith('.npz') and not f.startswith('.')}
-    jobs = list(zip(paths, unique_stems(paths, earlier)))  # stems from the full list, so every shard agrees on them
-    manifest, count = 'manifest.csv', 1
-    if shard:
-        index, count = map(int, shard.split('/')) if isinstance(shard, str) else shard
-        jobs, manifest = jobs[index::count], f'manifest-{index}-of-{count}.csv'  # shards never share a manifest
-    kwargs = dict(out_dir=out_dir, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, slide_mpp=slide_mpp)
-    kwargs['mpp_table'] = {row['slide'].strip(): float(row['mpp']) for row in read_csv(mpp_csv)} if mpp_csv else None
-    todo = [(path, stem) for path, stem in jobs if overwrite or os.path.abspath(path) not in earlier]
-    rows = []
-    for path, stem in sorted(set(jobs) - set(todo)):
-        with np.load(os.path.join(out_dir, stem + '.npz')) as done:  # this very slide, finished earlier: report it
-            settings = float(done['mpp']), int(done['tile_size']), float(done.get('min_tissue', min_tissue))
-            row = dict(path=path, stem=stem, status='ok', n_tiles=len(done['coords']), slide_mpp=float(
-                done['slide_mpp']), level=int(done['level']), read_size=int(done['read_size']), seconds=0, error='')
-        if settings != (mpp, tile_size, min_tissue):  # never mix two settings in one folder
-            row.update(status='error', error=f'done earlier at {settings[0]} µm/px, {settings[1]} px, --min-tissue '
-                                             f'{settings[2]}; use another --out, or --overwrite')
-        elif not row['n_tiles']:
-            row.update(status='error', error='no tissue (done earlier)')
-        rows.append(row)
-    rows += tqdm(run_slides(todo, max(1, workers), kwargs), total=len(jobs), initial=len(rows), unit='slide')
+    index, count = parse_shard(shard)
+    settings = (mpp, tile_size, min_tissue)
+    todo, rows = plan_batch([str(p) for p in inputs], out_dir, (index, count), overwrite, settings)
+    mpp_table = None
+    if mpp_csv:
+        mpp_table = {row['slide'].strip(): float(row['mpp']) for row in read_csv(mpp_csv)}
+    kwargs = dict(out_dir=out_dir, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
+                  slide_mpp=slide_mpp, mpp_table=mpp_table)
+    progress = tqdm(run_slides(todo, max(1, workers), kwargs), total=len(todo) + len(rows),
+                    initial=len(rows), unit='slide')
+    rows += progress
+    # a shard writes manifest-I-of-N.csv (shards never share a manifest), and the last of N to
+    # finish merges them into manifest.csv
+    manifest = f'manifest-{index}-of-{count}.csv' if shard else 'manifest.csv'
     write_manifest(os.path.join(out_dir, manifest), rows)
     parts = [os.path.join(out_dir, f'manifest-{i}-of-{count}.csv') for i in range(count)]
-    if shard and all(map(os.path.exists, parts)):  # written before looking: of shards ending at once, one sees all
-        write_manifest(os.path.join(out_dir, 'manifest.csv'), [row for part in parts for row in read_csv(part)])
+    # written before looking: of shards ending at once, one sees all
+    if shard and all(map(os.path.exists, parts)):
+        merged = [row for part in parts for row in read_csv(part)]
+        write_manifest(os.path.join(out_dir, 'manifest.csv'), merged)
     return rows
 
 
