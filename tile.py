@@ -552,223 +552,344 @@ def tile_slides(inputs, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TI
     return rows
 
 
-# ----------------------------------------------------------------------------- reading tiles
+# ----------------------------------------------------------------------------------- reading tiles
+
+def to_tile(region, tile_size):
+    """A region read from a slide (RGBA, read_size px) as uint8 (3, tile_size, tile_size)."""
+    # no level at the target mpp: shrink from the finer one by area averaging
+    if region.size[0] != tile_size:
+        # drop alpha first: Pillow premultiplies RGBA around every resample
+        region = region.convert('RGB')
+        if region.size[0] % tile_size == 0:
+            region = region.reduce(region.size[0] // tile_size)
+        else:
+            region = region.resize((tile_size,) * 2, Image.BOX)
+    # RGBA -> RGB and HWC -> CHW in one numpy copy
+    # (PIL convert + a torch permute copy cost ~4x more here)
+    return np.ascontiguousarray(np.asarray(region)[..., :3].transpose(2, 0, 1))
+
 
 class TileDataset:
-    """Every tile of a tiles folder, as a map-style dataset for torch's DataLoader: ds[i] is a uint8 (3, tile_size,
-    tile_size) tensor. Each process opens its own OpenSlide handles (never one shared across DataLoader workers: they
-    are dropped when pickled or after a fork), at most MAX_OPEN_SLIDES, with one shared cache. Bad tiles: see read()."""
+    """A tiles folder as a map-style dataset: ds[i] is tile i, uint8 (3, tile_size, tile_size)."""
 
     def __init__(self, tiles_dir):
-        files = sorted(f for f in os.listdir(tiles_dir) if f.endswith('.npz') and not f.startswith('.')) \
-            if os.path.isdir(tiles_dir) else []
+        is_folder = os.path.isdir(tiles_dir)
+        files = npz_files(tiles_dir) if is_folder else []
         if not files:
-            raise ValueError(f"no tiles in {tiles_dir} ({'no .npz' if os.path.isdir(tiles_dir) else 'not a folder'}): "
+            why = 'no .npz' if is_folder else 'not a folder'
+            raise ValueError(f"no tiles in {tiles_dir} ({why}): "
                              f"run `python tile.py SLIDES --out {tiles_dir}` first")
         npz = [dict(np.load(os.path.join(tiles_dir, f))) for f in files]
-        self.stems, self.slide_paths = [f[:-4] for f in files], [str(z['slide_path']) for z in npz]
-        self.levels, self.read_sizes = [int(z['level']) for z in npz], [int(z['read_size']) for z in npz]
-        sizes, coords = {int(z['tile_size']) for z in npz}, [z['coords'] for z in npz]
-        if len(sizes) != 1:
-            raise ValueError(f'{tiles_dir} mixes tile sizes {sorted(sizes)}; tile each size into its own folder')
-        if gone := [p for p in self.slide_paths if not os.path.exists(p)]:  # moved: tiles would all be unreadable
-            raise ValueError(f'{len(gone)} slides tiled into {tiles_dir} are gone from where they were (e.g. {gone[0]})'
-                             f': tile them again from where they are now into {tiles_dir}, or delete their .npz')
-        self.tile_size = sizes.pop()
+        self.stems = [f[:-4] for f in files]
+        self.slide_paths = [str(z['slide_path']) for z in npz]
+        self.levels = [int(z['level']) for z in npz]
+        self.read_sizes = [int(z['read_size']) for z in npz]
+        tile_sizes = {int(z['tile_size']) for z in npz}
+        if len(tile_sizes) != 1:
+            raise ValueError(f'{tiles_dir} mixes tile sizes {sorted(tile_sizes)}; '
+                             'tile each size into its own folder')
+        # a slide moved since it was tiled: its tiles would all be unreadable
+        if gone := [p for p in self.slide_paths if not os.path.exists(p)]:
+            raise ValueError(f'{len(gone)} slides tiled into {tiles_dir} are gone from where they '
+                             f'were (e.g. {gone[0]}): tile them again from where they are now '
+                             f'into {tiles_dir}, or delete their .npz')
+        self.tile_size = tile_sizes.pop()
+        coords = [z['coords'] for z in npz]
         self.coords = np.concatenate(coords).reshape(-1, 2)
+        # the slide of each tile, an index into stems, slide_paths, levels and read_sizes
         self.slide_index = np.repeat(np.arange(len(files)), [len(c) for c in coords])
         self._pid, self.bad_reads = None, 0
 
     def __len__(self):
         return len(self.coords)
 
+    # each process opens its own OpenSlide handles: never one shared across DataLoader workers
+    # (they are dropped when pickled, or after a fork)
     def __getstate__(self):
         return {**self.__dict__, '_pid': None, '_handles': None, '_cache': None, 'bad_reads': 0}
 
+    def _handle(self, s):
+        """The OpenSlide handle of slide s; at most MAX_OPEN_SLIDES stay open, with one cache."""
+        if s not in self._handles:
+            self._handles[s] = open_slide(self.slide_paths[s])
+            self._handles[s].set_cache(self._cache)
+        # the least recently used handle is first, and closed first
+        self._handles.move_to_end(s)
+        if len(self._handles) > MAX_OPEN_SLIDES:
+            self._handles.popitem(last=False)[1].close()
+        return self._handles[s]
+
+    def _read_region(self, j):
+        """Tile j's region as read (read_size px), or None when it is unreadable."""
+        s, (x, y) = self.slide_index[j], self.coords[j]
+        size = self.read_sizes[s]
+        try:
+            return self._handle(s).read_region((int(x), int(y)), self.levels[s], (size, size))
+        except (openslide.OpenSlideError, SlideError, OSError) as e:
+            # an OpenSlide handle that failed once fails every read after: reopen
+            if s in self._handles:
+                self._handles.pop(s).close()
+            self._bad.add(j)
+            self.bad_reads += 1
+            print(f'warning: tile ({x}, {y}) at level {self.levels[s]} of {self.slide_paths[s]} '
+                  f'is unreadable ({type(e).__name__}: {e}); another tile is read in its place',
+                  file=sys.stderr)
+            return None
+
     def read(self, i):
-        """Tile i, uint8 (3, tile_size, tile_size). An unreadable tile (corrupt JPEG data, a file gone bad) is replaced
-        by one drawn with seed i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it."""
-        if self._pid != os.getpid():  # first read in this process: never use what a fork inherited
-            self._pid, self._handles, self._bad, self.bad_reads = os.getpid(), collections.OrderedDict(), set(), 0
+        """Tile i, uint8 (3, tile_size, tile_size)."""
+        # first read in this process: never use what a fork inherited
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._handles = collections.OrderedDict()
+            # tiles found unreadable in this process, never tried again
+            self._bad = set()
+            self.bad_reads = 0
             self._cache = openslide.OpenSlideCache(SLIDE_CACHE_MB << 20)
-        for attempt in range(100):  # a hundred bad tiles in a row: the data is broken, not a tile
+        # an unreadable tile (corrupt JPEG data, a file gone bad) is replaced by one drawn with seed
+        # i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it. A
+        # hundred bad tiles in a row: the data is broken, not a tile
+        for attempt in range(100):
             j = int(np.random.default_rng([i, attempt]).integers(len(self))) if attempt else i
-            s, (x, y), size = self.slide_index[j], self.coords[j], self.read_sizes[self.slide_index[j]]
             if j in self._bad:
                 continue
-            try:
-                if s not in self._handles:
-                    self._handles[s] = open_slide(self.slide_paths[s])
-                    self._handles[s].set_cache(self._cache)
-                self._handles.move_to_end(s)  # the least recently used handle is first, and closed first
-                if len(self._handles) > MAX_OPEN_SLIDES:
-                    self._handles.popitem(last=False)[1].close()
-                region = self._handles[s].read_region((int(x), int(y)), self.levels[s], (size, size))
-            except (openslide.OpenSlideError, SlideError, OSError) as e:
-                if s in self._handles:  # an OpenSlide handle that failed once fails every read after: reopen
-                    self._handles.pop(s).close()
-                self._bad.add(j)
-                self.bad_reads += 1
-                print(f'warning: tile ({x}, {y}) at level {self.levels[s]} of {self.slide_paths[s]} is unreadable '
-                      f'({type(e).__name__}: {e}); another tile is read in its place', file=sys.stderr)
-                continue
-            if size != self.tile_size:  # no level at the target mpp: shrink from the finer one by area averaging
-                region = region.convert('RGB')  # drop alpha first: Pillow premultiplies RGBA around every resample
-                region = region.reduce(size // self.tile_size) if size % self.tile_size == 0 else \
-                    region.resize((self.tile_size,) * 2, Image.BOX)
-            # RGBA -> RGB and HWC -> CHW in one numpy copy (PIL convert + a torch permute copy cost ~4x more here)
-            return np.ascontiguousarray(np.asarray(region)[..., :3].transpose(2, 0, 1))
-        raise RuntimeError(f'tile {i} and the 99 tiles tried in its place are unreadable; see the warnings above')
+            region = self._read_region(j)
+            if region is not None:
+                return to_tile(region, self.tile_size)
+        raise RuntimeError(f'tile {i} and the 99 tiles tried in its place are unreadable; '
+                           'see the warnings above')
 
     def __getitem__(self, i):
-        import torch  # only readers of tiles need torch; tiling never imports it
+        # only readers of tiles need torch; tiling never imports it
+        import torch
         return torch.from_numpy(self.read(i))
 
 
+def tiles_per_second(read, order):
+    """How fast read(i) goes through the tiles in `order`."""
+    t0 = time.perf_counter()
+    for i in order:
+        read(i)
+    return len(order) / (time.perf_counter() - t0)
+
+
 def bench(tiles_dir, n=500):
-    """Tiles/s on one core: TileDataset vs a bare OpenSlide read_region loop on the same tiles (same level/size)."""
+    """Tiles/s on one core: TileDataset vs a bare OpenSlide read_region loop on the same tiles."""
     import torch
     torch.set_num_threads(1)
     ds = TileDataset(tiles_dir)
-    order = np.random.default_rng(0).permutation(len(ds))[:n]  # random order, as a training loader reads
-    handles = {s: open_slide(ds.slide_paths[s]) for s in set(ds.slide_index[order].tolist())}  # all kept open
+    # random order, as a training loader reads
+    order = np.random.default_rng(0).permutation(len(ds))[:n]
+    # the bare loop keeps all its slides open
+    slides = set(ds.slide_index[order].tolist())
+    handles = {s: open_slide(ds.slide_paths[s]) for s in slides}
 
     def bare(i):
         s = ds.slide_index[i]
-        handles[s].read_region(tuple(map(int, ds.coords[i])), ds.levels[s], (ds.read_sizes[s],) * 2)
+        location = tuple(map(int, ds.coords[i]))
+        handles[s].read_region(location, ds.levels[s], (ds.read_sizes[s],) * 2)
 
-    def timed(read):
-        t0 = time.perf_counter()
-        for i in order:
-            read(i)
-        return len(order) / (time.perf_counter() - t0)
-
-    rates = {}
-    for _ in range(3):  # interleaved rounds, best of each: the first warms up, and a busy CPU hurts both alike
-        rates = {k: max(rates.get(k, 0), timed(read)) for k, read in (('bare', bare), ('dataset', ds.__getitem__))}
-    resized = np.mean([ds.read_sizes[s] != ds.tile_size for s in ds.slide_index[order]])
-    print(f'{len(order)} tiles of {len(ds)} from {len(ds.stems)} slides ({resized:.0%} shrunk from a finer level)')
-    print(f"bare read_region: {rates['bare']:.0f} tiles/s/core | TileDataset: {rates['dataset']:.0f} tiles/s/core | "
+    readers = {'bare': bare, 'dataset': ds.__getitem__}
+    rates = dict.fromkeys(readers, 0)
+    # interleaved rounds, best of each: the first warms up, and a busy CPU hurts both alike
+    for _ in range(3):
+        for name, read in readers.items():
+            rates[name] = max(rates[name], tiles_per_second(read, order))
+    shrunk = np.mean([ds.read_sizes[s] != ds.tile_size for s in ds.slide_index[order]])
+    print(f'{len(order)} tiles of {len(ds)} from {len(ds.stems)} slides '
+          f'({shrunk:.0%} shrunk from a finer level)')
+    print(f"bare read_region: {rates['bare']:.0f} tiles/s/core | "
+          f"TileDataset: {rates['dataset']:.0f} tiles/s/core | "
           f"ratio {rates['dataset'] / rates['bare']:.0%}")
     return rates
 
 
-# ----------------------------------------------------------------------------- synthetic slides (tests, demo)
+# ------------------------------------------------------------------ synthetic slides (tests, demo)
+
+def pack_rgbx(rgb):
+    """Float RGB (h, w, 3) as uint32 (h, w): each pixel's RGBX bytes in one number."""
+    rgbx = np.pad(np.clip(rgb, 0, 255).astype(np.uint8), ((0, 0), (0, 0), (0, 1)))
+    return rgbx.view(np.uint32)[..., 0]
+
 
 @functools.lru_cache(maxsize=1)
 def _stain_textures(size=1024):
-    """A seamless 256 µm square of H&E at 0.25 µm/px (pink eosin, purple nuclei 5-9 µm wide, stain noise) and one
-    of bare glass, each with box-averaged copies at every power-of-two coarser pixel size, as RGBX packed in uint32
-    (one np.where per tile instead of three). The same for every slide: seeds vary the tissue layout."""
+    """A seamless 256 µm square of H&E at 0.25 µm/px and one of bare glass, each with box-averaged
+    copies at every power-of-two coarser pixel size: [(stain, glass), ...], finest first."""
+    # pink eosin, purple nuclei 5-9 µm wide, stain noise;
+    # the same for every slide: seeds vary the tissue layout
     rng = np.random.default_rng(0)
     image = Image.new('RGB', (size, size), (232, 150, 196))
     draw = ImageDraw.Draw(image)
-    for x, y, r in zip(*rng.uniform(0, size, (2, 220)), rng.uniform(10, 18, 220)):
-        for dx, dy in itertools.product((-size, 0, size), repeat=2):  # drawn 9 times: seamless when repeated
-            draw.ellipse((x + dx - r, y + dy - 0.8 * r, x + dx + r, y + dy + 0.8 * r), fill=(92, 52, 142))
+    centres = rng.uniform(0, size, (2, 220))
+    radii = rng.uniform(10, 18, 220)
+    for x, y, r in zip(*centres, radii):
+        # drawn 9 times, a period apart: seamless when repeated
+        for dx, dy in itertools.product((-size, 0, size), repeat=2):
+            cx, cy = x + dx, y + dy
+            draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=(92, 52, 142))
     tissue = np.asarray(image, np.float32) + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
     glass = 245 + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
     pyramid = []
-    while size >= 1:  # copies smaller than a tile are repeated up to 256 px so a tile is always a plain slice
-        packed = [np.pad(np.clip(t, 0, 255).astype(np.uint8), ((0, 0), (0, 0), (0, 1))).view(np.uint32)[..., 0]
-                  for t in (tissue, glass)]
-        pyramid.append([np.tile(p, (max(1, 256 // size),) * 2) for p in packed])
+    while size >= 1:
+        # packed as RGBX in uint32: one np.where per tile instead of three
+        packed = [pack_rgbx(tissue), pack_rgbx(glass)]
+        # copies smaller than a tile are repeated up to 256 px so a tile is always a plain slice
+        repeats = (max(1, 256 // size),) * 2
+        pyramid.append([np.tile(p, repeats) for p in packed])
         size //= 2
-        tissue, glass = [t.reshape(size, 2, size, 2, 3).mean((1, 3)) for t in (tissue, glass)] if size else (0, 0)
+        if size:
+            # the next copy: 2 × 2 box averages
+            tissue = tissue.reshape(size, 2, size, 2, 3).mean((1, 3))
+            glass = glass.reshape(size, 2, size, 2, 3).mean((1, 3))
     return pyramid
 
 
-def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False, blank=False):
-    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on white glass and a blue
-    pen circle, level 0 at `mpp` µm/px. Tissue is laid out in slide fractions and the stain in µm, so the same seed at
-    (w, h, 0.25) and (w/2, h/2, 0.5) is the same glass scanned at 40x and 20x. Levels halve (or quarter, like Aperio,
-    when aperio=True, which also writes an Aperio ImageDescription instead of resolution tags). Returns
-    {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size', 'levels', 'pen'}."""
-    rng = np.random.default_rng(seed)
-    blobs = rng.uniform([0.25, 0.25, 0.06, 0.06], [0.75, 0.75, 0.14, 0.14], (6, 4)).astype(np.float32)
+def synthetic_masks(layout, u, v):
+    """Tissue and pen-stroke masks at pixel centres u, v (slide fractions) of a synthetic slide."""
+    inside = (u < 1) & (v < 1) & (not layout['blank'])
+    # tissue where the blobs' Gaussians add up to more than 0.5
+    field = 0
+    for cx, cy, sx, sy in layout['blobs']:
+        field = field + np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
+    tissue = (field > 0.5) & inside
+    # the pen stroke: a ring around the pen circle's centre, d2 in µm²
+    width_um, height_um = layout['physical']
+    pen_x, pen_y, radius, half_width = layout['pen']
+    d2 = (u * width_um - pen_x) ** 2 + (v * height_um - pen_y) ** 2
+    ring = (d2 > (radius - half_width) ** 2) & (d2 < (radius + half_width) ** 2) & inside
+    return tissue, ring
+
+
+def synthetic_level(layout, w, h, tissue_px=None):
+    """The 256 px RGB tiles of a w × h level of the synthetic slide, in the order tifffile writes
+    them; appends each tile's tissue pixel count (pen excluded) to tissue_px when given."""
     textures = _stain_textures()
-    physical = np.array([width, height]) * mpp  # µm
-    pen = (0.88 * physical[0], 0.15 * physical[1], 0.1 * physical.min(), 0.015 * physical.min())  # x, y, r, half-width
+    # this level's pixel in 0.25 µm units picks the texture copy
+    scale = layout['mpp'] / 0.25 * layout['width'] / w
+    stain, glass = textures[min(len(textures) - 1, max(0, round(math.log2(scale))))]
+    period = len(stain)
+    pen_rgbx = np.array([40, 90, 180, 0], np.uint8).view(np.uint32)[0]
+    for ty in range(0, h, 256):
+        for tx in range(0, w, 256):
+            # pixel centres, in slide fractions
+            u = ((tx + np.arange(256, dtype=np.float32) + 0.5) / w)[None, :]
+            v = ((ty + np.arange(256, dtype=np.float32) + 0.5) / h)[:, None]
+            tissue, ring = synthetic_masks(layout, u, v)
+            window = np.s_[ty % period:ty % period + 256, tx % period:tx % period + 256]
+            rgbx = np.where(tissue, stain[window], glass[window])
+            rgbx[ring] = pen_rgbx
+            if tissue_px is not None:
+                tissue_px.append(int((tissue & ~ring).sum()))
+            yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
+
+
+def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
+                          blank=False):
+    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
+    white glass and a blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact
+    level-0 tissue fraction (pen excluded), 'mpp', 'size', 'levels', 'pen'}."""
+    # tissue is laid out in slide fractions and the stain in µm, so the same seed at (w, h, 0.25)
+    # and (w/2, h/2, 0.5) is the same glass scanned at 40x and 20x
+    rng = np.random.default_rng(seed)
+    # six tissue blobs: centre x, y and spread x, y, in slide fractions
+    low, high = [0.25, 0.25, 0.06, 0.06], [0.75, 0.75, 0.14, 0.14]
+    blobs = rng.uniform(low, high, (6, 4)).astype(np.float32)
+    physical_um = np.array([width, height]) * mpp
+    short_um = physical_um.min()
+    # the pen circle in µm: centre x, y, radius, half-width of the stroke
+    pen = (0.88 * physical_um[0], 0.15 * physical_um[1], 0.1 * short_um, 0.015 * short_um)
+    layout = dict(width=width, mpp=mpp, blank=blank, blobs=blobs, pen=pen, physical=physical_um)
+    # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
         sizes.append(tuple(-(-s // (4 if aperio else 2)) for s in sizes[-1]))
-    tissue_px = 0
-
-    def tiles(w, h):
-        nonlocal tissue_px
-        scale = mpp / 0.25 * width / w  # this level's pixel in 0.25 µm units, picks the texture copy
-        stain, glass = textures[min(len(textures) - 1, max(0, round(math.log2(scale))))]
-        period = len(stain)
-        for ty in range(0, h, 256):
-            for tx in range(0, w, 256):
-                u = ((tx + np.arange(256, dtype=np.float32) + 0.5) / w)[None, :]  # pixel centres, slide fractions
-                v = ((ty + np.arange(256, dtype=np.float32) + 0.5) / h)[:, None]
-                inside = (u < 1) & (v < 1) & (not blank)
-                field = sum(np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
-                            for cx, cy, sx, sy in blobs)
-                tissue = (field > 0.5) & inside
-                d2 = (u * physical[0] - pen[0]) ** 2 + (v * physical[1] - pen[1]) ** 2  # µm² from the pen circle
-                ring = (d2 > (pen[2] - pen[3]) ** 2) & (d2 < (pen[2] + pen[3]) ** 2) & inside
-                window = np.s_[ty % period:ty % period + 256, tx % period:tx % period + 256]
-                rgbx = np.where(tissue, stain[window], glass[window])
-                rgbx[ring] = np.array([40, 90, 180, 0], np.uint8).view(np.uint32)[0]
-                if w == width:
-                    tissue_px += int((tissue & ~ring).sum())
-                yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
-
-    description = f'Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB ' \
-                  f'Q=80|MPP = {mpp}|AppMag = {10 / mpp:g}' if aperio else None
+    # aperio=True also writes an Aperio ImageDescription instead of resolution tags
+    description = None
+    if aperio:
+        description = (f'Aperio Image Library v12.0.15 \r\n{width}x{height} '
+                       f'[0,0 {width}x{height}] (256x256) JPEG/RGB '
+                       f'Q=80|MPP = {mpp}|AppMag = {10 / mpp:g}')
+    tissue_px = []
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2 ** 31) as tif:
         for level, (w, h) in enumerate(sizes):
-            resolution = {} if aperio else dict(resolution=(1e4 / (mpp * width / w),) * 2, resolutionunit='CENTIMETER')
-            tif.write(tiles(w, h), shape=(h, w, 3), dtype=np.uint8, tile=(256, 256), photometric='rgb',
-                      compression='jpeg', compressionargs={'level': 80}, subfiletype=1 if level else 0,
-                      description=description if level == 0 else None, metadata=None, **resolution)
-    return {'tissue_fraction': tissue_px / (width * height), 'mpp': mpp, 'size': (width, height), 'levels': sizes,
-            'pen': tuple(p / mpp for p in pen)}
+            tiles = synthetic_level(layout, w, h, tissue_px if w == width else None)
+            resolution = {}
+            if not aperio:
+                pixels_per_cm = 1e4 / (mpp * width / w)
+                resolution = dict(resolution=(pixels_per_cm,) * 2, resolutionunit='CENTIMETER')
+            tif.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(256, 256), photometric='rgb',
+                      compression='jpeg', compressionargs={'level': 80},
+                      subfiletype=1 if level else 0,
+                      description=description if level == 0 else None, metadata=None,
+                      **resolution)
+    return {'tissue_fraction': sum(tissue_px) / (width * height), 'mpp': mpp,
+            'size': (width, height), 'levels': sizes, 'pen': tuple(p / mpp for p in pen)}
 
 
 def demo(out):
-    """Synthetic slides (40x generic TIFF, 40x Aperio SVS, the same glass at 20x, a blank one), tiled and benched."""
-    os.makedirs(os.path.join(out, 'slides'), exist_ok=True)
-    for name, kw in [('g40.tif', {}), ('a40.svs', dict(aperio=True)), ('g20.tif', dict(width=2048, height=1536,
-                      mpp=0.5)), ('blank.tif', dict(width=2048, height=1536, blank=True))]:
-        write_synthetic_slide(os.path.join(out, 'slides', name), **kw)
-    main([os.path.join(out, 'slides'), '--out', os.path.join(out, 'tiles')])  # the blank slide fails: no tissue
+    """Synthetic slides, tiled and benched: 40x TIFF and Aperio SVS, that glass at 20x, a blank."""
+    slides = os.path.join(out, 'slides')
+    os.makedirs(slides, exist_ok=True)
+    write_synthetic_slide(os.path.join(slides, 'g40.tif'))
+    write_synthetic_slide(os.path.join(slides, 'a40.svs'), aperio=True)
+    write_synthetic_slide(os.path.join(slides, 'g20.tif'), width=2048, height=1536, mpp=0.5)
+    write_synthetic_slide(os.path.join(slides, 'blank.tif'), width=2048, height=1536, blank=True)
+    # the blank slide fails: no tissue
+    main([slides, '--out', os.path.join(out, 'tiles')])
     bench(os.path.join(out, 'tiles'))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('inputs', nargs='*', help='slide files or folders (searched recursively)')
     parser.add_argument('--out', help='output folder for <stem>.npz, <stem>.jpg and manifest.csv')
-    parser.add_argument('--mpp', type=float, default=MPP, help='target µm/px of a tile (0.5 ~ 20x, 0.25 ~ 40x)')
+    parser.add_argument('--mpp', type=float, default=MPP,
+                        help='target µm/px of a tile (0.5 ~ 20x, 0.25 ~ 40x)')
     parser.add_argument('--tile', type=int, default=TILE_SIZE, help='tile side in px at --mpp')
-    parser.add_argument('--min-tissue', type=float, default=MIN_TISSUE, help='keep tiles at least this much tissue')
-    parser.add_argument('--workers', type=int, default=1, help='slides tiled in parallel (worker processes)')
-    parser.add_argument('--shard', help='I/N: slides I, I+N... (0-based) of the sorted list; the last merges manifests')
-    parser.add_argument('--overwrite', action='store_true', help='redo slides that already have a <stem>.npz')
-    parser.add_argument('--slide-mpp', type=float, help='level-0 µm/px for slides whose metadata has none')
-    parser.add_argument('--mpp-csv', help="CSV 'slide,mpp' (slide = path, file name or stem); wins over metadata")
-    parser.add_argument('--bench', metavar='TILES_DIR', help='time TileDataset vs bare read_region on a tiles folder')
-    parser.add_argument('--demo', metavar='DIR', help='write synthetic slides into DIR, tile and bench them')
+    parser.add_argument('--min-tissue', type=float, default=MIN_TISSUE,
+                        help='keep tiles at least this much tissue')
+    parser.add_argument('--workers', type=int, default=1,
+                        help='slides tiled in parallel (worker processes)')
+    parser.add_argument('--shard',
+                        help='I/N: slides I, I+N... (0-based) of the sorted list; '
+                             'the last merges manifests')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='redo slides that already have a <stem>.npz')
+    parser.add_argument('--slide-mpp', type=float,
+                        help='level-0 µm/px for slides whose metadata has none')
+    parser.add_argument('--mpp-csv',
+                        help="CSV 'slide,mpp' (slide = path, file name or stem); "
+                             "wins over metadata")
+    parser.add_argument('--bench', metavar='TILES_DIR',
+                        help='time TileDataset vs bare read_region on a tiles folder')
+    parser.add_argument('--demo', metavar='DIR',
+                        help='write synthetic slides into DIR, tile and bench them')
     args = parser.parse_args(argv)
-    if args.bench or args.demo:
-        bench(args.bench) if args.bench else demo(args.demo)
+    if args.bench:
+        bench(args.bench)
         return 0
-    missing = [p for p in args.inputs + [args.mpp_csv] * bool(args.mpp_csv) if not os.path.exists(p)]
-    if not args.inputs or not args.out or missing:
-        parser.error(f'no such file or folder: {", ".join(missing)}' if missing else 'give SLIDE_OR_DIR ... --out DIR')
+    if args.demo:
+        demo(args.demo)
+        return 0
+    named = args.inputs + ([args.mpp_csv] if args.mpp_csv else [])
+    missing = [p for p in named if not os.path.exists(p)]
+    if missing:
+        parser.error(f'no such file or folder: {", ".join(missing)}')
+    if not args.inputs or not args.out:
+        parser.error('give SLIDE_OR_DIR ... --out DIR')
     index, _, count = (args.shard or '0/1').partition('/')
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         parser.error(f'--shard {args.shard}: expected I/N with 0 <= I < N, e.g. --shard 0/8')
-    rows = tile_slides(args.inputs, args.out, args.mpp, args.tile, args.min_tissue, args.workers, args.shard,
-                       args.overwrite, args.slide_mpp, args.mpp_csv)
+    rows = tile_slides(args.inputs, args.out, args.mpp, args.tile, args.min_tissue, args.workers,
+                       args.shard, args.overwrite, args.slide_mpp, args.mpp_csv)
     failed = [r for r in rows if r['status'] != 'ok']
     for r in failed:
         print(f"error {r['path']}: {r['error']}", file=sys.stderr)
+    n_tiles = sum(r['n_tiles'] for r in rows)
     print(f"{len(rows)} slides: {len(rows) - len(failed)} ok, {len(failed)} failed, "
-          f"{sum(r['n_tiles'] for r in rows)} tiles -> {args.out}")
+          f"{n_tiles} tiles -> {args.out}")
     return 1 if failed or not rows else 0
 
 
