@@ -1,20 +1,27 @@
 """
 Tile whole-slide images at a physical resolution (µm/px) for G2L distillation.
 
-For each slide: find tissue on a low-resolution pyramid level (HSV saturation + Otsu, as in CLAM), lay a grid of
-non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE tissue and save their level-0 top-left
-x,y (int64 N×2, as in TRIDENT) with a QC picture. TileDataset reads the tiles later, for distill.py and evaluate.py.
+For each slide: find tissue on a low-resolution pyramid level (HSV saturation + Otsu, as in CLAM),
+lay a grid of non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE
+tissue and save their level-0 top-left x,y (int64 N×2, as in TRIDENT) with a QC picture.
+TileDataset reads the tiles later, for distill.py and evaluate.py.
 
-  python tile.py --demo /tmp/g2l_demo                               # CPU demo: synthetic slides -> tiles -> bench
-  python tile.py /data/TCGA-BRCA --out tiles/brca --workers 16      # every slide below a folder (recursive)
-  python tile.py slides/ --out tiles --slide-mpp 0.25 --mpp-csv mpp.csv    # slides whose metadata lacks mpp
-  python tile.py /data/TCGA-BRCA --out tiles/brca --shard $SLURM_ARRAY_TASK_ID/64   # job array: shard I of N
-  python tile.py --bench tiles/brca                                 # TileDataset vs bare read_region, tiles/s
+  # CPU demo: synthetic slides -> tiles -> bench
+  python tile.py --demo /tmp/g2l_demo
+  # every slide below a folder (recursive), 16 at a time
+  python tile.py /data/TCGA-BRCA --out tiles/brca --workers 16
+  # slides whose metadata lacks mpp
+  python tile.py slides/ --out tiles --slide-mpp 0.25 --mpp-csv mpp.csv
+  # job array: shard I of N
+  python tile.py /data/TCGA-BRCA --out tiles/brca --shard $SLURM_ARRAY_TASK_ID/64
+  # TileDataset vs bare read_region, tiles/s
+  python tile.py --bench tiles/brca
 
-Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue, slide_mpp, slide_path),
-<stem>.jpg (QC: tissue outline in green, kept tiles in blue) and manifest.csv, a row per slide (shard I of N writes
-manifest-I-of-N.csv, and the last shard to finish merges them into manifest.csv). Finished slides are skipped on a
-rerun; the exit status is 0 only when every slide succeeded.
+Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue,
+slide_mpp, slide_path), <stem>.jpg (QC: tissue outline in green, kept tiles in blue) and
+manifest.csv, a row per slide (shard I of N writes manifest-I-of-N.csv, and the last shard to
+finish merges them into manifest.csv). Finished slides are skipped on a rerun; the exit status is 0
+only when every slide succeeded.
 """
 import argparse
 import collections
@@ -37,113 +44,167 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
-MPP = 0.5               # target µm/px of a tile: H-optimus-0 and G2L work at 0.5 µm/px (~20x)
-TILE_SIZE = 256         # tile side in px at MPP; G2L cuts non-overlapping 256 px tiles, then random-crops 224
-MIN_TISSUE = 0.5        # keep a tile when at least half of it is tissue, our choice: CLAM keeps a tile if 1 of 4 points
-                        # ±1/4 tile from its centre is in tissue ('four_pt'), TRIDENT's --min_tissue_proportion is 0
-MPP_SLACK = 0.05        # a level up to 5% coarser than MPP still counts as "not coarser": scanners' 20x is 0.46-0.50
-SNAP = 0.02             # read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
-SEG_MPP = 8.0           # µm/px of the image tissue is found on (CLAM segments 40x scans at downsample 64, 16 µm/px)
-MIN_SATURATION = 20     # Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
-                        # so a blank slide (where Otsu splits noise) finds nothing
-MIN_VALUE = 40          # darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
-INK_MARGIN = 20         # G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
-MIN_PIECE_MM2 = 0.02    # tissue pieces smaller than this are dust or debris (CLAM's a_t area filter); ~1 tile
-MAX_HOLE_MM2 = 0.02     # holes smaller than this are filled (gaps between cells); bigger ones (lumen, fat) stay holes
-PLAIN_IMAGES = {'.png', '.jpg', '.jpeg'}  # read whole through PIL, as one level
-SUFFIXES = {'.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif', '.czi',
-            '.dcm'} | PLAIN_IMAGES  # what OpenSlide 4 opens, plus plain images
-MAX_OPEN_SLIDES = 64    # OpenSlide handles a reading process keeps (least recently used closed first): ~0.4 MiB each
-                        # on a small slide, more on a big one; reopening took ~1.5 ms on the synthetic SVS, ~1 tile read
-SLIDE_CACHE_MB = 64     # one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens
-                        # of GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
-COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds', 'error']  # manifest
-Image.MAX_IMAGE_PIXELS = None  # plain PNG/JPEG scans are far bigger than PIL's decompression-bomb limit
+# target µm/px of a tile: H-optimus-0 and G2L work at 0.5 µm/px (~20x)
+MPP = 0.5
+# tile side in px at MPP: G2L cuts non-overlapping 256 px tiles, then random-crops 224
+TILE_SIZE = 256
+# keep a tile when at least half of it is tissue, our choice: CLAM keeps a tile if 1 of 4 points
+# ±1/4 tile from its centre is in tissue ('four_pt'), TRIDENT's --min_tissue_proportion is 0
+MIN_TISSUE = 0.5
+# a level up to 5% coarser than MPP still counts as "not coarser": scanners' 20x is 0.46-0.50
+MPP_SLACK = 0.05
+# read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
+SNAP = 0.02
+# µm/px of the image tissue is found on (CLAM segments 40x scans at downsample 64, 16 µm/px)
+SEG_MPP = 8.0
+# Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
+# so a blank slide (where Otsu splits noise) finds nothing
+MIN_SATURATION = 20
+# darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
+MIN_VALUE = 40
+# G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
+INK_MARGIN = 20
+# tissue pieces smaller than this are dust or debris (CLAM's a_t area filter); ~1 tile
+MIN_PIECE_MM2 = 0.02
+# holes smaller than this are filled (gaps between cells); bigger ones (lumen, fat) stay holes
+MAX_HOLE_MM2 = 0.02
+# read whole through PIL, as one level
+PLAIN_IMAGES = {'.png', '.jpg', '.jpeg'}
+# what OpenSlide 4 opens, plus plain images
+SUFFIXES = {'.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif',
+            '.czi', '.dcm'} | PLAIN_IMAGES
+# OpenSlide handles a reading process keeps (least recently used closed first): ~0.4 MiB each on a
+# small slide, more on a big one; reopening took ~1.5 ms on the synthetic SVS, ~1 tile read
+MAX_OPEN_SLIDES = 64
+# one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens of
+# GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
+SLIDE_CACHE_MB = 64
+# the columns of manifest.csv, a row per slide
+COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds',
+           'error']
+# plain PNG/JPEG scans are far bigger than PIL's decompression-bomb limit
+Image.MAX_IMAGE_PIXELS = None
 
 
 class SlideError(Exception):
     """An expected per-slide failure; its message is the one-line reason written to the manifest."""
 
 
-# ----------------------------------------------------------------------------- slide metadata and levels
+def new_row(path, stem):
+    """A manifest row of a slide not (yet) tiled: an error until it succeeds."""
+    return dict.fromkeys(COLUMNS, '') | dict(path=path, stem=stem, status='error', n_tiles=0)
+
+
+def npz_files(folder):
+    """The <stem>.npz files of a tiles folder, sorted; hidden ones are save_atomic's temporaries."""
+    return sorted(f for f in os.listdir(folder) if f.endswith('.npz') and not f.startswith('.'))
+
+
+# ----------------------------------------------------------------------- slide metadata and levels
 
 def open_slide(path):
-    """OpenSlide for slide formats, openslide.ImageSlide (PIL) for plain images. A .tif that OpenSlide rejects is an
-    error, not a PIL fallback: a truncated or strip-organised TIFF would otherwise be decoded whole, or fail later."""
+    """OpenSlide for slide formats, openslide.ImageSlide (PIL) for plain images."""
+    # a .tif that OpenSlide rejects is an error, not a PIL fallback: a truncated or strip-organised
+    # TIFF would otherwise be decoded whole, or fail later
     try:
         if os.path.splitext(path)[1].lower() in PLAIN_IMAGES:
             return openslide.ImageSlide(path)
         return openslide.OpenSlide(path)
     except Exception as e:
-        size = os.path.getsize(path) / 2 ** 20 if os.path.exists(path) else 0
-        raise SlideError(f"cannot open ({type(e).__name__}: {e}; {size:.1f} MiB): truncated or corrupt, or a format "
-                         "OpenSlide 4 does not read (it reads SVS, NDPI, MRXS, SCN, BIF, CZI, DICOM, tiled TIFF); "
-                         "convert it with `vips tiffsave in out.tif --tile --pyramid --compression jpeg`") from None
+        size_mib = os.path.getsize(path) / 2 ** 20 if os.path.exists(path) else 0
+        raise SlideError(
+            f"cannot open ({type(e).__name__}: {e}; {size_mib:.1f} MiB): truncated or corrupt, "
+            "or a format OpenSlide 4 does not read (it reads SVS, NDPI, MRXS, SCN, BIF, CZI, "
+            "DICOM, tiled TIFF); convert it with "
+            "`vips tiffsave in out.tif --tile --pyramid --compression jpeg`") from None
 
 
 def find_mpp(slide, path, mpp_table=None, default=None):
-    """Level-0 µm/px: a row of --mpp-csv for this slide, else the metadata (TRIDENT's order), else --slide-mpp."""
-    for key in (os.path.abspath(path), os.path.basename(path), os.path.splitext(os.path.basename(path))[0]):
+    """Level-0 µm/px: from --mpp-csv, else the metadata (TRIDENT's order), else --slide-mpp."""
+    name = os.path.basename(path)
+    # --mpp-csv names a slide by its path, its file name or its stem
+    for key in (os.path.abspath(path), name, os.path.splitext(name)[0]):
         if mpp_table and key in mpp_table:
             return mpp_table[key]
     props = slide.properties
-    unit = {'centimeter': 1e4, 'inch': 25400.0}.get(props.get('tiff.ResolutionUnit'))
-    resolution = unit / float(props['tiff.XResolution']) if unit and props.get('tiff.XResolution') else None
-    found = next((float(m) for m in (props.get('openslide.mpp-x'), props.get('aperio.MPP'), resolution) if m), None)
-    if found and 0.05 <= found <= 50:  # 72 or 300 dpi (353 or 85 µm/px) is a default of a non-scanner tool
+    # tiff.XResolution is in pixels per ResolutionUnit
+    um_per_unit = {'centimeter': 1e4, 'inch': 25400.0}.get(props.get('tiff.ResolutionUnit'))
+    x_resolution = props.get('tiff.XResolution')
+    tiff_mpp = um_per_unit / float(x_resolution) if um_per_unit and x_resolution else None
+    candidates = (props.get('openslide.mpp-x'), props.get('aperio.MPP'), tiff_mpp)
+    found = next((float(m) for m in candidates if m), None)
+    # 72 or 300 dpi (353 or 85 µm/px) is a default of a non-scanner tool
+    if found and 0.05 <= found <= 50:
         return found
     if default:
         return default
     power = props.get('openslide.objective-power')
-    hint = (f' (it says {found:.4g} µm/px, not a scan resolution)' if found else '') + \
-        (f' (objective {power}x suggests {10 / float(power):g})' if power else '')
-    raise SlideError(f"no mpp in the slide metadata{hint}; give the level-0 µm/px with --slide-mpp 0.25 "
-                     f"(all such slides) or a line '{os.path.basename(path)},0.25' in --mpp-csv (header slide,mpp)")
+    hint = ''
+    if found:
+        hint += f' (it says {found:.4g} µm/px, not a scan resolution)'
+    if power:
+        hint += f' (objective {power}x suggests {10 / float(power):g})'
+    raise SlideError(
+        f"no mpp in the slide metadata{hint}; give the level-0 µm/px with --slide-mpp 0.25 "
+        f"(all such slides) or a line '{name},0.25' in --mpp-csv (header slide,mpp)")
 
 
 def pick_level(slide, slide_mpp, mpp, tile_size):
-    """The coarsest level not coarser than the target mpp, and read_size: its pixels that cover one tile.
-    40x and 20x scans of the same glass then give tiles of the same µm (CLAM reads 40x at a level as if 20x)."""
+    """The coarsest level not coarser than mpp, and read_size: its pixels that cover one tile."""
+    # 40x and 20x scans of the same glass then give tiles of the same µm
+    # (CLAM reads 40x at a level as if 20x)
     level_mpps = [slide_mpp * d for d in slide.level_downsamples]
-    fine_enough = [i for i, m in enumerate(level_mpps) if m <= mpp * (1 + MPP_SLACK)]
+    coarsest_mpp = mpp * (1 + MPP_SLACK)
+    fine_enough = [i for i, m in enumerate(level_mpps) if m <= coarsest_mpp]
     if not fine_enough:
-        raise SlideError(f"level 0 is {slide_mpp:.3f} µm/px, coarser than the target {mpp} µm/px; "
-                         f"tile at --mpp {slide_mpp:.3g} or coarser instead of inventing resolution")
+        raise SlideError(
+            f"level 0 is {slide_mpp:.3f} µm/px, coarser than the target {mpp} µm/px; "
+            f"tile at --mpp {slide_mpp:.3g} or coarser instead of inventing resolution")
     level = max(fine_enough, key=lambda i: level_mpps[i])
     read_size = round(tile_size * mpp / level_mpps[level])
-    return level, tile_size if abs(read_size - tile_size) <= SNAP * tile_size else read_size
+    if abs(read_size - tile_size) <= SNAP * tile_size:
+        read_size = tile_size
+    return level, read_size
 
 
 def slide_bounds(slide):
-    """Level-0 (x, y, w, h) of the scanned area: MRXS and some others scan only a rectangle of the glass."""
-    p, (w, h) = slide.properties, slide.dimensions
-    x, y = int(p.get('openslide.bounds-x', 0)), int(p.get('openslide.bounds-y', 0))
-    return x, y, int(p.get('openslide.bounds-width', w)), int(p.get('openslide.bounds-height', h))
+    """Level-0 (x, y, w, h) of the scanned area."""
+    # MRXS and some others scan only a rectangle of the glass
+    props, (width, height) = slide.properties, slide.dimensions
+    x = int(props.get('openslide.bounds-x', 0))
+    y = int(props.get('openslide.bounds-y', 0))
+    w = int(props.get('openslide.bounds-width', width))
+    h = int(props.get('openslide.bounds-height', height))
+    return x, y, w, h
 
 
 def read_thumbnail(slide, level, factor, bounds):
-    """The bounds of pyramid `level` as uint8 RGB, shrunk by an integer `factor` (box average), read in bands of
-    ~16 Mpx so a slide with no pyramid (one huge level) never needs the whole level in memory."""
+    """The bounds of pyramid `level` as uint8 RGB, shrunk by an integer `factor` (box average)."""
     x0, y0, w0, h0 = bounds
-    ds = slide.level_downsamples[level]
-    w, h = max(1, int(w0 / ds)), max(1, int(h0 / ds))
-    band = max(1, (1 << 24) // (w * factor)) * factor
-    rows = []
-    for y in range(0, h, band):
-        rgba = np.asarray(slide.read_region((x0, y0 + round(y * ds)), level, (w, min(band, h - y))))
-        rgb, clear = rgba[..., :3], rgba[..., 3] == 0
-        if clear.any():  # unscanned (transparent) areas of MRXS and others are glass, not black tissue
+    downsample = slide.level_downsamples[level]
+    width, height = max(1, int(w0 / downsample)), max(1, int(h0 / downsample))
+    # read in bands of ~16 Mpx (whole multiples of factor rows), so a slide with no pyramid (one
+    # huge level) never needs the whole level in memory
+    band_rows = max(1, (1 << 24) // (width * factor)) * factor
+    bands = []
+    for y in range(0, height, band_rows):
+        origin = (x0, y0 + round(y * downsample))
+        rgba = np.asarray(slide.read_region(origin, level, (width, min(band_rows, height - y))))
+        rgb, unscanned = rgba[..., :3], rgba[..., 3] == 0
+        # unscanned (transparent) areas of MRXS and others are glass, not black tissue
+        if unscanned.any():
             rgb = rgb.copy()
-            rgb[clear] = 255
-        rows.append(np.asarray(Image.fromarray(rgb).reduce(factor)))
-    return np.concatenate(rows)
+            rgb[unscanned] = 255
+        bands.append(np.asarray(Image.fromarray(rgb).reduce(factor)))
+    return np.concatenate(bands)
 
 
-# ----------------------------------------------------------------------------- tissue detection and tile grid
+# ------------------------------------------------------------------ tissue detection and tile grid
 
 def otsu(values):
     """Otsu's threshold of uint8 values: the split that maximises the between-class variance."""
     hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    # weight and first moment of the class below (0) and above (1) each candidate threshold
     w0, m0 = np.cumsum(hist), np.cumsum(hist * np.arange(256))
     w1, m1 = w0[-1] - w0, m0[-1] - m0
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -154,32 +215,51 @@ def otsu(values):
 def tissue_mask(rgb, seg_mpp):
     """Boolean tissue mask of an RGB thumbnail at seg_mpp µm/px."""
     hsv = np.asarray(Image.fromarray(rgb).convert('HSV'))
-    # CLAM median-blurs the saturation channel before thresholding; a 3x3 box blur does the same job at a fraction of
-    # the cost (PIL's median filter takes ~1 s on a 1 Mpx thumbnail), and speck removal follows anyway
+    # CLAM median-blurs the saturation channel before thresholding; a 3x3 box blur does the same
+    # job at a fraction of the cost (PIL's median filter takes ~1 s on a 1 Mpx thumbnail), and
+    # speck removal follows anyway
     saturation = np.asarray(Image.fromarray(hsv[..., 1]).filter(ImageFilter.BoxBlur(1)))
-    red, green, value = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16), hsv[..., 2]
-    mask = (saturation > max(otsu(saturation), MIN_SATURATION)) & (value >= MIN_VALUE) & (green <= red + INK_MARGIN)
+    red, green = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
+    value = hsv[..., 2]
+    saturation_threshold = max(otsu(saturation), MIN_SATURATION)
+    stained = saturation > saturation_threshold
+    not_dark = value >= MIN_VALUE
+    not_ink = green <= red + INK_MARGIN
+    mask = stained & not_dark & not_ink
     px_mm2 = (seg_mpp / 1000) ** 2
-    pieces, n = ndimage.label(mask)  # drop specks: pieces smaller than MIN_PIECE_MM2
-    mask = (np.bincount(pieces.ravel(), minlength=n + 1) * px_mm2 >= MIN_PIECE_MM2)[pieces] & mask
-    holes, n = ndimage.label(~mask)  # fill holes: background pieces that are small and do not touch the border
-    small = np.bincount(holes.ravel(), minlength=n + 1) * px_mm2 < MAX_HOLE_MM2
-    small[np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))] = False
+    # drop specks: pieces smaller than MIN_PIECE_MM2
+    pieces, n_pieces = ndimage.label(mask)
+    piece_mm2 = np.bincount(pieces.ravel(), minlength=n_pieces + 1) * px_mm2
+    mask = (piece_mm2 >= MIN_PIECE_MM2)[pieces] & mask
+    # fill holes: background pieces that are small and do not touch the border
+    holes, n_holes = ndimage.label(~mask)
+    hole_mm2 = np.bincount(holes.ravel(), minlength=n_holes + 1) * px_mm2
+    small = hole_mm2 < MAX_HOLE_MM2
+    on_border = np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])
+    small[np.unique(on_border)] = False
+    # label 0 is the tissue itself
     small[0] = False
     return mask | small[holes]
 
 
 def score_grid(mask, seg_ds, footprint, bounds):
-    """Tissue fraction of every tile of the grid (rows × cols) at once, from an integral image of the mask.
-    Tile (r, c) covers level-0 [c·footprint, (c+1)·footprint) from the bounds' origin; only whole tiles count."""
+    """Tissue fraction of every tile of the grid (rows × cols) at once, from an integral image."""
+    # tile (r, c) covers level-0 [c·footprint, (c+1)·footprint) from the bounds' origin;
+    # only whole tiles count
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int32)
     integral[1:, 1:] = mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
     cols, rows = int(bounds[2] // footprint), int(bounds[3] // footprint)
-    ex = np.clip(np.rint(np.arange(cols + 1) * footprint / seg_ds), 0, mask.shape[1]).astype(int)
-    ey = np.clip(np.rint(np.arange(rows + 1) * footprint / seg_ds), 0, mask.shape[0]).astype(int)
-    y0, y1, x0, x1 = ey[:-1, None], ey[1:, None], ex[None, :-1], ex[None, 1:]
-    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    return inside / np.maximum((y1 - y0) * (x1 - x0), 1)
+    # tile edges in thumbnail px
+    edges_x = np.rint(np.arange(cols + 1) * footprint / seg_ds)
+    edges_y = np.rint(np.arange(rows + 1) * footprint / seg_ds)
+    edges_x = np.clip(edges_x, 0, mask.shape[1]).astype(int)
+    edges_y = np.clip(edges_y, 0, mask.shape[0]).astype(int)
+    top, bottom = edges_y[:-1, None], edges_y[1:, None]
+    left, right = edges_x[None, :-1], edges_x[None, 1:]
+    # tissue pixels inside each tile: four corners of the integral image
+    inside = (integral[bottom, right] - integral[top, right]
+              - integral[bottom, left] + integral[top, left])
+    return inside / np.maximum((bottom - top) * (right - left), 1)
 
 
 def draw_qc(rgb, mask, tiles_px, tile_px, caption):
@@ -195,83 +275,130 @@ def draw_qc(rgb, mask, tiles_px, tile_px, caption):
 
 
 def save_atomic(path, write):
-    """Write through a temporary name and rename: a killed run never leaves a half file that looks done."""
+    """Write `path` through a temporary name, then rename it."""
+    # a killed run never leaves a half file that looks done
     tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
     with open(tmp, 'wb') as f:
         write(f)
     os.replace(tmp, path)
 
 
-def tile_slide(path, stem, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, mpp_table=None,
-               slide_mpp=None):
-    """Tile one slide: writes out_dir/<stem>.jpg then out_dir/<stem>.npz (the 'done' mark); returns a manifest row."""
+def segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds):
+    """The scanned area at about SEG_MPP µm/px as uint8 RGB, and its level-0 px per pixel."""
+    # capped so a tile spans >= 8 thumbnail px (tissue fraction in 1/64s)
+    seg_mpp = min(SEG_MPP, tile_size * mpp / 8)
+    downsamples = slide.level_downsamples
+    # segment on the coarsest level still finer than seg_mpp, then box-shrink to it; never level 0
+    # when the slide has a pyramid
+    finer = [i for i, d in enumerate(downsamples) if slide_mpp * d <= seg_mpp] or [0]
+    seg_level = max(finer, key=lambda i: downsamples[i])
+    factor = max(1, int(seg_mpp / (slide_mpp * downsamples[seg_level])))
+    rgb = read_thumbnail(slide, seg_level, factor, bounds)
+    return rgb, downsamples[seg_level] * factor
+
+
+def check_readable(slide, coords, level, read_size):
+    """Read the first and last tile of a slide."""
+    # an unreadable tile level fails here, not in the middle of training
+    try:
+        for x, y in coords[[0, -1]] if len(coords) else []:
+            slide.read_region((int(x), int(y)), level, (read_size, read_size))
+    except openslide.OpenSlideError as e:
+        raise SlideError(
+            f'level {level} is unreadable (OpenSlideError: {e}): truncated or corrupt') from None
+
+
+def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
+    """Where one slide's tiles are: level, read size, level-0 coords and what they were found on."""
+    slide_mpp = find_mpp(slide, path, mpp_table, default_mpp)
+    level, read_size = pick_level(slide, slide_mpp, mpp, tile_size)
+    # level-0 px per tile side
+    footprint = read_size * slide.level_downsamples[level]
+    bounds = slide_bounds(slide)
+    # seg_ds: level-0 px per thumbnail px
+    rgb, seg_ds = segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds)
+    mask = tissue_mask(rgb, slide_mpp * seg_ds)
+    tissue = score_grid(mask, seg_ds, footprint, bounds)
+    rows, cols = np.nonzero(tissue >= min_tissue)
+    xs = bounds[0] + np.rint(cols * footprint)
+    ys = bounds[1] + np.rint(rows * footprint)
+    coords = np.stack([xs, ys], 1).astype(np.int64).reshape(-1, 2)
+    check_readable(slide, coords, level, read_size)
+    return dict(slide_mpp=slide_mpp, level=level, read_size=read_size, footprint=footprint,
+                rgb=rgb, mask=mask, seg_ds=seg_ds, tissue=tissue, rows=rows, cols=cols,
+                coords=coords)
+
+
+def write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue):
+    """<stem>.jpg (QC), then <stem>.npz: written last, the .npz marks the slide as done."""
+    level, read_size, coords = tiles['level'], tiles['read_size'], tiles['coords']
+    caption = (f'{stem}: {len(coords)} tiles, {tile_size}px at {mpp} um/px, '
+               f'level {level} read {read_size}px')
+    rows, cols = tiles['rows'], tiles['cols']
+    # the kept tiles' corners and side, in thumbnail px
+    corners_px = np.stack([cols, rows], 1) * tiles['footprint'] / tiles['seg_ds']
+    side_px = tiles['footprint'] / tiles['seg_ds']
+    qc = draw_qc(tiles['rgb'], tiles['mask'], corners_px, side_px, caption)
+    save_atomic(os.path.join(out_dir, stem + '.jpg'), lambda f: qc.save(f, 'JPEG', quality=85))
+    tissue = tiles['tissue'][rows, cols].astype(np.float32)
+    arrays = dict(coords=coords, tissue=tissue, level=level, read_size=read_size,
+                  tile_size=tile_size, mpp=mpp, min_tissue=min_tissue,
+                  slide_mpp=tiles['slide_mpp'], slide_path=os.path.abspath(path))
+    save_atomic(os.path.join(out_dir, stem + '.npz'), lambda f: np.savez(f, **arrays))
+
+
+def tile_slide(path, stem, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE,
+               mpp_table=None, slide_mpp=None):
+    """Tile one slide into out_dir/<stem>.jpg and <stem>.npz; returns its manifest row."""
     t0 = time.perf_counter()
-    row = dict.fromkeys(COLUMNS, '') | dict(path=path, stem=stem, status='error', n_tiles=0)
+    row = new_row(path, stem)
+    # one bad slide must not stop the batch: record a one-line reason, never a traceback
     try:
         slide = open_slide(path)
         try:
-            downsamples = slide.level_downsamples
-            mpp0 = find_mpp(slide, path, mpp_table, slide_mpp)
-            level, read_size = pick_level(slide, mpp0, mpp, tile_size)
-            footprint = read_size * downsamples[level]  # level-0 px per tile side
-            bounds = slide_bounds(slide)
-            # segment on the coarsest level still finer than seg_mpp, then box-shrink to it; never level 0 when the
-            # slide has a pyramid. seg_mpp is capped so a tile spans >= 8 thumbnail px (tissue fraction in 1/64s)
-            seg_mpp = min(SEG_MPP, tile_size * mpp / 8)
-            seg_level = max([i for i, d in enumerate(downsamples) if mpp0 * d <= seg_mpp] or [0],
-                            key=lambda i: downsamples[i])
-            factor = max(1, int(seg_mpp / (mpp0 * downsamples[seg_level])))
-            rgb = read_thumbnail(slide, seg_level, factor, bounds)
-            seg_ds = downsamples[seg_level] * factor  # level-0 px per thumbnail px
-            mask = tissue_mask(rgb, mpp0 * seg_ds)
-            tissue = score_grid(mask, seg_ds, footprint, bounds)
-            rows, cols = np.nonzero(tissue >= min_tissue)
-            coords = np.stack([bounds[0] + np.rint(cols * footprint), bounds[1] + np.rint(rows * footprint)], 1)
-            coords = coords.astype(np.int64).reshape(-1, 2)
-            try:  # read the first and last tile: an unreadable tile level fails here, not in the middle of training
-                for x, y in coords[[0, -1]] if len(coords) else []:
-                    slide.read_region((int(x), int(y)), level, (read_size, read_size))
-            except openslide.OpenSlideError as e:
-                raise SlideError(f'level {level} is unreadable (OpenSlideError: {e}): truncated or corrupt') from None
+            tiles = find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, slide_mpp)
         finally:
             slide.close()
-        caption = f'{stem}: {len(coords)} tiles, {tile_size}px at {mpp} um/px, level {level} read {read_size}px'
-        qc = draw_qc(rgb, mask, np.stack([cols, rows], 1) * footprint / seg_ds, footprint / seg_ds, caption)
-        save_atomic(os.path.join(out_dir, stem + '.jpg'), lambda f: qc.save(f, 'JPEG', quality=85))
-        save_atomic(os.path.join(out_dir, stem + '.npz'), lambda f: np.savez(
-            f, coords=coords, tissue=tissue[rows, cols].astype(np.float32), level=level, read_size=read_size,
-            tile_size=tile_size, mpp=mpp, min_tissue=min_tissue, slide_mpp=mpp0, slide_path=os.path.abspath(path)))
-        row.update(n_tiles=len(coords), slide_mpp=mpp0, level=level, read_size=read_size)
-        if len(coords):
+        write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue)
+        n_tiles = len(tiles['coords'])
+        row.update(n_tiles=n_tiles, slide_mpp=tiles['slide_mpp'], level=tiles['level'],
+                   read_size=tiles['read_size'])
+        if n_tiles:
             row['status'] = 'ok'
         else:
-            row['error'] = (f'no tissue: 0 of {tissue.size} grid tiles are >= {min_tissue:.0%} tissue '
-                            f'(tissue covers {mask.mean():.1%} of the thumbnail; see {stem}.jpg)')
-    except Exception as e:  # one bad slide must not stop the batch: record a one-line reason, never a traceback
+            tissue_cover = tiles['mask'].mean()
+            row['error'] = (f"no tissue: 0 of {tiles['tissue'].size} grid tiles are "
+                            f">= {min_tissue:.0%} tissue (tissue covers {tissue_cover:.1%} "
+                            f"of the thumbnail; see {stem}.jpg)")
+    except Exception as e:
         reason = str(e) if isinstance(e, SlideError) else f'{type(e).__name__}: {e}'
         row['error'] = ' '.join(reason.split())
     row['seconds'] = round(time.perf_counter() - t0, 3)
     return row
 
 
-# ----------------------------------------------------------------------------- batch
+# ------------------------------------------------------------------------------------------- batch
 
 def find_slides(inputs, exclude=None):
-    """Slide files named or found (recursively) under the inputs, sorted. A DICOM series is a folder of .dcm files
-    that OpenSlide opens from any one of them, so one file per folder is kept."""
+    """Slide files named or found (recursively) under the inputs, sorted."""
     exclude = os.path.abspath(exclude) + os.sep if exclude else None
     found, dicom_dirs = [], set()
     for item in inputs:
-        if os.path.isfile(item):  # named explicitly: always tried, whatever its suffix
+        # named explicitly: always tried, whatever its suffix
+        if os.path.isfile(item):
             found.append(item)
             continue
-        for p in sorted(os.path.join(d, f) for d, _, files in os.walk(item, followlinks=True) for f in files):
+        walk = os.walk(item, followlinks=True)
+        for p in sorted(os.path.join(d, f) for d, _, files in walk for f in files):
             root, ext = os.path.splitext(p)
             ext = ext.lower()
-            qc = ext in PLAIN_IMAGES and (os.path.exists(root + '.npz') or exclude and
-                                          os.path.abspath(p).startswith(exclude))  # our own QC picture
-            if ext not in SUFFIXES or os.path.basename(p).startswith('.') or qc:
+            # our own QC picture: beside its .npz, or anywhere in the output folder
+            in_output = exclude and os.path.abspath(p).startswith(exclude)
+            is_qc = ext in PLAIN_IMAGES and (os.path.exists(root + '.npz') or in_output)
+            if ext not in SUFFIXES or os.path.basename(p).startswith('.') or is_qc:
                 continue
+            # a DICOM series is a folder of .dcm files that OpenSlide opens from any one of them,
+            # so one file per folder is kept
             if ext == '.dcm':
                 if os.path.dirname(p) in dicom_dirs:
                     continue
@@ -281,16 +408,19 @@ def find_slides(inputs, exclude=None):
 
 
 def unique_stems(paths, earlier):
-    """Output stem of each slide: its file stem, plus a short hash of its folder when another slide has the same one
-    (a/S.svs, b/S.svs). Slides in `earlier` (tiled into --out before: path -> stem) keep their stem, and a new slide
-    never takes that of another existing slide: tiling folder A, then B, into one --out keeps both (how users add a
-    cohort). A stem whose slide is gone (moved), or is this file by another path, goes to the new slide."""
+    """Output stem of each slide: its file stem, plus a short hash of its folder when another
+    slide has the same one (a/S.svs, b/S.svs)."""
+    # slides in `earlier` (tiled into --out before: path -> stem) keep their stem, and a new slide
+    # never takes that of another existing slide: tiling folder A, then B, into one --out keeps
+    # both (how users add a cohort). A stem whose slide is gone (moved), or is this very file by
+    # another path, goes to the new slide
     owners = {stem: path for path, stem in earlier.items()}
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     counts = collections.Counter(stems)
     result = []
     for path, stem in zip(map(os.path.abspath, paths), stems):
-        owner = owners.get(stem, '')  # the slide whose tiles <stem>.npz holds, if any
+        # the slide whose tiles <stem>.npz holds, if any
+        owner = owners.get(stem, '')
         taken = counts[stem] > 1 or os.path.exists(owner) and not os.path.samefile(owner, path)
         folder = hashlib.sha1(os.path.dirname(path).encode()).hexdigest()[:8]
         result.append(earlier.get(path) or (f'{stem}-{folder}' if taken else stem))
@@ -302,7 +432,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def write_manifest(path, rows):  # sorted by stem, in place
+def write_manifest(path, rows):
+    """Write the rows as a manifest CSV, atomically; sorts the rows by stem, in place."""
     rows.sort(key=lambda r: r['stem'])
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS)
@@ -311,287 +442,454 @@ def write_manifest(path, rows):  # sorted by stem, in place
     save_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
+def rows_after_crash(running, pool_size, suspects):
+    """Rows of the slides in flight when a worker process died: those that finished before the
+    crash; the others join `suspects`, or, when one was alone in its pool, it is the culprit."""
+    for future, (path, stem) in running.items():
+        if future.exception() is None:
+            yield future.result()
+        elif pool_size > 1:
+            suspects.append((path, stem))
+        else:
+            error = ('crashed the worker process (a segfault or abort in the slide reader, '
+                     'or no memory)')
+            yield new_row(path, stem) | dict(error=error)
+
+
 def run_slides(jobs, workers, kwargs):
-    """Yield the manifest row of each (path, stem), tiling `workers` slides at a time in worker processes. A slide that
-    crashes its process (a segfault in libopenslide or libtiff, the kernel's OOM killer) breaks the whole pool: the
-    slides that were in flight are then retried one at a time in a fresh pool, so only the culprit is marked."""
+    """Yield the manifest row of each (path, stem), tiling `workers` slides at a time."""
+    # a slide that crashes its process (a segfault in libopenslide or libtiff, the kernel's OOM
+    # killer) breaks the whole pool: the slides that were in flight are then retried one at a time
+    # in a fresh pool, so only the culprit is marked
     queue, suspects = collections.deque(jobs), collections.deque()
     while queue or suspects:
-        (source, size), running = (suspects, 1) if suspects else (queue, workers), {}
+        source, size = (suspects, 1) if suspects else (queue, workers)
+        running = {}
         with ProcessPoolExecutor(size) as pool:
             try:
                 while source or running:
-                    while source and len(running) < size:  # never more in flight: on a crash, they are the suspects
+                    # never more in flight: on a crash, they are the suspects
+                    while source and len(running) < size:
                         running[pool.submit(tile_slide, *source[0], **kwargs)] = source[0]
                         source.popleft()
                     for future in wait(running, return_when=FIRST_COMPLETED).done:
                         yield future.result()
                         del running[future]
             except BrokenProcessPool:
-                for future, (path, stem) in running.items():
-                    if future.exception() is None:  # it finished before the crash
-                        yield future.result()
-                    elif size > 1:
-                        suspects.append((path, stem))
-                    else:  # it was alone in the pool: the culprit
-                        yield dict.fromkeys(COLUMNS, '') | dict(path=path, stem=stem, status='error', n_tiles=0,
-                            error='crashed the worker process (a segfault or abort in the slide reader, or no memory)')
+                yield from rows_after_crash(running, size, suspects)
 
 
-def tile_slides(inputs, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, workers=1, shard=None,
-                overwrite=False, slide_mpp=None, mpp_csv=None):
-    """Tile every slide under `inputs` into out_dir in max(1, workers) processes; returns the manifest rows, written to
-    manifest.csv too (a shard writes manifest-I-of-N.csv, and the last of N to finish merges them into manifest.csv)."""
-    out_dir, inputs = str(out_dir), [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+def finished_row(path, stem, out_dir, settings):
+    """The manifest row of a slide tiled into out_dir earlier: an error when it was tiled with other
+    settings (mpp, tile_size, min_tissue) or found no tissue."""
+    with np.load(os.path.join(out_dir, stem + '.npz')) as done:
+        done_settings = (float(done['mpp']), int(done['tile_size']),
+                         float(done.get('min_tissue', settings[2])))
+        row = dict(path=path, stem=stem, status='ok', n_tiles=len(done['coords']),
+                   slide_mpp=float(done['slide_mpp']), level=int(done['level']),
+                   read_size=int(done['read_size']), seconds=0, error='')
+    # never mix two settings in one folder
+    if done_settings != settings:
+        done_mpp, done_tile_size, done_min_tissue = done_settings
+        error = (f'done earlier at {done_mpp} µm/px, {done_tile_size} px, --min-tissue '
+                 f'{done_min_tissue}; use another --out, or --overwrite')
+        row.update(status='error', error=error)
+    elif not row['n_tiles']:
+        row.update(status='error', error='no tissue (done earlier)')
+    return row
+
+
+def plan_batch(inputs, out_dir, shard, overwrite, settings):
+    """This shard's slides still to tile, as (path, stem), and the rows of those done earlier."""
+    paths = find_slides(inputs, exclude=out_dir)
+    # slides tiled into out_dir before: absolute path -> stem
+    earlier = {str(np.load(os.path.join(out_dir, f))['slide_path']): f[:-4]
+               for f in npz_files(out_dir)}
+    # stems from the full list, so every shard agrees on them
+    jobs = list(zip(paths, unique_stems(paths, earlier)))
+    index, count = shard
+    jobs = jobs[index::count]
+    todo = [(p, stem) for p, stem in jobs if overwrite or os.path.abspath(p) not in earlier]
+    finished = sorted(set(jobs) - set(todo))
+    return todo, [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+
+
+def parse_shard(shard):
+    """(index, count) of --shard I/N, given as 'I/N' or (I, N); (0, 1) without one."""
+    if not shard:
+        return 0, 1
+    return tuple(map(int, shard.split('/'))) if isinstance(shard, str) else tuple(shard)
+
+
+def tile_slides(inputs, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, workers=1,
+                shard=None, overwrite=False, slide_mpp=None, mpp_csv=None):
+    """Tile every slide under `inputs` into out_dir in max(1, workers) processes; returns the
+    manifest rows, written to manifest.csv too."""
+    out_dir = str(out_dir)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     os.makedirs(out_dir, exist_ok=True)
-    paths = find_slides([str(p) for p in inputs], exclude=out_dir)
-    earlier = {str(np.load(os.path.join(out_dir, f))['slide_path']): f[:-4]  # slides tiled before: abs path -> stem
-               for f in sorted(os.listdir(out_dir)) if f.endswith('.npz') and not f.startswith('.')}
-    jobs = list(zip(paths, unique_stems(paths, earlier)))  # stems from the full list, so every shard agrees on them
-    manifest, count = 'manifest.csv', 1
-    if shard:
-        index, count = map(int, shard.split('/')) if isinstance(shard, str) else shard
-        jobs, manifest = jobs[index::count], f'manifest-{index}-of-{count}.csv'  # shards never share a manifest
-    kwargs = dict(out_dir=out_dir, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, slide_mpp=slide_mpp)
-    kwargs['mpp_table'] = {row['slide'].strip(): float(row['mpp']) for row in read_csv(mpp_csv)} if mpp_csv else None
-    todo = [(path, stem) for path, stem in jobs if overwrite or os.path.abspath(path) not in earlier]
-    rows = []
-    for path, stem in sorted(set(jobs) - set(todo)):
-        with np.load(os.path.join(out_dir, stem + '.npz')) as done:  # this very slide, finished earlier: report it
-            settings = float(done['mpp']), int(done['tile_size']), float(done.get('min_tissue', min_tissue))
-            row = dict(path=path, stem=stem, status='ok', n_tiles=len(done['coords']), slide_mpp=float(
-                done['slide_mpp']), level=int(done['level']), read_size=int(done['read_size']), seconds=0, error='')
-        if settings != (mpp, tile_size, min_tissue):  # never mix two settings in one folder
-            row.update(status='error', error=f'done earlier at {settings[0]} µm/px, {settings[1]} px, --min-tissue '
-                                             f'{settings[2]}; use another --out, or --overwrite')
-        elif not row['n_tiles']:
-            row.update(status='error', error='no tissue (done earlier)')
-        rows.append(row)
-    rows += tqdm(run_slides(todo, max(1, workers), kwargs), total=len(jobs), initial=len(rows), unit='slide')
+    index, count = parse_shard(shard)
+    settings = (mpp, tile_size, min_tissue)
+    todo, rows = plan_batch([str(p) for p in inputs], out_dir, (index, count), overwrite, settings)
+    mpp_table = None
+    if mpp_csv:
+        mpp_table = {row['slide'].strip(): float(row['mpp']) for row in read_csv(mpp_csv)}
+    kwargs = dict(out_dir=out_dir, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
+                  slide_mpp=slide_mpp, mpp_table=mpp_table)
+    progress = tqdm(run_slides(todo, max(1, workers), kwargs), total=len(todo) + len(rows),
+                    initial=len(rows), unit='slide')
+    rows += progress
+    # a shard writes manifest-I-of-N.csv (shards never share a manifest), and the last of N to
+    # finish merges them into manifest.csv
+    manifest = f'manifest-{index}-of-{count}.csv' if shard else 'manifest.csv'
     write_manifest(os.path.join(out_dir, manifest), rows)
     parts = [os.path.join(out_dir, f'manifest-{i}-of-{count}.csv') for i in range(count)]
-    if shard and all(map(os.path.exists, parts)):  # written before looking: of shards ending at once, one sees all
-        write_manifest(os.path.join(out_dir, 'manifest.csv'), [row for part in parts for row in read_csv(part)])
+    # written before looking: of shards ending at once, one sees all
+    if shard and all(map(os.path.exists, parts)):
+        merged = [row for part in parts for row in read_csv(part)]
+        write_manifest(os.path.join(out_dir, 'manifest.csv'), merged)
     return rows
 
 
-# ----------------------------------------------------------------------------- reading tiles
+# ----------------------------------------------------------------------------------- reading tiles
+
+def to_tile(region, tile_size):
+    """A region read from a slide (RGBA, read_size px) as uint8 (3, tile_size, tile_size)."""
+    # no level at the target mpp: shrink from the finer one by area averaging
+    if region.size[0] != tile_size:
+        # drop alpha first: Pillow premultiplies RGBA around every resample
+        region = region.convert('RGB')
+        if region.size[0] % tile_size == 0:
+            region = region.reduce(region.size[0] // tile_size)
+        else:
+            region = region.resize((tile_size,) * 2, Image.BOX)
+    # RGBA -> RGB and HWC -> CHW in one numpy copy
+    # (PIL convert + a torch permute copy cost ~4x more here)
+    return np.ascontiguousarray(np.asarray(region)[..., :3].transpose(2, 0, 1))
+
 
 class TileDataset:
-    """Every tile of a tiles folder, as a map-style dataset for torch's DataLoader: ds[i] is a uint8 (3, tile_size,
-    tile_size) tensor. Each process opens its own OpenSlide handles (never one shared across DataLoader workers: they
-    are dropped when pickled or after a fork), at most MAX_OPEN_SLIDES, with one shared cache. Bad tiles: see read()."""
+    """A tiles folder as a map-style dataset: ds[i] is tile i, uint8 (3, tile_size, tile_size)."""
 
     def __init__(self, tiles_dir):
-        files = sorted(f for f in os.listdir(tiles_dir) if f.endswith('.npz') and not f.startswith('.')) \
-            if os.path.isdir(tiles_dir) else []
+        is_folder = os.path.isdir(tiles_dir)
+        files = npz_files(tiles_dir) if is_folder else []
         if not files:
-            raise ValueError(f"no tiles in {tiles_dir} ({'no .npz' if os.path.isdir(tiles_dir) else 'not a folder'}): "
+            why = 'no .npz' if is_folder else 'not a folder'
+            raise ValueError(f"no tiles in {tiles_dir} ({why}): "
                              f"run `python tile.py SLIDES --out {tiles_dir}` first")
         npz = [dict(np.load(os.path.join(tiles_dir, f))) for f in files]
-        self.stems, self.slide_paths = [f[:-4] for f in files], [str(z['slide_path']) for z in npz]
-        self.levels, self.read_sizes = [int(z['level']) for z in npz], [int(z['read_size']) for z in npz]
-        sizes, coords = {int(z['tile_size']) for z in npz}, [z['coords'] for z in npz]
-        if len(sizes) != 1:
-            raise ValueError(f'{tiles_dir} mixes tile sizes {sorted(sizes)}; tile each size into its own folder')
-        if gone := [p for p in self.slide_paths if not os.path.exists(p)]:  # moved: tiles would all be unreadable
-            raise ValueError(f'{len(gone)} slides tiled into {tiles_dir} are gone from where they were (e.g. {gone[0]})'
-                             f': tile them again from where they are now into {tiles_dir}, or delete their .npz')
-        self.tile_size = sizes.pop()
+        self.stems = [f[:-4] for f in files]
+        self.slide_paths = [str(z['slide_path']) for z in npz]
+        self.levels = [int(z['level']) for z in npz]
+        self.read_sizes = [int(z['read_size']) for z in npz]
+        tile_sizes = {int(z['tile_size']) for z in npz}
+        if len(tile_sizes) != 1:
+            raise ValueError(f'{tiles_dir} mixes tile sizes {sorted(tile_sizes)}; '
+                             'tile each size into its own folder')
+        # a slide moved since it was tiled: its tiles would all be unreadable
+        if gone := [p for p in self.slide_paths if not os.path.exists(p)]:
+            raise ValueError(f'{len(gone)} slides tiled into {tiles_dir} are gone from where they '
+                             f'were (e.g. {gone[0]}): tile them again from where they are now '
+                             f'into {tiles_dir}, or delete their .npz')
+        self.tile_size = tile_sizes.pop()
+        coords = [z['coords'] for z in npz]
         self.coords = np.concatenate(coords).reshape(-1, 2)
+        # the slide of each tile, an index into stems, slide_paths, levels and read_sizes
         self.slide_index = np.repeat(np.arange(len(files)), [len(c) for c in coords])
         self._pid, self.bad_reads = None, 0
 
     def __len__(self):
         return len(self.coords)
 
+    # each process opens its own OpenSlide handles: never one shared across DataLoader workers
+    # (they are dropped when pickled, or after a fork)
     def __getstate__(self):
         return {**self.__dict__, '_pid': None, '_handles': None, '_cache': None, 'bad_reads': 0}
 
+    def _handle(self, s):
+        """The OpenSlide handle of slide s; at most MAX_OPEN_SLIDES stay open, with one cache."""
+        if s not in self._handles:
+            self._handles[s] = open_slide(self.slide_paths[s])
+            self._handles[s].set_cache(self._cache)
+        # the least recently used handle is first, and closed first
+        self._handles.move_to_end(s)
+        if len(self._handles) > MAX_OPEN_SLIDES:
+            self._handles.popitem(last=False)[1].close()
+        return self._handles[s]
+
+    def _read_region(self, j):
+        """Tile j's region as read (read_size px), or None when it is unreadable."""
+        s, (x, y) = self.slide_index[j], self.coords[j]
+        size = self.read_sizes[s]
+        try:
+            return self._handle(s).read_region((int(x), int(y)), self.levels[s], (size, size))
+        except (openslide.OpenSlideError, SlideError, OSError) as e:
+            # an OpenSlide handle that failed once fails every read after: reopen
+            if s in self._handles:
+                self._handles.pop(s).close()
+            self._bad.add(j)
+            self.bad_reads += 1
+            print(f'warning: tile ({x}, {y}) at level {self.levels[s]} of {self.slide_paths[s]} '
+                  f'is unreadable ({type(e).__name__}: {e}); another tile is read in its place',
+                  file=sys.stderr)
+            return None
+
     def read(self, i):
-        """Tile i, uint8 (3, tile_size, tile_size). An unreadable tile (corrupt JPEG data, a file gone bad) is replaced
-        by one drawn with seed i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it."""
-        if self._pid != os.getpid():  # first read in this process: never use what a fork inherited
-            self._pid, self._handles, self._bad, self.bad_reads = os.getpid(), collections.OrderedDict(), set(), 0
+        """Tile i, uint8 (3, tile_size, tile_size)."""
+        # first read in this process: never use what a fork inherited
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._handles = collections.OrderedDict()
+            # tiles found unreadable in this process, never tried again
+            self._bad = set()
+            self.bad_reads = 0
             self._cache = openslide.OpenSlideCache(SLIDE_CACHE_MB << 20)
-        for attempt in range(100):  # a hundred bad tiles in a row: the data is broken, not a tile
+        # an unreadable tile (corrupt JPEG data, a file gone bad) is replaced by one drawn with seed
+        # i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it. A
+        # hundred bad tiles in a row: the data is broken, not a tile
+        for attempt in range(100):
             j = int(np.random.default_rng([i, attempt]).integers(len(self))) if attempt else i
-            s, (x, y), size = self.slide_index[j], self.coords[j], self.read_sizes[self.slide_index[j]]
             if j in self._bad:
                 continue
-            try:
-                if s not in self._handles:
-                    self._handles[s] = open_slide(self.slide_paths[s])
-                    self._handles[s].set_cache(self._cache)
-                self._handles.move_to_end(s)  # the least recently used handle is first, and closed first
-                if len(self._handles) > MAX_OPEN_SLIDES:
-                    self._handles.popitem(last=False)[1].close()
-                region = self._handles[s].read_region((int(x), int(y)), self.levels[s], (size, size))
-            except (openslide.OpenSlideError, SlideError, OSError) as e:
-                if s in self._handles:  # an OpenSlide handle that failed once fails every read after: reopen
-                    self._handles.pop(s).close()
-                self._bad.add(j)
-                self.bad_reads += 1
-                print(f'warning: tile ({x}, {y}) at level {self.levels[s]} of {self.slide_paths[s]} is unreadable '
-                      f'({type(e).__name__}: {e}); another tile is read in its place', file=sys.stderr)
-                continue
-            if size != self.tile_size:  # no level at the target mpp: shrink from the finer one by area averaging
-                region = region.convert('RGB')  # drop alpha first: Pillow premultiplies RGBA around every resample
-                region = region.reduce(size // self.tile_size) if size % self.tile_size == 0 else \
-                    region.resize((self.tile_size,) * 2, Image.BOX)
-            # RGBA -> RGB and HWC -> CHW in one numpy copy (PIL convert + a torch permute copy cost ~4x more here)
-            return np.ascontiguousarray(np.asarray(region)[..., :3].transpose(2, 0, 1))
-        raise RuntimeError(f'tile {i} and the 99 tiles tried in its place are unreadable; see the warnings above')
+            region = self._read_region(j)
+            if region is not None:
+                return to_tile(region, self.tile_size)
+        raise RuntimeError(f'tile {i} and the 99 tiles tried in its place are unreadable; '
+                           'see the warnings above')
 
     def __getitem__(self, i):
-        import torch  # only readers of tiles need torch; tiling never imports it
+        # only readers of tiles need torch; tiling never imports it
+        import torch
         return torch.from_numpy(self.read(i))
 
 
+def tiles_per_second(read, order):
+    """How fast read(i) goes through the tiles in `order`."""
+    t0 = time.perf_counter()
+    for i in order:
+        read(i)
+    return len(order) / (time.perf_counter() - t0)
+
+
 def bench(tiles_dir, n=500):
-    """Tiles/s on one core: TileDataset vs a bare OpenSlide read_region loop on the same tiles (same level/size)."""
+    """Tiles/s on one core: TileDataset vs a bare OpenSlide read_region loop on the same tiles."""
     import torch
     torch.set_num_threads(1)
     ds = TileDataset(tiles_dir)
-    order = np.random.default_rng(0).permutation(len(ds))[:n]  # random order, as a training loader reads
-    handles = {s: open_slide(ds.slide_paths[s]) for s in set(ds.slide_index[order].tolist())}  # all kept open
+    # random order, as a training loader reads
+    order = np.random.default_rng(0).permutation(len(ds))[:n]
+    # the bare loop keeps all its slides open
+    slides = set(ds.slide_index[order].tolist())
+    handles = {s: open_slide(ds.slide_paths[s]) for s in slides}
 
     def bare(i):
         s = ds.slide_index[i]
-        handles[s].read_region(tuple(map(int, ds.coords[i])), ds.levels[s], (ds.read_sizes[s],) * 2)
+        location = tuple(map(int, ds.coords[i]))
+        handles[s].read_region(location, ds.levels[s], (ds.read_sizes[s],) * 2)
 
-    def timed(read):
-        t0 = time.perf_counter()
-        for i in order:
-            read(i)
-        return len(order) / (time.perf_counter() - t0)
-
-    rates = {}
-    for _ in range(3):  # interleaved rounds, best of each: the first warms up, and a busy CPU hurts both alike
-        rates = {k: max(rates.get(k, 0), timed(read)) for k, read in (('bare', bare), ('dataset', ds.__getitem__))}
-    resized = np.mean([ds.read_sizes[s] != ds.tile_size for s in ds.slide_index[order]])
-    print(f'{len(order)} tiles of {len(ds)} from {len(ds.stems)} slides ({resized:.0%} shrunk from a finer level)')
-    print(f"bare read_region: {rates['bare']:.0f} tiles/s/core | TileDataset: {rates['dataset']:.0f} tiles/s/core | "
+    readers = {'bare': bare, 'dataset': ds.__getitem__}
+    rates = dict.fromkeys(readers, 0)
+    # interleaved rounds, best of each: the first warms up, and a busy CPU hurts both alike
+    for _ in range(3):
+        for name, read in readers.items():
+            rates[name] = max(rates[name], tiles_per_second(read, order))
+    shrunk = np.mean([ds.read_sizes[s] != ds.tile_size for s in ds.slide_index[order]])
+    print(f'{len(order)} tiles of {len(ds)} from {len(ds.stems)} slides '
+          f'({shrunk:.0%} shrunk from a finer level)')
+    print(f"bare read_region: {rates['bare']:.0f} tiles/s/core | "
+          f"TileDataset: {rates['dataset']:.0f} tiles/s/core | "
           f"ratio {rates['dataset'] / rates['bare']:.0%}")
     return rates
 
 
-# ----------------------------------------------------------------------------- synthetic slides (tests, demo)
+# ------------------------------------------------------------------ synthetic slides (tests, demo)
+
+def pack_rgbx(rgb):
+    """Float RGB (h, w, 3) as uint32 (h, w): each pixel's RGBX bytes in one number."""
+    rgbx = np.pad(np.clip(rgb, 0, 255).astype(np.uint8), ((0, 0), (0, 0), (0, 1)))
+    return rgbx.view(np.uint32)[..., 0]
+
 
 @functools.lru_cache(maxsize=1)
 def _stain_textures(size=1024):
-    """A seamless 256 µm square of H&E at 0.25 µm/px (pink eosin, purple nuclei 5-9 µm wide, stain noise) and one
-    of bare glass, each with box-averaged copies at every power-of-two coarser pixel size, as RGBX packed in uint32
-    (one np.where per tile instead of three). The same for every slide: seeds vary the tissue layout."""
+    """A seamless 256 µm square of H&E at 0.25 µm/px and one of bare glass, each with box-averaged
+    copies at every power-of-two coarser pixel size: [(stain, glass), ...], finest first."""
+    # pink eosin, purple nuclei 5-9 µm wide, stain noise;
+    # the same for every slide: seeds vary the tissue layout
     rng = np.random.default_rng(0)
     image = Image.new('RGB', (size, size), (232, 150, 196))
     draw = ImageDraw.Draw(image)
-    for x, y, r in zip(*rng.uniform(0, size, (2, 220)), rng.uniform(10, 18, 220)):
-        for dx, dy in itertools.product((-size, 0, size), repeat=2):  # drawn 9 times: seamless when repeated
-            draw.ellipse((x + dx - r, y + dy - 0.8 * r, x + dx + r, y + dy + 0.8 * r), fill=(92, 52, 142))
+    centres = rng.uniform(0, size, (2, 220))
+    radii = rng.uniform(10, 18, 220)
+    for x, y, r in zip(*centres, radii):
+        # drawn 9 times, a period apart: seamless when repeated
+        for dx, dy in itertools.product((-size, 0, size), repeat=2):
+            cx, cy = x + dx, y + dy
+            draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=(92, 52, 142))
     tissue = np.asarray(image, np.float32) + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
     glass = 245 + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
     pyramid = []
-    while size >= 1:  # copies smaller than a tile are repeated up to 256 px so a tile is always a plain slice
-        packed = [np.pad(np.clip(t, 0, 255).astype(np.uint8), ((0, 0), (0, 0), (0, 1))).view(np.uint32)[..., 0]
-                  for t in (tissue, glass)]
-        pyramid.append([np.tile(p, (max(1, 256 // size),) * 2) for p in packed])
+    while size >= 1:
+        # packed as RGBX in uint32: one np.where per tile instead of three
+        packed = [pack_rgbx(tissue), pack_rgbx(glass)]
+        # copies smaller than a tile are repeated up to 256 px so a tile is always a plain slice
+        repeats = (max(1, 256 // size),) * 2
+        pyramid.append([np.tile(p, repeats) for p in packed])
         size //= 2
-        tissue, glass = [t.reshape(size, 2, size, 2, 3).mean((1, 3)) for t in (tissue, glass)] if size else (0, 0)
+        if size:
+            # the next copy: 2 × 2 box averages
+            tissue = tissue.reshape(size, 2, size, 2, 3).mean((1, 3))
+            glass = glass.reshape(size, 2, size, 2, 3).mean((1, 3))
     return pyramid
 
 
-def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False, blank=False):
-    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on white glass and a blue
-    pen circle, level 0 at `mpp` µm/px. Tissue is laid out in slide fractions and the stain in µm, so the same seed at
-    (w, h, 0.25) and (w/2, h/2, 0.5) is the same glass scanned at 40x and 20x. Levels halve (or quarter, like Aperio,
-    when aperio=True, which also writes an Aperio ImageDescription instead of resolution tags). Returns
-    {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size', 'levels', 'pen'}."""
-    rng = np.random.default_rng(seed)
-    blobs = rng.uniform([0.25, 0.25, 0.06, 0.06], [0.75, 0.75, 0.14, 0.14], (6, 4)).astype(np.float32)
+def synthetic_masks(layout, u, v):
+    """Tissue and pen-stroke masks at pixel centres u, v (slide fractions) of a synthetic slide."""
+    inside = (u < 1) & (v < 1) & (not layout['blank'])
+    # tissue where the blobs' Gaussians add up to more than 0.5
+    field = 0
+    for cx, cy, sx, sy in layout['blobs']:
+        field = field + np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
+    tissue = (field > 0.5) & inside
+    # the pen stroke: a ring around the pen circle's centre, d2 in µm²
+    width_um, height_um = layout['physical']
+    pen_x, pen_y, radius, half_width = layout['pen']
+    d2 = (u * width_um - pen_x) ** 2 + (v * height_um - pen_y) ** 2
+    ring = (d2 > (radius - half_width) ** 2) & (d2 < (radius + half_width) ** 2) & inside
+    return tissue, ring
+
+
+def synthetic_level(layout, w, h, tissue_px=None):
+    """The 256 px RGB tiles of a w × h level of the synthetic slide, in the order tifffile writes
+    them; appends each tile's tissue pixel count (pen excluded) to tissue_px when given."""
     textures = _stain_textures()
-    physical = np.array([width, height]) * mpp  # µm
-    pen = (0.88 * physical[0], 0.15 * physical[1], 0.1 * physical.min(), 0.015 * physical.min())  # x, y, r, half-width
+    # this level's pixel in 0.25 µm units picks the texture copy
+    scale = layout['mpp'] / 0.25 * layout['width'] / w
+    stain, glass = textures[min(len(textures) - 1, max(0, round(math.log2(scale))))]
+    period = len(stain)
+    pen_rgbx = np.array([40, 90, 180, 0], np.uint8).view(np.uint32)[0]
+    for ty in range(0, h, 256):
+        for tx in range(0, w, 256):
+            # pixel centres, in slide fractions
+            u = ((tx + np.arange(256, dtype=np.float32) + 0.5) / w)[None, :]
+            v = ((ty + np.arange(256, dtype=np.float32) + 0.5) / h)[:, None]
+            tissue, ring = synthetic_masks(layout, u, v)
+            window = np.s_[ty % period:ty % period + 256, tx % period:tx % period + 256]
+            rgbx = np.where(tissue, stain[window], glass[window])
+            rgbx[ring] = pen_rgbx
+            if tissue_px is not None:
+                tissue_px.append(int((tissue & ~ring).sum()))
+            yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
+
+
+def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
+                          blank=False):
+    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
+    white glass and a blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact
+    level-0 tissue fraction (pen excluded), 'mpp', 'size', 'levels', 'pen'}."""
+    # tissue is laid out in slide fractions and the stain in µm, so the same seed at (w, h, 0.25)
+    # and (w/2, h/2, 0.5) is the same glass scanned at 40x and 20x
+    rng = np.random.default_rng(seed)
+    # six tissue blobs: centre x, y and spread x, y, in slide fractions
+    low, high = [0.25, 0.25, 0.06, 0.06], [0.75, 0.75, 0.14, 0.14]
+    blobs = rng.uniform(low, high, (6, 4)).astype(np.float32)
+    physical_um = np.array([width, height]) * mpp
+    short_um = physical_um.min()
+    # the pen circle in µm: centre x, y, radius, half-width of the stroke
+    pen = (0.88 * physical_um[0], 0.15 * physical_um[1], 0.1 * short_um, 0.015 * short_um)
+    layout = dict(width=width, mpp=mpp, blank=blank, blobs=blobs, pen=pen, physical=physical_um)
+    # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
         sizes.append(tuple(-(-s // (4 if aperio else 2)) for s in sizes[-1]))
-    tissue_px = 0
-
-    def tiles(w, h):
-        nonlocal tissue_px
-        scale = mpp / 0.25 * width / w  # this level's pixel in 0.25 µm units, picks the texture copy
-        stain, glass = textures[min(len(textures) - 1, max(0, round(math.log2(scale))))]
-        period = len(stain)
-        for ty in range(0, h, 256):
-            for tx in range(0, w, 256):
-                u = ((tx + np.arange(256, dtype=np.float32) + 0.5) / w)[None, :]  # pixel centres, slide fractions
-                v = ((ty + np.arange(256, dtype=np.float32) + 0.5) / h)[:, None]
-                inside = (u < 1) & (v < 1) & (not blank)
-                field = sum(np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
-                            for cx, cy, sx, sy in blobs)
-                tissue = (field > 0.5) & inside
-                d2 = (u * physical[0] - pen[0]) ** 2 + (v * physical[1] - pen[1]) ** 2  # µm² from the pen circle
-                ring = (d2 > (pen[2] - pen[3]) ** 2) & (d2 < (pen[2] + pen[3]) ** 2) & inside
-                window = np.s_[ty % period:ty % period + 256, tx % period:tx % period + 256]
-                rgbx = np.where(tissue, stain[window], glass[window])
-                rgbx[ring] = np.array([40, 90, 180, 0], np.uint8).view(np.uint32)[0]
-                if w == width:
-                    tissue_px += int((tissue & ~ring).sum())
-                yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
-
-    description = f'Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) JPEG/RGB ' \
-                  f'Q=80|MPP = {mpp}|AppMag = {10 / mpp:g}' if aperio else None
+    # aperio=True also writes an Aperio ImageDescription instead of resolution tags
+    description = None
+    if aperio:
+        description = (f'Aperio Image Library v12.0.15 \r\n{width}x{height} '
+                       f'[0,0 {width}x{height}] (256x256) JPEG/RGB '
+                       f'Q=80|MPP = {mpp}|AppMag = {10 / mpp:g}')
+    tissue_px = []
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2 ** 31) as tif:
         for level, (w, h) in enumerate(sizes):
-            resolution = {} if aperio else dict(resolution=(1e4 / (mpp * width / w),) * 2, resolutionunit='CENTIMETER')
-            tif.write(tiles(w, h), shape=(h, w, 3), dtype=np.uint8, tile=(256, 256), photometric='rgb',
-                      compression='jpeg', compressionargs={'level': 80}, subfiletype=1 if level else 0,
-                      description=description if level == 0 else None, metadata=None, **resolution)
-    return {'tissue_fraction': tissue_px / (width * height), 'mpp': mpp, 'size': (width, height), 'levels': sizes,
-            'pen': tuple(p / mpp for p in pen)}
+            tiles = synthetic_level(layout, w, h, tissue_px if w == width else None)
+            resolution = {}
+            if not aperio:
+                pixels_per_cm = 1e4 / (mpp * width / w)
+                resolution = dict(resolution=(pixels_per_cm,) * 2, resolutionunit='CENTIMETER')
+            tif.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(256, 256), photometric='rgb',
+                      compression='jpeg', compressionargs={'level': 80},
+                      subfiletype=1 if level else 0,
+                      description=description if level == 0 else None, metadata=None,
+                      **resolution)
+    return {'tissue_fraction': sum(tissue_px) / (width * height), 'mpp': mpp,
+            'size': (width, height), 'levels': sizes, 'pen': tuple(p / mpp for p in pen)}
 
 
 def demo(out):
-    """Synthetic slides (40x generic TIFF, 40x Aperio SVS, the same glass at 20x, a blank one), tiled and benched."""
-    os.makedirs(os.path.join(out, 'slides'), exist_ok=True)
-    for name, kw in [('g40.tif', {}), ('a40.svs', dict(aperio=True)), ('g20.tif', dict(width=2048, height=1536,
-                      mpp=0.5)), ('blank.tif', dict(width=2048, height=1536, blank=True))]:
-        write_synthetic_slide(os.path.join(out, 'slides', name), **kw)
-    main([os.path.join(out, 'slides'), '--out', os.path.join(out, 'tiles')])  # the blank slide fails: no tissue
+    """Synthetic slides, tiled and benched: 40x TIFF and Aperio SVS, that glass at 20x, a blank."""
+    slides = os.path.join(out, 'slides')
+    os.makedirs(slides, exist_ok=True)
+    write_synthetic_slide(os.path.join(slides, 'g40.tif'))
+    write_synthetic_slide(os.path.join(slides, 'a40.svs'), aperio=True)
+    write_synthetic_slide(os.path.join(slides, 'g20.tif'), width=2048, height=1536, mpp=0.5)
+    write_synthetic_slide(os.path.join(slides, 'blank.tif'), width=2048, height=1536, blank=True)
+    # the blank slide fails: no tissue
+    main([slides, '--out', os.path.join(out, 'tiles')])
     bench(os.path.join(out, 'tiles'))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('inputs', nargs='*', help='slide files or folders (searched recursively)')
     parser.add_argument('--out', help='output folder for <stem>.npz, <stem>.jpg and manifest.csv')
-    parser.add_argument('--mpp', type=float, default=MPP, help='target µm/px of a tile (0.5 ~ 20x, 0.25 ~ 40x)')
+    parser.add_argument('--mpp', type=float, default=MPP,
+                        help='target µm/px of a tile (0.5 ~ 20x, 0.25 ~ 40x)')
     parser.add_argument('--tile', type=int, default=TILE_SIZE, help='tile side in px at --mpp')
-    parser.add_argument('--min-tissue', type=float, default=MIN_TISSUE, help='keep tiles at least this much tissue')
-    parser.add_argument('--workers', type=int, default=1, help='slides tiled in parallel (worker processes)')
-    parser.add_argument('--shard', help='I/N: slides I, I+N... (0-based) of the sorted list; the last merges manifests')
-    parser.add_argument('--overwrite', action='store_true', help='redo slides that already have a <stem>.npz')
-    parser.add_argument('--slide-mpp', type=float, help='level-0 µm/px for slides whose metadata has none')
-    parser.add_argument('--mpp-csv', help="CSV 'slide,mpp' (slide = path, file name or stem); wins over metadata")
-    parser.add_argument('--bench', metavar='TILES_DIR', help='time TileDataset vs bare read_region on a tiles folder')
-    parser.add_argument('--demo', metavar='DIR', help='write synthetic slides into DIR, tile and bench them')
+    parser.add_argument('--min-tissue', type=float, default=MIN_TISSUE,
+                        help='keep tiles at least this much tissue')
+    parser.add_argument('--workers', type=int, default=1,
+                        help='slides tiled in parallel (worker processes)')
+    parser.add_argument('--shard',
+                        help='I/N: slides I, I+N... (0-based) of the sorted list; '
+                             'the last merges manifests')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='redo slides that already have a <stem>.npz')
+    parser.add_argument('--slide-mpp', type=float,
+                        help='level-0 µm/px for slides whose metadata has none')
+    parser.add_argument('--mpp-csv',
+                        help="CSV 'slide,mpp' (slide = path, file name or stem); "
+                             "wins over metadata")
+    parser.add_argument('--bench', metavar='TILES_DIR',
+                        help='time TileDataset vs bare read_region on a tiles folder')
+    parser.add_argument('--demo', metavar='DIR',
+                        help='write synthetic slides into DIR, tile and bench them')
     args = parser.parse_args(argv)
-    if args.bench or args.demo:
-        bench(args.bench) if args.bench else demo(args.demo)
+    if args.bench:
+        bench(args.bench)
         return 0
-    missing = [p for p in args.inputs + [args.mpp_csv] * bool(args.mpp_csv) if not os.path.exists(p)]
-    if not args.inputs or not args.out or missing:
-        parser.error(f'no such file or folder: {", ".join(missing)}' if missing else 'give SLIDE_OR_DIR ... --out DIR')
+    if args.demo:
+        demo(args.demo)
+        return 0
+    named = args.inputs + ([args.mpp_csv] if args.mpp_csv else [])
+    missing = [p for p in named if not os.path.exists(p)]
+    if missing:
+        parser.error(f'no such file or folder: {", ".join(missing)}')
+    if not args.inputs or not args.out:
+        parser.error('give SLIDE_OR_DIR ... --out DIR')
     index, _, count = (args.shard or '0/1').partition('/')
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         parser.error(f'--shard {args.shard}: expected I/N with 0 <= I < N, e.g. --shard 0/8')
-    rows = tile_slides(args.inputs, args.out, args.mpp, args.tile, args.min_tissue, args.workers, args.shard,
-                       args.overwrite, args.slide_mpp, args.mpp_csv)
+    rows = tile_slides(args.inputs, args.out, args.mpp, args.tile, args.min_tissue, args.workers,
+                       args.shard, args.overwrite, args.slide_mpp, args.mpp_csv)
     failed = [r for r in rows if r['status'] != 'ok']
     for r in failed:
         print(f"error {r['path']}: {r['error']}", file=sys.stderr)
+    n_tiles = sum(r['n_tiles'] for r in rows)
     print(f"{len(rows)} slides: {len(rows) - len(failed)} ok, {len(failed)} failed, "
-          f"{sum(r['n_tiles'] for r in rows)} tiles -> {args.out}")
+          f"{n_tiles} tiles -> {args.out}")
     return 1 if failed or not rows else 0
 
 
