@@ -44,7 +44,7 @@ import tile
 # I/O
 out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student
 data_dir = 'tiles'  # a tiles folder written by tile.py
-synthetic_slides = 0  # demo only: if data_dir is missing, write this many synthetic slides and tile them
+synthetic_slides = 0  # demo only: if data_dir is missing, write and tile this many synthetic slides
 resume = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG)
 log_interval = 10  # steps between log lines
 eval_interval = 250  # steps between held-out teacher-student cosine measurements
@@ -52,9 +52,9 @@ ckpt_interval = 1000  # steps between checkpoints (one is also written at the en
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
 # models (names from model.py --list, or a distilled output folder)
-teacher = 'H-optimus-0'
+teacher = 'H-optimus-0'  # frozen; G2L's teacher
 teacher_weights = ''  # '' = the model's default (the hub), 'random', or a local file/folder
-student = 'Hibou-L'
+student = 'Hibou-L'  # trained; G2L's student
 student_weights = ''  # G2L starts from the pretrained student (CKA 0.76 before, 0.97 after)
 # data and augmentation: same view for teacher and student (G2L)
 batch_size = 32  # per GPU micro-batch (G2L: 32)
@@ -66,105 +66,166 @@ loss = 'g2l'  # 'g2l': log sum_i |z_s W_p - z_t|_i^alpha (G2L); or 'cosine', 'ms
 alpha = 4.0  # the exponent of the G2L loss
 patch_weight = 0.0  # weight of an extra patch-token term (G2L uses only the final embedding)
 # optimizer: AdamW with cosine schedules after a linear warm-up (G2L)
-lr = 1e-4
-min_lr = 1e-6
-weight_decay = 0.05
+lr = 1e-4  # peak learning rate (G2L)
+min_lr = 1e-6  # where the cosine ends
+weight_decay = 0.05  # G2L
 weight_decay_end = 0.05  # G2L says cosine-scheduled but gives no end value; raise it to anneal
-beta1 = 0.9
+beta1 = 0.9  # AdamW's defaults
 beta2 = 0.999
 grad_clip = 1.0  # 0 disables clipping
-warmup_iters = 500
-max_iters = 20000
+warmup_iters = 500  # linear warm-up of the learning rate
+max_iters = 20000  # optimizer steps
 lr_decay_iters = 0  # steps of the cosine; 0 means max_iters
 early_stop = False  # G2L: stop once the loss exceeds its last-100 mean more than 10 times in a row
-early_stop_window = 100
-early_stop_patience = 10
+early_stop_window = 100  # the last-100 mean
+early_stop_patience = 10  # more than 10 times in a row
 max_nonfinite = 20  # consecutive non-finite steps that stop the run
 # system: each speed trick is a switch, because compile + DDP + checkpointing has broken in
 # several PyTorch releases; the defaults are the combination tested in test_smoke.py
 device = 'auto'  # 'auto' (cuda if available), 'cuda', 'cpu'
 compile = True  # torch.compile teacher and student (on CPU it costs a minute and gains little)
-compile_backend = 'inductor'  # 'aot_eager' traces the same graphs without generating kernels (fast, for tests)
+compile_backend = 'inductor'  # 'aot_eager' traces the same graphs, generates no kernels (tests)
 grad_ckpt = True  # recompute student activations in backward: bigger batches, ~25% more compute
-fused_adam = True
-tf32 = True
+fused_adam = True  # the whole AdamW update in fused CUDA kernels
+tf32 = True  # TF32 matmuls for what runs outside bf16 autocast
 teacher_bf16 = True  # keep the frozen teacher's weights in bf16 on CUDA (half its memory)
-seed = 1337
+seed = 1337  # decides the held-out slides, tile order, augmentations and projection init
 bench = 0  # >0: time this many steps on random tiles (no data loading) and exit
 debug_nan_step = -1  # testing aid: poison the loss at this step to exercise the non-finite guard
 # -----------------------------------------------------------------------------
 
 # peak dense bf16 FLOP/s by a substring of torch.cuda.get_device_name() (vendor data sheets); the
 # first match wins, so the more specific names ('H100 PCIe', 'L40S') come before their prefixes
-PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'B200': 2250e12,
-              'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'L40': 181e12, 'A6000': 155e12, 'A40': 150e12,
-              '4090': 165e12, 'L4': 121e12, 'A10': 125e12, 'V100': 125e12}
+PEAK_FLOPS = {
+    'H100 PCIe': 756e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'H800': 989e12,
+    'B200': 2250e12,
+    'A100': 312e12,
+    'A800': 312e12,
+    'L40S': 362e12,
+    'L40': 181e12,
+    'A6000': 155e12,
+    'A40': 150e12,
+    '4090': 165e12,
+    'L4': 121e12,
+    'A10': 125e12,
+    'V100': 125e12,
+}
+
+
+# -----------------------------------------------------------------------------
+# the augmentation: one random view per tile, shown to both teacher and student (G2L)
+
+def augment_params(n, step, tile_size, crop):
+    """Per-sample augmentation parameters of one global batch of n tiles."""
+    # drawn from (seed, step) alone: any number of GPUs sees the same views, and a resumed run
+    # draws exactly what it would have
+    rng = np.random.default_rng([seed, step])
+    coin = lambda prob: torch.from_numpy(rng.random(n) < prob)
+    uniform = lambda lo, hi: torch.from_numpy(rng.uniform(lo, hi, n)).float()
+    crop_positions = tile_size - crop + 1
+    return dict(
+        # random crop of the tile (G2L: 256 px tiles, 224 px crops)
+        y=torch.from_numpy(rng.integers(0, crop_positions, n)),
+        x=torch.from_numpy(rng.integers(0, crop_positions, n)),
+        # flips, p=0.5 each (G2L)
+        hflip=coin(0.5),
+        vflip=coin(0.5),
+        # colour jitter with p=0.5: brightness 0.15, contrast 0.15, saturation 0.1, hue 0.05 (G2L)
+        jitter=coin(0.5),
+        brightness=uniform(0.85, 1.15),
+        contrast=uniform(0.85, 1.15),
+        saturation=uniform(0.9, 1.1),
+        hue=uniform(-0.05, 0.05),
+        # Gaussian blur with p=0.1 (G2L), sigma in torchvision's default range (0.1, 2.0)
+        blur=coin(0.1),
+        sigma=uniform(0.1, 2.0))
 
 
 def augment(tiles, p, crop):
     """uint8 (B, 3, T, T) tiles -> float (B, 3, crop, crop) in [0, 1], the G2L augmentation done in
     batch on the device. p holds per-sample parameters drawn by augment_params()."""
-    b = tiles.shape[0]
-    rows = p['y'][:, None] + torch.arange(crop, device=tiles.device)  # random crop, one gather
-    cols = p['x'][:, None] + torch.arange(crop, device=tiles.device)
-    x = tiles[torch.arange(b, device=tiles.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    x = torch.where(p['hflip'][:, None, None, None], x.flip(3), x)
-    x = torch.where(p['vflip'][:, None, None, None], x.flip(2), x)
-    # colour jitter (brightness 0.15, contrast 0.15, saturation 0.1, hue 0.05) with p=0.5, in
+    n = tiles.shape[0]
+    # random crop, one gather: each sample's rows and columns
+    window = torch.arange(crop, device=tiles.device)
+    rows = p['y'][:, None] + window
+    cols = p['x'][:, None] + window
+    samples = torch.arange(n, device=tiles.device)[:, None, None]
+    images = tiles[samples, :, rows[:, :, None], cols[:, None, :]]
+    images = images.permute(0, 3, 1, 2).float().div_(255)
+    images = torch.where(p['hflip'][:, None, None, None], images.flip(3), images)
+    images = torch.where(p['vflip'][:, None, None, None], images.flip(2), images)
+    jittered = colour_jitter(images, p)
+    images = torch.where(p['jitter'][:, None, None, None], jittered, images)
+    return gaussian_blur(images, p)
+
+
+def colour_jitter(images, p):
+    """Brightness, contrast, saturation and hue of every image by its factors in p."""
     # torchvision's definitions but a fixed order; hue is a rotation about the grey axis (the YIQ
     # approximation of an HSV hue shift), so the whole jitter is a few batched tensor ops
-    j = p['jitter'][:, None, None, None]
-    gray = lambda im: (0.299 * im[:, 0] + 0.587 * im[:, 1] + 0.114 * im[:, 2]).unsqueeze(1)
-    y = (x * p['brightness'][:, None, None, None]).clamp(0, 1)
-    m = gray(y).mean((2, 3), keepdim=True)
-    y = ((y - m) * p['contrast'][:, None, None, None] + m).clamp(0, 1)
-    g = gray(y)
-    y = ((y - g) * p['saturation'][:, None, None, None] + g).clamp(0, 1)
-    y = torch.einsum('bij,bjhw->bihw', hue_matrices(p['hue']), y).clamp(0, 1)
-    x = torch.where(j, y, x)
-    # Gaussian blur, 9x9 kernel, p=0.1, sigma in torchvision's default range (0.1, 2.0)
-    idx = p['blur'].nonzero().flatten()
-    if len(idx):
-        k = torch.exp(-0.5 * (torch.arange(9, device=x.device) - 4.0)[None] ** 2 / p['sigma'][idx, None] ** 2)
-        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (n*3, 9): one kernel per channel
-        n, h, w = len(idx), crop, crop
-        z = F.pad(x[idx].reshape(1, n * 3, h, w), (4, 4, 4, 4), mode='reflect')
-        z = F.conv2d(z, k[:, None, None, :], groups=n * 3)  # separable: rows then columns
-        z = F.conv2d(z, k[:, None, :, None], groups=n * 3)
-        x = x.index_copy(0, idx, z.reshape(n, 3, h, w))
-    return x
+    brightness = p['brightness'][:, None, None, None]
+    contrast = p['contrast'][:, None, None, None]
+    saturation = p['saturation'][:, None, None, None]
+    jittered = (images * brightness).clamp(0, 1)
+    mean_grey = grey(jittered).mean((2, 3), keepdim=True)
+    jittered = ((jittered - mean_grey) * contrast + mean_grey).clamp(0, 1)
+    pixel_grey = grey(jittered)
+    jittered = ((jittered - pixel_grey) * saturation + pixel_grey).clamp(0, 1)
+    rotations = hue_matrices(p['hue'])
+    return torch.einsum('bij,bjhw->bihw', rotations, jittered).clamp(0, 1)
+
+
+def grey(images):
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma, with the ITU-R 601 weights torchvision uses."""
+    return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
 
 
 def hue_matrices(hue):
     """(B,) hue shifts in turns -> (B, 3, 3) RGB rotation matrices about the grey axis (YIQ)."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=hue.device)
-    c, s = torch.cos(2 * math.pi * hue), torch.sin(2 * math.pi * hue)
+    # RGB -> YIQ: the hue shift rotates the I-Q plane and leaves the luma Y as it is
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114],
+                           [0.596, -0.274, -0.322],
+                           [0.211, -0.523, 0.312]], device=hue.device)
+    angle = 2 * math.pi * hue
+    c, s = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(len(hue), 3, 3, device=hue.device)
-    rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, c, -s, s, c
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2] = c, -s
+    rot[:, 2, 1], rot[:, 2, 2] = s, c
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
-def augment_params(n, step, tile_size, crop):
-    """Per-sample augmentation parameters of one global batch, drawn from (seed, step) alone: any
-    number of GPUs sees the same views, and a resumed run draws exactly what it would have."""
-    rng = np.random.default_rng([seed, step])
-    u = lambda lo, hi: torch.from_numpy(rng.uniform(lo, hi, n)).float()
-    return dict(y=torch.from_numpy(rng.integers(0, tile_size - crop + 1, n)),
-                x=torch.from_numpy(rng.integers(0, tile_size - crop + 1, n)),
-                hflip=torch.from_numpy(rng.random(n) < 0.5), vflip=torch.from_numpy(rng.random(n) < 0.5),
-                jitter=torch.from_numpy(rng.random(n) < 0.5),
-                brightness=u(0.85, 1.15), contrast=u(0.85, 1.15), saturation=u(0.9, 1.1), hue=u(-0.05, 0.05),
-                blur=torch.from_numpy(rng.random(n) < 0.1), sigma=u(0.1, 2.0))
+def gaussian_blur(images, p):
+    """The images that p['blur'] picks, blurred by a 9x9 Gaussian of their own sigma (G2L)."""
+    idx = p['blur'].nonzero().flatten()
+    if not len(idx):
+        return images
+    n, h, w = len(idx), images.shape[2], images.shape[3]
+    taps = torch.arange(9, device=images.device) - 4.0
+    kernels = torch.exp(-0.5 * taps[None] ** 2 / p['sigma'][idx, None] ** 2)
+    # (n*3, 9): normalised, one kernel per channel of each picked image
+    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(3, 0)
+    blurred = F.pad(images[idx].reshape(1, n * 3, h, w), (4, 4, 4, 4), mode='reflect')
+    # separable: rows then columns, each channel its own group
+    blurred = F.conv2d(blurred, kernels[:, None, None, :], groups=n * 3)
+    blurred = F.conv2d(blurred, kernels[:, None, :, None], groups=n * 3)
+    return images.index_copy(0, idx, blurred.reshape(n, 3, h, w))
 
+
+# -----------------------------------------------------------------------------
+# the loss: the student's projected embedding against the teacher's
 
 def distance(s, t):
     """Per-row distance between student (projected) and teacher features, averaged over rows."""
-    s, t = s.float(), t.float()  # in fp32: |d|^4 over 1536 dims under- and overflows in bf16
+    # in fp32: |d|^4 over 1536 dims under- and overflows in bf16
+    s, t = s.float(), t.float()
     if loss == 'g2l':
         # D = log sum_i |d_i|^alpha, written as alpha * log ||d||_alpha (the same number, stabler)
-        return (alpha * torch.log(torch.linalg.vector_norm(s - t, ord=alpha, dim=-1))).mean()
+        norm = torch.linalg.vector_norm(s - t, ord=alpha, dim=-1)
+        return (alpha * torch.log(norm)).mean()
     if loss == 'cosine':
         return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
     if loss == 'mse':
@@ -175,31 +236,39 @@ def distance(s, t):
 
 
 class Student(nn.Module):
-    """The student backbone plus what distillation adds: the G2L projection (Linear + BatchNorm to
-    the teacher's embedding width) and, when patch_weight > 0, a Linear on the patch tokens.
-    Only the backbone is exported; the heads exist for training."""
+    """The student backbone plus the heads distillation adds; only the backbone is exported."""
 
     def __init__(self, backbone, spec, teacher_spec):
         super().__init__()
         self.backbone, self.spec = backbone, spec
-        # no bias before BatchNorm: BN removes any shift, so the bias would get no gradient
-        self.head = nn.Sequential(nn.Linear(spec['dim'], teacher_spec['dim'], bias=False),
-                                  nn.BatchNorm1d(teacher_spec['dim']))
-        self.patch_head = nn.Linear(spec['width'], teacher_spec['width']) if patch_weight > 0 else None
+        # G2L's projection to the teacher's embedding width: Linear + BatchNorm. No bias before
+        # BatchNorm: BN removes any shift, so the bias would get no gradient
+        width = teacher_spec['dim']
+        self.head = nn.Sequential(nn.Linear(spec['dim'], width, bias=False), nn.BatchNorm1d(width))
+        # a Linear on the patch tokens, only for the optional patch term (patch_weight > 0)
+        self.patch_head = None
+        if patch_weight > 0:
+            self.patch_head = nn.Linear(spec['width'], teacher_spec['width'])
 
     def forward(self, images):
         pooled, patches = zoo.embed(self.backbone, self.spec, images)
-        return self.head(pooled), (self.patch_head(patches) if self.patch_head is not None else None)
+        if self.patch_head is None:
+            return self.head(pooled), None
+        return self.head(pooled), self.patch_head(patches)
 
 
 def patch_distance(s_patches, t_patches):
     """Patch-token term; the student's grid is resized to the teacher's when patch sizes differ."""
-    gs, gt = math.isqrt(s_patches.shape[1]), math.isqrt(t_patches.shape[1])
-    if gs != gt:
-        grid = s_patches.transpose(1, 2).reshape(len(s_patches), -1, gs, gs)
-        s_patches = F.interpolate(grid.float(), size=(gt, gt), mode='bilinear').flatten(2).transpose(1, 2)
+    s_grid, t_grid = math.isqrt(s_patches.shape[1]), math.isqrt(t_patches.shape[1])
+    if s_grid != t_grid:
+        grid = s_patches.transpose(1, 2).reshape(len(s_patches), -1, s_grid, s_grid)
+        resized = F.interpolate(grid.float(), size=(t_grid, t_grid), mode='bilinear')
+        s_patches = resized.flatten(2).transpose(1, 2)
     return distance(s_patches.flatten(0, 1), t_patches.flatten(0, 1))
 
+
+# -----------------------------------------------------------------------------
+# the schedules and the order of the tiles
 
 def schedule(step, start, end, warmup=0):
     """Linear warm-up to `start` over `warmup` steps, then a cosine from `start` to `end` that
@@ -212,16 +281,19 @@ def schedule(step, start, end, warmup=0):
 
 
 def batches(n_tiles, start_step, rank, world, rng_seed):
-    """Endless tile indices for this rank: epoch e is a permutation seeded by (seed, e); each step
-    takes the next global batch and each (micro-step, rank) its slice of it. The position is a
-    function of the step, so resuming at step s reads exactly the tiles s would have read."""
+    """Endless lists of tile indices for this rank, one per micro-batch, from start_step on."""
+    # epoch e is a permutation seeded by (seed, e); each step takes the next global batch and each
+    # (micro-step, rank) its slice of it. The position is a function of the step, so resuming at
+    # step s reads exactly the tiles s would have read
     global_batch = batch_size * grad_accum * world
     per_epoch = n_tiles // global_batch
     step, order_epoch = start_step, None
     while True:
         epoch, b = divmod(step, per_epoch)
-        if epoch != order_epoch:  # once per epoch: permuting ~10M tiles takes a good part of a second
-            order, order_epoch = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles), epoch
+        # once per epoch: permuting ~10M tiles takes a good part of a second
+        if epoch != order_epoch:
+            order = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles)
+            order_epoch = epoch
         chunk = order[b * global_batch:(b + 1) * global_batch]
         for micro in range(grad_accum):
             k = micro * world + rank
