@@ -159,6 +159,7 @@ def augment(tiles, p, crop):
     samples = torch.arange(n, device=tiles.device)[:, None, None]
     images = tiles[samples, :, rows[:, :, None], cols[:, None, :]]
     images = images.permute(0, 3, 1, 2).float().div_(255)
+    # per-sample choices: the whole batch both ways, each sample keeps its own pick
     images = torch.where(p['hflip'][:, None, None, None], images.flip(3), images)
     images = torch.where(p['vflip'][:, None, None, None], images.flip(2), images)
     jittered = colour_jitter(images, p)
@@ -464,7 +465,7 @@ def build_models(env):
 
 def step_flops(t_spec, s_spec):
     """FLOPs of one image in one step: the teacher's forward, the student's forward + backward."""
-    # backward is about twice the forward, so a trained forward counts three times
+    # fwd + bwd = 3x fwd: the backward costs about twice the forward
     return zoo.flops_per_image(t_spec, crop_size) + 3 * zoo.flops_per_image(s_spec, crop_size)
 
 
