@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ import tile
 # I/O
 out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student
 data_dir = 'tiles'  # a tiles folder written by tile.py
-synthetic_slides = 0  # demo only: if data_dir is missing, write this many synthetic slides and tile them
+synthetic_slides = 0  # demo only: if data_dir is missing, write and tile this many synthetic slides
 resume = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG)
 log_interval = 10  # steps between log lines
 eval_interval = 250  # steps between held-out teacher-student cosine measurements
@@ -52,9 +53,9 @@ ckpt_interval = 1000  # steps between checkpoints (one is also written at the en
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
 # models (names from model.py --list, or a distilled output folder)
-teacher = 'H-optimus-0'
+teacher = 'H-optimus-0'  # frozen; G2L's teacher
 teacher_weights = ''  # '' = the model's default (the hub), 'random', or a local file/folder
-student = 'Hibou-L'
+student = 'Hibou-L'  # trained; G2L's student
 student_weights = ''  # G2L starts from the pretrained student (CKA 0.76 before, 0.97 after)
 # data and augmentation: same view for teacher and student (G2L)
 batch_size = 32  # per GPU micro-batch (G2L: 32)
@@ -66,105 +67,170 @@ loss = 'g2l'  # 'g2l': log sum_i |z_s W_p - z_t|_i^alpha (G2L); or 'cosine', 'ms
 alpha = 4.0  # the exponent of the G2L loss
 patch_weight = 0.0  # weight of an extra patch-token term (G2L uses only the final embedding)
 # optimizer: AdamW with cosine schedules after a linear warm-up (G2L)
-lr = 1e-4
-min_lr = 1e-6
-weight_decay = 0.05
+lr = 1e-4  # peak learning rate (G2L)
+min_lr = 1e-6  # where the cosine ends
+weight_decay = 0.05  # G2L
 weight_decay_end = 0.05  # G2L says cosine-scheduled but gives no end value; raise it to anneal
-beta1 = 0.9
+beta1 = 0.9  # AdamW's defaults
 beta2 = 0.999
 grad_clip = 1.0  # 0 disables clipping
-warmup_iters = 500
-max_iters = 20000
+warmup_iters = 500  # linear warm-up of the learning rate
+max_iters = 20000  # optimizer steps
 lr_decay_iters = 0  # steps of the cosine; 0 means max_iters
 early_stop = False  # G2L: stop once the loss exceeds its last-100 mean more than 10 times in a row
-early_stop_window = 100
-early_stop_patience = 10
+early_stop_window = 100  # the last-100 mean
+early_stop_patience = 10  # more than 10 times in a row
 max_nonfinite = 20  # consecutive non-finite steps that stop the run
 # system: each speed trick is a switch, because compile + DDP + checkpointing has broken in
 # several PyTorch releases; the defaults are the combination tested in test_smoke.py
 device = 'auto'  # 'auto' (cuda if available), 'cuda', 'cpu'
 compile = True  # torch.compile teacher and student (on CPU it costs a minute and gains little)
-compile_backend = 'inductor'  # 'aot_eager' traces the same graphs without generating kernels (fast, for tests)
+compile_backend = 'inductor'  # 'aot_eager' traces the same graphs, generates no kernels (tests)
 grad_ckpt = True  # recompute student activations in backward: bigger batches, ~25% more compute
-fused_adam = True
-tf32 = True
+fused_adam = True  # the whole AdamW update in fused CUDA kernels
+tf32 = True  # TF32 matmuls for what runs outside bf16 autocast
 teacher_bf16 = True  # keep the frozen teacher's weights in bf16 on CUDA (half its memory)
-seed = 1337
+seed = 1337  # decides the held-out slides, tile order, augmentations and projection init
 bench = 0  # >0: time this many steps on random tiles (no data loading) and exit
 debug_nan_step = -1  # testing aid: poison the loss at this step to exercise the non-finite guard
 # -----------------------------------------------------------------------------
+# every setting above is a config key: configure() checks overrides against their names and types
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 
 # peak dense bf16 FLOP/s by a substring of torch.cuda.get_device_name() (vendor data sheets); the
 # first match wins, so the more specific names ('H100 PCIe', 'L40S') come before their prefixes
-PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'B200': 2250e12,
-              'A100': 312e12, 'A800': 312e12, 'L40S': 362e12, 'L40': 181e12, 'A6000': 155e12, 'A40': 150e12,
-              '4090': 165e12, 'L4': 121e12, 'A10': 125e12, 'V100': 125e12}
+PEAK_FLOPS = {
+    'H100 PCIe': 756e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'H800': 989e12,
+    'B200': 2250e12,
+    'A100': 312e12,
+    'A800': 312e12,
+    'L40S': 362e12,
+    'L40': 181e12,
+    'A6000': 155e12,
+    'A40': 150e12,
+    '4090': 165e12,
+    'L4': 121e12,
+    'A10': 125e12,
+    'V100': 125e12,
+}
+
+
+# -----------------------------------------------------------------------------
+# the augmentation: one random view per tile, shown to both teacher and student (G2L)
+
+def augment_params(n, step, tile_size, crop):
+    """Per-sample augmentation parameters of one global batch of n tiles."""
+    # drawn from (seed, step) alone: any number of GPUs sees the same views, and a resumed run
+    # draws exactly what it would have
+    rng = np.random.default_rng([seed, step])
+    coin = lambda prob: torch.from_numpy(rng.random(n) < prob)
+    uniform = lambda lo, hi: torch.from_numpy(rng.uniform(lo, hi, n)).float()
+    crop_positions = tile_size - crop + 1
+    return dict(
+        # random crop of the tile (G2L: 256 px tiles, 224 px crops)
+        y=torch.from_numpy(rng.integers(0, crop_positions, n)),
+        x=torch.from_numpy(rng.integers(0, crop_positions, n)),
+        # flips, p=0.5 each (G2L)
+        hflip=coin(0.5),
+        vflip=coin(0.5),
+        # colour jitter with p=0.5: brightness 0.15, contrast 0.15, saturation 0.1, hue 0.05 (G2L)
+        jitter=coin(0.5),
+        brightness=uniform(0.85, 1.15),
+        contrast=uniform(0.85, 1.15),
+        saturation=uniform(0.9, 1.1),
+        hue=uniform(-0.05, 0.05),
+        # Gaussian blur with p=0.1 (G2L), sigma in torchvision's default range (0.1, 2.0)
+        blur=coin(0.1),
+        sigma=uniform(0.1, 2.0))
 
 
 def augment(tiles, p, crop):
     """uint8 (B, 3, T, T) tiles -> float (B, 3, crop, crop) in [0, 1], the G2L augmentation done in
     batch on the device. p holds per-sample parameters drawn by augment_params()."""
-    b = tiles.shape[0]
-    rows = p['y'][:, None] + torch.arange(crop, device=tiles.device)  # random crop, one gather
-    cols = p['x'][:, None] + torch.arange(crop, device=tiles.device)
-    x = tiles[torch.arange(b, device=tiles.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    x = torch.where(p['hflip'][:, None, None, None], x.flip(3), x)
-    x = torch.where(p['vflip'][:, None, None, None], x.flip(2), x)
-    # colour jitter (brightness 0.15, contrast 0.15, saturation 0.1, hue 0.05) with p=0.5, in
+    n = tiles.shape[0]
+    # random crop, one gather: each sample's rows and columns
+    window = torch.arange(crop, device=tiles.device)
+    rows = p['y'][:, None] + window
+    cols = p['x'][:, None] + window
+    samples = torch.arange(n, device=tiles.device)[:, None, None]
+    images = tiles[samples, :, rows[:, :, None], cols[:, None, :]]
+    images = images.permute(0, 3, 1, 2).float().div_(255)
+    # per-sample choices: the whole batch both ways, each sample keeps its own pick
+    images = torch.where(p['hflip'][:, None, None, None], images.flip(3), images)
+    images = torch.where(p['vflip'][:, None, None, None], images.flip(2), images)
+    jittered = colour_jitter(images, p)
+    images = torch.where(p['jitter'][:, None, None, None], jittered, images)
+    return gaussian_blur(images, p)
+
+
+def colour_jitter(images, p):
+    """Brightness, contrast, saturation and hue of every image by its factors in p."""
     # torchvision's definitions but a fixed order; hue is a rotation about the grey axis (the YIQ
     # approximation of an HSV hue shift), so the whole jitter is a few batched tensor ops
-    j = p['jitter'][:, None, None, None]
-    gray = lambda im: (0.299 * im[:, 0] + 0.587 * im[:, 1] + 0.114 * im[:, 2]).unsqueeze(1)
-    y = (x * p['brightness'][:, None, None, None]).clamp(0, 1)
-    m = gray(y).mean((2, 3), keepdim=True)
-    y = ((y - m) * p['contrast'][:, None, None, None] + m).clamp(0, 1)
-    g = gray(y)
-    y = ((y - g) * p['saturation'][:, None, None, None] + g).clamp(0, 1)
-    y = torch.einsum('bij,bjhw->bihw', hue_matrices(p['hue']), y).clamp(0, 1)
-    x = torch.where(j, y, x)
-    # Gaussian blur, 9x9 kernel, p=0.1, sigma in torchvision's default range (0.1, 2.0)
-    idx = p['blur'].nonzero().flatten()
-    if len(idx):
-        k = torch.exp(-0.5 * (torch.arange(9, device=x.device) - 4.0)[None] ** 2 / p['sigma'][idx, None] ** 2)
-        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (n*3, 9): one kernel per channel
-        n, h, w = len(idx), crop, crop
-        z = F.pad(x[idx].reshape(1, n * 3, h, w), (4, 4, 4, 4), mode='reflect')
-        z = F.conv2d(z, k[:, None, None, :], groups=n * 3)  # separable: rows then columns
-        z = F.conv2d(z, k[:, None, :, None], groups=n * 3)
-        x = x.index_copy(0, idx, z.reshape(n, 3, h, w))
-    return x
+    brightness = p['brightness'][:, None, None, None]
+    contrast = p['contrast'][:, None, None, None]
+    saturation = p['saturation'][:, None, None, None]
+    jittered = (images * brightness).clamp(0, 1)
+    mean_grey = grey(jittered).mean((2, 3), keepdim=True)
+    jittered = ((jittered - mean_grey) * contrast + mean_grey).clamp(0, 1)
+    pixel_grey = grey(jittered)
+    jittered = ((jittered - pixel_grey) * saturation + pixel_grey).clamp(0, 1)
+    rotations = hue_matrices(p['hue'])
+    return torch.einsum('bij,bjhw->bihw', rotations, jittered).clamp(0, 1)
+
+
+def grey(images):
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma, with the ITU-R 601 weights torchvision uses."""
+    return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
 
 
 def hue_matrices(hue):
     """(B,) hue shifts in turns -> (B, 3, 3) RGB rotation matrices about the grey axis (YIQ)."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=hue.device)
-    c, s = torch.cos(2 * math.pi * hue), torch.sin(2 * math.pi * hue)
+    # RGB -> YIQ: the hue shift rotates the I-Q plane and leaves the luma Y as it is
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114],
+                           [0.596, -0.274, -0.322],
+                           [0.211, -0.523, 0.312]], device=hue.device)
+    angle = 2 * math.pi * hue
+    c, s = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(len(hue), 3, 3, device=hue.device)
-    rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, c, -s, s, c
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2] = c, -s
+    rot[:, 2, 1], rot[:, 2, 2] = s, c
     return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
-def augment_params(n, step, tile_size, crop):
-    """Per-sample augmentation parameters of one global batch, drawn from (seed, step) alone: any
-    number of GPUs sees the same views, and a resumed run draws exactly what it would have."""
-    rng = np.random.default_rng([seed, step])
-    u = lambda lo, hi: torch.from_numpy(rng.uniform(lo, hi, n)).float()
-    return dict(y=torch.from_numpy(rng.integers(0, tile_size - crop + 1, n)),
-                x=torch.from_numpy(rng.integers(0, tile_size - crop + 1, n)),
-                hflip=torch.from_numpy(rng.random(n) < 0.5), vflip=torch.from_numpy(rng.random(n) < 0.5),
-                jitter=torch.from_numpy(rng.random(n) < 0.5),
-                brightness=u(0.85, 1.15), contrast=u(0.85, 1.15), saturation=u(0.9, 1.1), hue=u(-0.05, 0.05),
-                blur=torch.from_numpy(rng.random(n) < 0.1), sigma=u(0.1, 2.0))
+def gaussian_blur(images, p):
+    """The images that p['blur'] picks, blurred by a 9x9 Gaussian of their own sigma (G2L)."""
+    idx = p['blur'].nonzero().flatten()
+    if not len(idx):
+        return images
+    n, h, w = len(idx), images.shape[2], images.shape[3]
+    taps = torch.arange(9, device=images.device) - 4.0
+    kernels = torch.exp(-0.5 * taps[None] ** 2 / p['sigma'][idx, None] ** 2)
+    # (n*3, 9): normalised, one kernel per channel of each picked image
+    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(3, 0)
+    blurred = F.pad(images[idx].reshape(1, n * 3, h, w), (4, 4, 4, 4), mode='reflect')
+    # separable: rows then columns, each channel its own group
+    blurred = F.conv2d(blurred, kernels[:, None, None, :], groups=n * 3)
+    blurred = F.conv2d(blurred, kernels[:, None, :, None], groups=n * 3)
+    return images.index_copy(0, idx, blurred.reshape(n, 3, h, w))
 
+
+# -----------------------------------------------------------------------------
+# the loss: the student's projected embedding against the teacher's
 
 def distance(s, t):
     """Per-row distance between student (projected) and teacher features, averaged over rows."""
-    s, t = s.float(), t.float()  # in fp32: |d|^4 over 1536 dims under- and overflows in bf16
+    # in fp32: |d|^4 over 1536 dims under- and overflows in bf16
+    s, t = s.float(), t.float()
     if loss == 'g2l':
         # D = log sum_i |d_i|^alpha, written as alpha * log ||d||_alpha (the same number, stabler)
-        return (alpha * torch.log(torch.linalg.vector_norm(s - t, ord=alpha, dim=-1))).mean()
+        norm = torch.linalg.vector_norm(s - t, ord=alpha, dim=-1)
+        return (alpha * torch.log(norm)).mean()
     if loss == 'cosine':
         return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
     if loss == 'mse':
@@ -175,31 +241,39 @@ def distance(s, t):
 
 
 class Student(nn.Module):
-    """The student backbone plus what distillation adds: the G2L projection (Linear + BatchNorm to
-    the teacher's embedding width) and, when patch_weight > 0, a Linear on the patch tokens.
-    Only the backbone is exported; the heads exist for training."""
+    """The student backbone plus the heads distillation adds; only the backbone is exported."""
 
     def __init__(self, backbone, spec, teacher_spec):
         super().__init__()
         self.backbone, self.spec = backbone, spec
-        # no bias before BatchNorm: BN removes any shift, so the bias would get no gradient
-        self.head = nn.Sequential(nn.Linear(spec['dim'], teacher_spec['dim'], bias=False),
-                                  nn.BatchNorm1d(teacher_spec['dim']))
-        self.patch_head = nn.Linear(spec['width'], teacher_spec['width']) if patch_weight > 0 else None
+        # G2L's projection to the teacher's embedding width: Linear + BatchNorm. No bias before
+        # BatchNorm: BN removes any shift, so the bias would get no gradient
+        width = teacher_spec['dim']
+        self.head = nn.Sequential(nn.Linear(spec['dim'], width, bias=False), nn.BatchNorm1d(width))
+        # a Linear on the patch tokens, only for the optional patch term (patch_weight > 0)
+        self.patch_head = None
+        if patch_weight > 0:
+            self.patch_head = nn.Linear(spec['width'], teacher_spec['width'])
 
     def forward(self, images):
         pooled, patches = zoo.embed(self.backbone, self.spec, images)
-        return self.head(pooled), (self.patch_head(patches) if self.patch_head is not None else None)
+        if self.patch_head is None:
+            return self.head(pooled), None
+        return self.head(pooled), self.patch_head(patches)
 
 
 def patch_distance(s_patches, t_patches):
     """Patch-token term; the student's grid is resized to the teacher's when patch sizes differ."""
-    gs, gt = math.isqrt(s_patches.shape[1]), math.isqrt(t_patches.shape[1])
-    if gs != gt:
-        grid = s_patches.transpose(1, 2).reshape(len(s_patches), -1, gs, gs)
-        s_patches = F.interpolate(grid.float(), size=(gt, gt), mode='bilinear').flatten(2).transpose(1, 2)
+    s_grid, t_grid = math.isqrt(s_patches.shape[1]), math.isqrt(t_patches.shape[1])
+    if s_grid != t_grid:
+        grid = s_patches.transpose(1, 2).reshape(len(s_patches), -1, s_grid, s_grid)
+        resized = F.interpolate(grid.float(), size=(t_grid, t_grid), mode='bilinear')
+        s_patches = resized.flatten(2).transpose(1, 2)
     return distance(s_patches.flatten(0, 1), t_patches.flatten(0, 1))
 
+
+# -----------------------------------------------------------------------------
+# the schedules and the order of the tiles
 
 def schedule(step, start, end, warmup=0):
     """Linear warm-up to `start` over `warmup` steps, then a cosine from `start` to `end` that
@@ -212,16 +286,19 @@ def schedule(step, start, end, warmup=0):
 
 
 def batches(n_tiles, start_step, rank, world, rng_seed):
-    """Endless tile indices for this rank: epoch e is a permutation seeded by (seed, e); each step
-    takes the next global batch and each (micro-step, rank) its slice of it. The position is a
-    function of the step, so resuming at step s reads exactly the tiles s would have read."""
+    """Endless lists of tile indices for this rank, one per micro-batch, from start_step on."""
+    # epoch e is a permutation seeded by (seed, e); each step takes the next global batch and each
+    # (micro-step, rank) its slice of it. The position is a function of the step, so resuming at
+    # step s reads exactly the tiles s would have read
     global_batch = batch_size * grad_accum * world
     per_epoch = n_tiles // global_batch
     step, order_epoch = start_step, None
     while True:
         epoch, b = divmod(step, per_epoch)
-        if epoch != order_epoch:  # once per epoch: permuting ~10M tiles takes a good part of a second
-            order, order_epoch = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles), epoch
+        # once per epoch: permuting ~10M tiles takes a good part of a second
+        if epoch != order_epoch:
+            order = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles)
+            order_epoch = epoch
         chunk = order[b * global_batch:(b + 1) * global_batch]
         for micro in range(grad_accum):
             k = micro * world + rank
@@ -229,295 +306,397 @@ def batches(n_tiles, start_step, rank, world, rng_seed):
         step += 1
 
 
-def main():
-    # config: module defaults < config file < --key=value; printed and saved with every checkpoint
-    keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-    globals().update(zoo.configure({k: globals()[k] for k in keys}, sys.argv[1:]))
-    config = {k: globals()[k] for k in keys}
+# -----------------------------------------------------------------------------
+# the run: main() is the table of contents, the stages follow in the order it calls them
 
-    # DDP is detected from torchrun's environment; one process per GPU (or per CPU process, gloo)
+def main():
+    # config and DDP: module defaults < config file < --key=value; then where this process runs
+    config = read_config(sys.argv[1:])
+    env = start_processes()
+    global_batch = batch_size * grad_accum * env.world
+    if env.master:
+        print(json.dumps(config))
+        print(f'global batch {global_batch} = {batch_size} per GPU x {grad_accum} accumulation '
+              f'x {env.world} processes')
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not bench and os.path.exists(ckpt_path) and not resume:
+        raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it '
+                         'or choose another out_dir')
+
+    # data: this run's training tiles and the held-out ones (--bench reads none)
+    if not bench:
+        tiles, train_idx, val_idx = split_tiles(global_batch, env)
+
+    # models, in the deliberate order: build -> load weights -> optimizer -> its state ->
+    # free the checkpoint -> DDP -> compile; the raw student is kept for saving and measuring
+    t_model, t_spec, raw_student = build_models(env)
+
+    # optimizer and resume
+    optimizer = build_optimizer(raw_student)
+    step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
+    if resume and not bench and os.path.exists(ckpt_path):
+        step, state = load_checkpoint(ckpt_path, raw_student, optimizer, env)
+    else:
+        # each rank its own torch random stream; a resumed run restores the saved ones instead
+        torch.manual_seed(seed + env.rank)
+    nets = wrap_and_compile(t_model, t_spec, raw_student, env)
+
+    if bench:
+        run_bench(nets, optimizer, env)
+        finish(env.ddp)
+        return
+
+    # the loop, until max_iters, an early stop, too many non-finite losses, or pre-emption
+    step, why, preempted_by = train(nets, optimizer, tiles, train_idx, val_idx, step, state, env)
+
+    # the end: every rank takes part in the last checkpoint (it gathers their RNG states)
+    save_checkpoint(raw_student, optimizer, step, state, env)
+    # pre-empted runs leave quickly; the export and the loss plot come when the run completes
+    if env.master and not preempted_by:
+        zoo.export(raw_student.backbone, raw_student.spec, out_dir)
+        plot_loss(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
+    if env.master:
+        print(f"stopped at step {step}: {why}; {state['skipped']} non-finite steps skipped; "
+              f"outputs in {out_dir}")
+    finish(env.ddp)
+    if why.startswith(f'{max_nonfinite} non-finite'):
+        raise SystemExit(f'error: {why}')
+    # not finished: a non-zero status (128 + signal, the shell's convention) says so
+    if preempted_by:
+        raise SystemExit(128 + preempted_by)
+
+
+def read_config(argv):
+    """Override the settings' globals by config files and --key=value; the effective config."""
+    globals().update(zoo.configure(effective_config(), argv))
+    return effective_config()
+
+
+def effective_config():
+    """The settings this run uses, as printed at the start and saved with every checkpoint."""
+    return {k: globals()[k] for k in config_keys}
+
+
+def start_processes():
+    """Where this process runs: rank, world size, device, precision, the device's peak FLOP/s."""
     use_cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise SystemExit('error: device=cuda but PyTorch sees no GPU; check nvidia-smi and the torch build, or use --device=cpu')
+        raise SystemExit('error: device=cuda but PyTorch sees no GPU; check nvidia-smi and the '
+                         'torch build, or use --device=cpu')
+    # DDP is detected from torchrun's environment; one process per GPU (or per CPU process, gloo)
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
         dist.init_process_group('nccl' if use_cuda else 'gloo')
-        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ['LOCAL_RANK'])
     else:
         rank, local_rank, world = 0, 0, 1
-    master = rank == 0
     dev = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+    peak = None
     if use_cuda:
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 is several times slower
+        gpu_name = torch.cuda.get_device_name(dev)
+        peak = next((flops for name, flops in PEAK_FLOPS.items() if name in gpu_name), None)
+    # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 measured 3-4x slower
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_cuda else nullcontext()
-    global_batch = batch_size * grad_accum * world
-    say = print if master else (lambda *a, **k: None)
-    say(json.dumps(config))
-    say(f'global batch {global_batch} = {batch_size} per GPU x {grad_accum} accumulation x {world} processes')
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not bench and os.path.exists(ckpt_path) and not resume:
-        raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it or choose another out_dir')
+    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world,
+                           master=rank == 0, use_cuda=use_cuda, device=dev, autocast=autocast,
+                           peak_flops=peak)
 
-    # data: tile indices per rank; tiles are read as uint8 by DataLoader workers
-    if not bench:
-        if master and synthetic_slides and not os.path.isdir(data_dir):
-            make_demo_data()
-        if ddp:
-            dist.barrier()  # other ranks wait for the demo tiles
-        tiles = tile.TileDataset(data_dir)
-        if crop_size > tiles.tile_size:
-            raise SystemExit(f'error: crop_size {crop_size} is larger than the {tiles.tile_size} px tiles in {data_dir}')
-        # held-out slides drawn at random (seeded): sorted names would hold out one site of a TCGA
-        # cohort; the measured tiles are a random sample across all of them
-        rng = np.random.default_rng(seed)
-        held_out = rng.permutation(len(tiles.stems))[:max(1, round(val_fraction * len(tiles.stems)))]
-        is_val = np.isin(tiles.slide_index, held_out) if len(tiles.stems) > 1 else np.zeros(len(tiles), bool)
-        val_idx = np.sort(rng.permutation(np.flatnonzero(is_val))[:val_tiles])
-        train_idx = np.flatnonzero(~is_val)
-        if len(train_idx) < global_batch:
-            raise SystemExit(f'error: {len(train_idx)} training tiles in {data_dir}, fewer than the global batch {global_batch}')
-        say(f'{len(train_idx)} training tiles from {len(np.unique(tiles.slide_index[train_idx]))} slides, '
-            f'{len(val_idx)} held-out tiles measured')
 
-    # models, in the deliberate order: build -> load weights -> optimizer -> its state -> compile -> DDP
+def split_tiles(global_batch, env):
+    """The tiles folder, its training tile indices and the held-out tile indices measured."""
+    if env.master and synthetic_slides and not os.path.isdir(data_dir):
+        make_demo_data()
+    if env.ddp:
+        # other ranks wait for the demo tiles
+        dist.barrier()
+    tiles = tile.TileDataset(data_dir)
+    if crop_size > tiles.tile_size:
+        raise SystemExit(f'error: crop_size {crop_size} is larger than the {tiles.tile_size} px '
+                         f'tiles in {data_dir}')
+    # held-out slides drawn at random (seeded): sorted names would hold out one site of a TCGA
+    # cohort; the measured tiles are a random sample across all of them
+    rng = np.random.default_rng(seed)
+    n_slides = len(tiles.stems)
+    n_held_out = max(1, round(val_fraction * n_slides))
+    held_out_slides = rng.permutation(n_slides)[:n_held_out]
+    # a single slide trains and nothing is held out
+    is_val = np.zeros(len(tiles), bool)
+    if n_slides > 1:
+        is_val = np.isin(tiles.slide_index, held_out_slides)
+    val_idx = np.sort(rng.permutation(np.flatnonzero(is_val))[:val_tiles])
+    train_idx = np.flatnonzero(~is_val)
+    if len(train_idx) < global_batch:
+        raise SystemExit(f'error: {len(train_idx)} training tiles in {data_dir}, fewer than the '
+                         f'global batch {global_batch}')
+    if env.master:
+        train_slides = len(np.unique(tiles.slide_index[train_idx]))
+        print(f'{len(train_idx)} training tiles from {train_slides} slides, '
+              f'{len(val_idx)} held-out tiles measured')
+    return tiles, train_idx, val_idx
+
+
+def build_models(env):
+    """The frozen teacher (module and spec) and the student with its projection, on the device."""
     # --bench times random weights unless told otherwise: speed does not depend on them
-    t_model, t_spec = zoo.create(teacher, teacher_weights or ('random' if bench else None), device=dev)
-    s_backbone, s_spec = zoo.create(student, student_weights or ('random' if bench else None), device=dev)
+    default_weights = 'random' if bench else None
+    t_model, t_spec = zoo.create(teacher, teacher_weights or default_weights, device=env.device)
+    s_backbone, s_spec = zoo.create(student, student_weights or default_weights, device=env.device)
     if t_spec['img_size'] != crop_size or s_spec['img_size'] != crop_size:
         raise SystemExit(f"error: crop_size {crop_size} must equal both models' input sizes "
                          f"({t_spec['img_size']}, {s_spec['img_size']})")
     t_model.requires_grad_(False)
-    if use_cuda and teacher_bf16:
+    if env.use_cuda and teacher_bf16:
         t_model.to(torch.bfloat16)
-    torch.manual_seed(seed)  # the same projection init on every rank and for any world size
-    raw_student = Student(s_backbone, s_spec, t_spec).to(dev).train()
+    # the same projection init on every rank and for any world size
+    torch.manual_seed(seed)
+    raw_student = Student(s_backbone, s_spec, t_spec).to(env.device).train()
     s_backbone.set_grad_checkpointing(grad_ckpt)
-    flops = zoo.flops_per_image(t_spec, crop_size) + 3 * zoo.flops_per_image(s_spec, crop_size)  # fwd + bwd = 3x fwd
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(dev)), None) if use_cuda else None
-    say(f"teacher {t_spec['name']} {zoo.param_count(t_spec) / 1e6:.0f}M, student {s_spec['name']} "
-        f"{zoo.param_count(s_spec) / 1e6:.0f}M, {flops / 1e9:.1f} GFLOP per image per step")
+    if env.master:
+        t_params = zoo.param_count(t_spec) / 1e6
+        s_params = zoo.param_count(s_spec) / 1e6
+        gflops = step_flops(t_spec, s_spec) / 1e9
+        print(f"teacher {t_spec['name']} {t_params:.0f}M, student {s_spec['name']} "
+              f"{s_params:.0f}M, {gflops:.1f} GFLOP per image per step")
+    return t_model, t_spec, raw_student
 
-    # AdamW; no weight decay on norms, biases, class/register tokens and position embeddings
-    no_decay = lambda n, p: p.ndim < 2 or any(s in n for s in ('pos_embed', 'cls_token', 'reg_token'))
-    named = list(raw_student.named_parameters())
-    groups = [dict(params=[p for n, p in named if not no_decay(n, p)], weight_decay=weight_decay),
-              dict(params=[p for n, p in named if no_decay(n, p)], weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=fused_adam)
-    step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
-    if resume and not bench and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-        for k in ('teacher', 'student', 'loss', 'patch_weight', 'batch_size', 'grad_accum', 'seed'):
-            if ckpt['config'][k] != config[k]:
-                raise SystemExit(f"error: --{k}={config[k]!r} differs from the checkpoint's {ckpt['config'][k]!r}")
-        if ckpt['world'] != world:
-            raise SystemExit(f"error: the checkpoint ran on {ckpt['world']} processes; resume on the same number")
-        try:
-            raw_student.load_state_dict(ckpt['student'])
-        except RuntimeError as e:  # a checkpoint of another student or projection layout
-            raise SystemExit(f"error: {ckpt_path} does not fit this student: {str(e).splitlines()[1].strip()}") from None
-        optimizer.load_state_dict(ckpt['optimizer'])
-        step, state = ckpt['step'], ckpt['state']
-        torch.set_rng_state(ckpt['rng'][rank])
-        say(f'resumed from {ckpt_path} at step {step}')
-        del ckpt  # free the checkpoint's memory before compiling
-    else:
-        torch.manual_seed(seed + rank)
-    # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
-    # buckets so their all-reduce overlaps the backward. The teacher is compiled as the function
-    # it runs (model.embed): torch.compile(module) would only compile its __call__
+
+def step_flops(t_spec, s_spec):
+    """FLOPs of one image in one step: the teacher's forward, the student's forward + backward."""
+    # fwd + bwd = 3x fwd: the backward costs about twice the forward
+    return zoo.flops_per_image(t_spec, crop_size) + 3 * zoo.flops_per_image(s_spec, crop_size)
+
+
+def build_optimizer(raw_student):
+    """AdamW over the student and its projection, in two groups: decayed and not."""
+    # no weight decay on norms, biases, class/register tokens and position embeddings
+    decay, no_decay = [], []
+    for name, p in raw_student.named_parameters():
+        is_token = any(s in name for s in ('pos_embed', 'cls_token', 'reg_token'))
+        if p.ndim < 2 or is_token:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=fused_adam)
+
+
+def load_checkpoint(path, raw_student, optimizer, env):
+    """Student, optimizer and this rank's RNG from a checkpoint; returns its step and loss state."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    # what decides the models, the loss and the tiles of each step must match, or the resumed
+    # run would silently be another run
+    config = effective_config()
+    for k in ('teacher', 'student', 'loss', 'patch_weight', 'batch_size', 'grad_accum', 'seed'):
+        if ckpt['config'][k] != config[k]:
+            raise SystemExit(f"error: --{k}={config[k]!r} differs from the checkpoint's "
+                             f"{ckpt['config'][k]!r}")
+    if ckpt['world'] != env.world:
+        raise SystemExit(f"error: the checkpoint ran on {ckpt['world']} processes; "
+                         "resume on the same number")
+    try:
+        raw_student.load_state_dict(ckpt['student'])
+    except RuntimeError as e:
+        # a checkpoint of another student or projection layout: PyTorch's first mismatch
+        mismatch = str(e).splitlines()[1].strip()
+        raise SystemExit(f"error: {path} does not fit this student: {mismatch}") from None
+    optimizer.load_state_dict(ckpt['optimizer'])
+    torch.set_rng_state(ckpt['rng'][env.rank])
+    if env.master:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    # returning frees the checkpoint's memory before compiling
+    return ckpt['step'], ckpt['state']
+
+
+def wrap_and_compile(t_model, t_spec, raw_student, env):
+    """The networks of the run: what the step calls (DDP-wrapped, compiled) and the raw ones."""
+    # the teacher is compiled as the function it runs (model.embed): torch.compile(module) would
+    # only compile its __call__
     teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
-    ddp_student = DDP(raw_student, device_ids=[local_rank] if use_cuda else None) if ddp else None
-    student_fwd = ddp_student or raw_student
+    # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
+    # buckets so their all-reduce overlaps the backward
+    student_ddp = None
+    if env.ddp:
+        student_ddp = DDP(raw_student, device_ids=[env.local_rank] if env.use_cuda else None)
+    student_forward = student_ddp if env.ddp else raw_student
     if compile:
         teacher_embed = torch.compile(teacher_embed, backend=compile_backend)
-        student_fwd = torch.compile(student_fwd, backend=compile_backend)
+        student_forward = torch.compile(student_forward, backend=compile_backend)
+    return SimpleNamespace(teacher=t_model, t_spec=t_spec, student=raw_student,
+                           teacher_embed=teacher_embed, student_forward=student_forward,
+                           student_ddp=student_ddp)
 
-    def train_step(next_tiles, tile_size, step):
-        """One optimizer step over grad_accum micro-batches; returns the loss, grad norm and cosine."""
-        p = augment_params(global_batch, step, tile_size, crop_size)
-        losses, cosines = [], []
-        for micro in range(grad_accum):
-            k = micro * world + rank  # this micro-batch's slice of the global batch
-            images = augment(next_tiles(), {n: v[k * batch_size:(k + 1) * batch_size].to(dev) for n, v in p.items()}, crop_size)
-            # skip the gradient all-reduce on all but the last micro-step
-            sync = nullcontext() if not ddp or micro == grad_accum - 1 else ddp_student.no_sync()
-            with sync, autocast:
-                with torch.no_grad():  # not inference_mode: its tensors cannot enter the student's graph
-                    t_pooled, t_patches = teacher_embed(images)
-                s_pooled, s_patches = student_fwd(images)
-                batch_loss = distance(s_pooled, t_pooled)
-                if patch_weight > 0:
-                    batch_loss = batch_loss + patch_weight * patch_distance(s_patches, t_patches)
-                if step == debug_nan_step:
-                    batch_loss = batch_loss * float('nan')
-                (batch_loss / grad_accum).backward()  # mean over micro-batches, as one big batch
-            losses.append(batch_loss.detach())
-            cosines.append(F.cosine_similarity(s_pooled.detach().float(), t_pooled.float()).mean())
-        # clip_grad_norm_ returns the norm before clipping; DDP already averaged the gradients, so
-        # every rank sees the same norm and takes the same decision
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_student.parameters(), grad_clip or float('inf'))
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory until the next backward
-        return torch.stack(losses).mean(), grad_norm, torch.stack(cosines).mean()
 
-    def sync_time():
-        if use_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
+def run_bench(nets, optimizer, env):
+    """--bench: time steps on random uint8 tiles made on the device; nothing is read from disk."""
+    random_tiles = random_tile_batches(env)
+    # compilation happens in the first steps
+    warmup = 10 if compile else 3
+    for i in range(warmup):
+        train_step(nets, optimizer, random_tiles, 256, i, env)
+    if env.use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = sync_time(env)
+    for i in range(bench):
+        train_step(nets, optimizer, random_tiles, 256, warmup + i, env)
+    seconds_per_step = (sync_time(env) - t0) / bench
+    images_per_s = batch_size * grad_accum * env.world / seconds_per_step
+    if env.use_cuda:
+        memory_gib = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
+    else:
+        memory_gib = peak_rss_gib()
+    mfu = model_flops_utilisation(images_per_s, nets, env)
+    if env.master:
+        print(f"bench {nets.t_spec['name']} -> {nets.student.spec['name']} at {crop_size} px, "
+              f"batch {batch_size}/GPU, compile={compile} grad_ckpt={grad_ckpt}: "
+              f"{seconds_per_step * 1000:.1f} ms/step, {images_per_s:.1f} images/s, "
+              f"MFU {mfu_text(mfu)}, peak memory {memory_gib:.2f} GiB")
 
-    if bench:  # speed only: random uint8 tiles already on the device, nothing read from disk
-        random_tiles = lambda: torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=dev)
-        warmup = 10 if compile else 3  # compilation happens in the first steps
-        for i in range(warmup):
-            train_step(random_tiles, 256, i)
-        if use_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = sync_time()
-        for i in range(bench):
-            train_step(random_tiles, 256, warmup + i)
-        dt = (sync_time() - t0) / bench
-        ips = global_batch / dt
-        mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if use_cuda else peak_rss_gib()
-        say(f"bench {t_spec['name']} -> {s_spec['name']} at {crop_size} px, batch {batch_size}/GPU, "
-            f"compile={compile} grad_ckpt={grad_ckpt}: {dt * 1000:.1f} ms/step, "
-            f"{ips:.1f} images/s, MFU {mfu_text(flops * ips / world, peak)}, peak memory {mem:.2f} GiB")
-        finish(ddp)
-        return
 
-    # tiles arrive as uint8 from workers (pinned, prefetched); every random choice is made on the device
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(tiles, train_idx), batch_sampler=batches(len(train_idx), step, rank, world, seed),
-        num_workers=num_workers, pin_memory=use_cuda, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
-    loader_iter = iter(loader)
-
-    def next_tiles():
-        return next(loader_iter).to(dev, non_blocking=True)
-
-    val_batches = []  # (uint8 centre crops, teacher embeddings): read and embedded once, the teacher is frozen
-
-    def held_out_cosine():
-        """Mean teacher-student cosine on held-out slides (centre crops). The projection's BatchNorm
-        normalises with the held-out set's own statistics ("precise BN"): its running averages
-        (momentum 0.1) lag a projection that is still moving, and measured in eval mode the demo's
-        cosine swung between -0.11 and 0.43 while this measure rose steadily. The projection is
-        discarded after training, so the measure is of the student's features, not of that lag."""
-        if not len(val_idx):
-            return None
-        raw_student.eval()
-        o = (tiles.tile_size - crop_size) // 2
-        with torch.no_grad(), autocast:
-            if not val_batches:
-                for chunk in np.array_split(val_idx, math.ceil(len(val_idx) / batch_size)):
-                    crops = torch.stack([tiles[i] for i in chunk]).to(dev)[:, :, o:o + crop_size, o:o + crop_size]
-                    val_batches.append((crops, zoo.embed(t_model, t_spec, crops)[0].float()))
-            linear, bn = raw_student.head
-            projected = torch.cat([linear(zoo.embed(s_backbone, s_spec, crops)[0]) for crops, _ in val_batches]).float()
-            projected = F.batch_norm(projected, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-            cosine = F.cosine_similarity(projected, torch.cat([t for _, t in val_batches])).mean().item()
-        raw_student.train()
-        return cosine
-
-    def save_checkpoint():
-        rng = [torch.empty(0)] * world
-        if ddp:
-            dist.all_gather_object(rng, torch.get_rng_state())
+def train(nets, optimizer, tiles, train_idx, val_idx, step, state, env):
+    """The training loop from `step`; returns the step reached, why it stopped, and the signal
+    that pre-empted it (0 if none). `state` (the loss counters) is updated in place."""
+    tile_batches = read_tile_batches(tiles, train_idx, step, env)
+    stop = catch_preemption()
+    held_out = embed_held_out(tiles, val_idx, nets, env) if env.master else []
+    log_file = open_log(step) if env.master else None
+    start_cosine = held_out_cosine(nets.student, held_out, env) if step == 0 else None
+    if start_cosine is not None:
+        print(f'step 0: held-out teacher-student cosine {start_cosine:.4f}')
+        log_file.write(json.dumps(dict(step=0, val_cosine=start_cosine)) + '\n')
+    bar = tqdm(total=max_iters, initial=step, disable=not env.master, dynamic_ncols=True)
+    global_batch = batch_size * grad_accum * env.world
+    t0, t0_step, why, signalled = sync_time(env), step, 'reached max_iters', False
+    # finite losses since the last log line: the logged loss is their mean, less noisy than a batch
+    interval = []
+    while step < max_iters:
+        # this step's learning rate and weight decay; group 0 is the one that decays
+        for group in optimizer.param_groups:
+            group['lr'] = schedule(step, lr, min_lr, warmup_iters)
+        optimizer.param_groups[0]['weight_decay'] = schedule(step, weight_decay, weight_decay_end)
+        # a NaN forward also poisons BatchNorm's running stats: keep them to put back
+        projection_bn = nets.student.head[1]
+        bn_stats = {k: v.clone() for k, v in projection_bn.state_dict().items()}
+        batch_loss, grad_norm, cosine = train_step(nets, optimizer, tile_batches, tiles.tile_size,
+                                                   step, env)
+        batch_loss, cosine, signalled = agree_across_ranks(batch_loss, cosine, stop, env)
+        step += 1
+        bar.update(1)
+        finite = math.isfinite(batch_loss) and math.isfinite(grad_norm.item())
+        if finite:
+            interval.append(batch_loss)
         else:
-            rng = [torch.get_rng_state()]
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
-            ckpt = dict(student=raw_student.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                        state=state, config=config, world=world, rng=rng)
-            tile.save_atomic(ckpt_path, lambda f: torch.save(ckpt, f))  # a kill leaves the old one, never half
+            projection_bn.load_state_dict(bn_stats)
+        stop_reason = record_loss(state, batch_loss, finite)
+        if stop_reason:
+            why = stop_reason
+            break
+        if step % log_interval == 0 or step == max_iters:
+            seconds_per_step = (sync_time(env) - t0) / (step - t0_step)
+            images_per_s = global_batch / seconds_per_step
+            mean_loss = sum(interval) / len(interval) if interval else float('nan')
+            row = dict(step=step, loss=mean_loss, lr=optimizer.param_groups[0]['lr'],
+                       grad_norm=grad_norm.item(), cosine=cosine,
+                       images_per_s=round(images_per_s, 1),
+                       mfu=model_flops_utilisation(images_per_s, nets, env),
+                       skipped=state['skipped'])
+            if env.master:
+                if step % eval_interval == 0 or step == max_iters:
+                    row['val_cosine'] = held_out_cosine(nets.student, held_out, env)
+                write_log(row, log_file, bar, images_per_s)
+            t0, t0_step, interval = sync_time(env), step, []
+        if signalled:
+            why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
+                   'rerun with --resume=True to continue')
+            break
+        if step % ckpt_interval == 0:
+            save_checkpoint(nets.student, optimizer, step, state, env)
+    bar.close()
+    if log_file:
+        log_file.close()
+    # this rank's own signal, or SIGTERM when only another rank was signalled
+    preempted_by = (stop['signal'] or signal.SIGTERM) if signalled else 0
+    return step, why, preempted_by
 
+
+def train_step(nets, optimizer, tile_batches, tile_size, step, env):
+    """One optimizer step over grad_accum micro-batches; returns the loss, grad norm and cosine."""
+    # every sample's view is drawn from (seed, step): the same for any number of GPUs
+    views = augment_params(batch_size * grad_accum * env.world, step, tile_size, crop_size)
+    losses, cosines = [], []
+    for micro in range(grad_accum):
+        # uint8 tiles from the loader: pinned, so the copy overlaps the GPU's work
+        tiles = next(tile_batches).to(env.device, non_blocking=True)
+        # this micro-batch's slice of the global batch's views
+        first = (micro * env.world + env.rank) * batch_size
+        mine = slice(first, first + batch_size)
+        micro_views = {name: v[mine].to(env.device) for name, v in views.items()}
+        # one view per tile, the same for teacher and student (G2L), made on the device
+        images = augment(tiles, micro_views, crop_size)
+        # skip the gradient all-reduce on all but the last micro-step
+        last = micro == grad_accum - 1
+        sync = nullcontext() if not env.ddp or last else nets.student_ddp.no_sync()
+        with sync, env.autocast:
+            # the frozen teacher; no_grad, not inference_mode: its tensors cannot enter the
+            # student's graph
+            with torch.no_grad():
+                t_pooled, t_patches = nets.teacher_embed(images)
+            # the student and its projection to the teacher's width
+            s_pooled, s_patches = nets.student_forward(images)
+            # the loss on the final embeddings (G2L), plus the optional patch-token term
+            batch_loss = distance(s_pooled, t_pooled)
+            if patch_weight > 0:
+                batch_loss = batch_loss + patch_weight * patch_distance(s_patches, t_patches)
+            # testing aid: a NaN here must be skipped by the loop, not crash the run
+            if step == debug_nan_step:
+                batch_loss = batch_loss * float('nan')
+            # mean over micro-batches, as one big batch
+            (batch_loss / grad_accum).backward()
+        losses.append(batch_loss.detach())
+        # the teacher-student cosine of the projected embeddings: a health signal in the log
+        s_embedding = s_pooled.detach().float()
+        cosines.append(F.cosine_similarity(s_embedding, t_pooled.float()).mean())
+    # clip_grad_norm_ returns the norm before clipping; DDP already averaged the gradients, so
+    # every rank sees the same norm and takes the same decision
+    max_norm = grad_clip or float('inf')
+    grad_norm = torch.nn.utils.clip_grad_norm_(nets.student.parameters(), max_norm)
+    # a non-finite gradient skips the update (the loop counts it and restores BatchNorm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    # frees the gradients' memory until the next backward
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean(), grad_norm, torch.stack(cosines).mean()
+
+
+def read_tile_batches(tiles, train_idx, step, env):
+    """This rank's micro-batches of uint8 training tiles from `step` on, read by loader workers."""
+    # tiles arrive as uint8 from workers (pinned, prefetched); every random choice is made on the
+    # device
+    order = batches(len(train_idx), step, env.rank, env.world, seed)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(tiles, train_idx), batch_sampler=order,
+        num_workers=num_workers, pin_memory=env.use_cuda, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
+    return iter(loader)
+
+
+def random_tile_batches(env):
+    """--bench's endless micro-batches: random uint8 tiles made on the device, nothing read."""
+    while True:
+        yield torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=env.device)
+
+
+def catch_preemption():
+    """Handlers for SIGTERM and SIGUSR1; returns the dict in which they note the signal."""
     # pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) only raises a
     # flag: the loop finishes its step, every rank checkpoints at the same step, and the run exits
     stop = dict(signal=0)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, _: stop.update(signal=signum))
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        trim_log(os.path.join(out_dir, 'log.jsonl'), step)
-        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
-        if step == 0 and (c := held_out_cosine()) is not None:
-            print(f'step 0: held-out teacher-student cosine {c:.4f}')
-            log_file.write(json.dumps(dict(step=0, val_cosine=c)) + '\n')
-    bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True)
-    t0, t0_step, why, signalled = sync_time(), step, 'reached max_iters', False
-    interval = []  # finite losses since the last log line: the logged loss is their mean, less noisy than one batch
-    while step < max_iters:
-        for g in optimizer.param_groups:
-            g['lr'] = schedule(step, lr, min_lr, warmup_iters)
-        optimizer.param_groups[0]['weight_decay'] = schedule(step, weight_decay, weight_decay_end)  # group 0 decays
-        bn_stats = {k: v.clone() for k, v in raw_student.head[1].state_dict().items()}
-        batch_loss, grad_norm, cosine = train_step(next_tiles, tiles.tile_size, step)
-        # one small all-reduce per step: mean loss across ranks plus the stop flag, so every rank
-        # takes the same early-stop / non-finite / pre-emption decision at the same step
-        shared = torch.stack([batch_loss.float(), cosine.float(), torch.tensor(float(stop['signal'] > 0), device=dev)])
-        if ddp:
-            dist.all_reduce(shared)
-            shared[:2] /= world
-        batch_loss, cosine, signalled = shared[0].item(), shared[1].item(), shared[2].item() > 0
-        step += 1
-        bar.update(1)
-        if not (math.isfinite(batch_loss) and math.isfinite(grad_norm.item())):
-            raw_student.head[1].load_state_dict(bn_stats)  # a NaN forward also poisoned BatchNorm's running stats
-            state['skipped'] += 1
-            state['nonfinite'] += 1
-            if state['nonfinite'] >= max_nonfinite:
-                why = f'{max_nonfinite} non-finite losses in a row: lower lr, check the data, or resume from the checkpoint'
-                break
-        else:
-            state['nonfinite'] = 0
-            interval.append(batch_loss)
-            # the paper's early stop, read as: more than `patience` consecutive losses above the mean
-            # of the previous `window` losses (a plateau or a rise), counted only when enabled
-            recent = state['recent']
-            state['above'] = state['above'] + 1 if len(recent) == early_stop_window and batch_loss > sum(recent) / len(recent) else 0
-            state['recent'] = (recent + [batch_loss])[-early_stop_window:]
-            if early_stop and state['above'] > early_stop_patience:
-                why = f'early stop: the loss exceeded its {early_stop_window}-step mean {state["above"]} times in a row'
-                break
-        if step % log_interval == 0 or step == max_iters:
-            dt = (sync_time() - t0) / (step - t0_step)
-            ips = global_batch / dt
-            row = dict(step=step, loss=sum(interval) / len(interval) if interval else float('nan'),
-                       lr=optimizer.param_groups[0]['lr'], grad_norm=grad_norm.item(), cosine=cosine,
-                       images_per_s=round(ips, 1), mfu=flops * ips / world / peak if peak else None,
-                       skipped=state['skipped'])
-            if master:
-                if step % eval_interval == 0 or step == max_iters:
-                    row['val_cosine'] = held_out_cosine()
-                # NaN/inf as null: log.jsonl stays valid JSON for jq, pandas and friends
-                log_file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                           for k, v in row.items()}) + '\n')
-                log_file.flush()
-                bar.set_postfix_str(f"loss {row['loss']:.4f} cos {cosine:.3f} {ips:.0f} img/s MFU {mfu_text(row['mfu'], 1)}")
-                if row.get('val_cosine') is not None:
-                    bar.write(f"step {step}: loss {row['loss']:.4f}, held-out teacher-student cosine {row['val_cosine']:.4f}")
-            t0, t0_step, interval = sync_time(), step, []
-        if signalled:
-            why = 'pre-empted (SIGTERM/SIGUSR1): checkpoint written; rerun with --resume=True to continue'
-            break
-        if step % ckpt_interval == 0:
-            save_checkpoint()
-    bar.close()
-    save_checkpoint()
-    if master:
-        log_file.close()
-        if not signalled:  # pre-empted runs leave quickly; the export comes when the run completes
-            zoo.export(s_backbone, s_spec, out_dir)
-            plot_loss(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
-        print(f"stopped at step {step}: {why}; {state['skipped']} non-finite steps skipped; "
-              f"outputs in {out_dir}")
-    finish(ddp)
-    if why.startswith(f'{max_nonfinite} non-finite'):
-        raise SystemExit(f'error: {why}')
-    if signalled:  # not finished: a non-zero status (128 + signal, the shell's convention) says so
-        raise SystemExit(128 + (stop['signal'] or signal.SIGTERM))
+    return stop
 
 
 def ignore_sigterm(worker_id):
@@ -526,8 +705,150 @@ def ignore_sigterm(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def mfu_text(mfu, peak):
-    return f'{100 * mfu / peak:.1f}%' if mfu is not None and peak else 'n/a (unknown device peak)'
+def agree_across_ranks(batch_loss, cosine, stop, env):
+    """The loss and cosine averaged over ranks, and whether any rank was signalled."""
+    # one small all-reduce per step, so every rank takes the same early-stop / non-finite /
+    # pre-emption decision at the same step
+    signalled = torch.tensor(float(stop['signal'] > 0), device=env.device)
+    shared = torch.stack([batch_loss.float(), cosine.float(), signalled])
+    if env.ddp:
+        dist.all_reduce(shared)
+        shared[:2] /= env.world
+    return shared[0].item(), shared[1].item(), shared[2].item() > 0
+
+
+def record_loss(state, batch_loss, finite):
+    """Count this step's loss in the run's state (saved with every checkpoint); returns why the
+    run must stop now, or None."""
+    if not finite:
+        state['skipped'] += 1
+        state['nonfinite'] += 1
+        if state['nonfinite'] >= max_nonfinite:
+            return (f'{max_nonfinite} non-finite losses in a row: lower lr, check the data, '
+                    'or resume from the checkpoint')
+        return None
+    state['nonfinite'] = 0
+    # the paper's early stop, read as: more than `patience` consecutive losses above the mean
+    # of the previous `window` losses (a plateau or a rise); counted always, obeyed when enabled
+    recent = state['recent']
+    window_full = len(recent) == early_stop_window
+    above_mean = window_full and batch_loss > sum(recent) / len(recent)
+    state['above'] = state['above'] + 1 if above_mean else 0
+    state['recent'] = (recent + [batch_loss])[-early_stop_window:]
+    if early_stop and state['above'] > early_stop_patience:
+        return (f'early stop: the loss exceeded its {early_stop_window}-step mean '
+                f'{state["above"]} times in a row')
+    return None
+
+
+def embed_held_out(tiles, val_idx, nets, env):
+    """The held-out tiles as batches of (uint8 centre crops, teacher embeddings) on the device."""
+    # read and embedded once: the teacher is frozen
+    if not len(val_idx):
+        return []
+    start = (tiles.tile_size - crop_size) // 2
+    centre = slice(start, start + crop_size)
+    n_batches = math.ceil(len(val_idx) / batch_size)
+    held_out = []
+    with torch.no_grad(), env.autocast:
+        for chunk in np.array_split(val_idx, n_batches):
+            crops = torch.stack([tiles[i] for i in chunk]).to(env.device)[:, :, centre, centre]
+            t_pooled = zoo.embed(nets.teacher, nets.t_spec, crops)[0].float()
+            held_out.append((crops, t_pooled))
+    return held_out
+
+
+def held_out_cosine(raw_student, held_out, env):
+    """Mean teacher-student cosine on the held-out slides' centre crops; None without any."""
+    if not held_out:
+        return None
+    raw_student.eval()
+    linear, bn = raw_student.head
+    with torch.no_grad(), env.autocast:
+        projected = []
+        for crops, _ in held_out:
+            s_pooled = zoo.embed(raw_student.backbone, raw_student.spec, crops)[0]
+            projected.append(linear(s_pooled))
+        projected = torch.cat(projected).float()
+        # the projection's BatchNorm normalises with the held-out set's own statistics ("precise
+        # BN"): its running averages (momentum 0.1) lag a projection that is still moving, and
+        # measured in eval mode the demo's cosine swung between -0.11 and 0.43 while this measure
+        # rose steadily. The projection is discarded after training, so the measure is of the
+        # student's features, not of that lag
+        projected = F.batch_norm(projected, None, None, bn.weight, bn.bias, training=True,
+                                 eps=bn.eps)
+        t_pooled = torch.cat([t for _, t in held_out])
+        cosine = F.cosine_similarity(projected, t_pooled).mean().item()
+    raw_student.train()
+    return cosine
+
+
+def open_log(step):
+    """out_dir/log.jsonl to append to, without what a killed run wrote after its checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    trim_log(log_path, step)
+    return open(log_path, 'a')
+
+
+def trim_log(path, step):
+    """On resume, drop log lines the killed run wrote after its last checkpoint (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
+
+
+def write_log(row, log_file, bar, images_per_s):
+    """One line of log.jsonl, the progress bar's summary, and the held-out cosine if measured."""
+    # NaN/inf as null: log.jsonl stays valid JSON for jq, pandas and friends
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in row.items()}
+    log_file.write(json.dumps(clean) + '\n')
+    log_file.flush()
+    summary = (f"loss {row['loss']:.4f} cos {row['cosine']:.3f} {images_per_s:.0f} img/s "
+               f"MFU {mfu_text(row['mfu'])}")
+    bar.set_postfix_str(summary)
+    if row.get('val_cosine') is not None:
+        bar.write(f"step {row['step']}: loss {row['loss']:.4f}, "
+                  f"held-out teacher-student cosine {row['val_cosine']:.4f}")
+
+
+def save_checkpoint(raw_student, optimizer, step, state, env):
+    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it."""
+    # each rank's torch RNG state, gathered on the master
+    rng = [torch.empty(0)] * env.world
+    if env.ddp:
+        dist.all_gather_object(rng, torch.get_rng_state())
+    else:
+        rng = [torch.get_rng_state()]
+    if not env.master:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = dict(student=raw_student.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                state=state, config=effective_config(), world=env.world, rng=rng)
+    # written atomically: a kill leaves the old checkpoint, never half of one
+    tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
+
+
+def model_flops_utilisation(images_per_s, nets, env):
+    """MFU per GPU: the FLOP/s the step's math needs over the device's peak; None if unknown."""
+    if not env.peak_flops:
+        return None
+    flops = step_flops(nets.t_spec, nets.student.spec)
+    return flops * images_per_s / env.world / env.peak_flops
+
+
+def mfu_text(mfu):
+    return f'{100 * mfu:.1f}%' if mfu is not None else 'n/a (unknown device peak)'
+
+
+def sync_time(env):
+    """Seconds on a monotonic clock once the GPU's queued work is done, so timings measure it."""
+    if env.use_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def peak_rss_gib():
@@ -539,15 +860,6 @@ def finish(ddp):
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def trim_log(path, step):
-    """On resume, drop log lines the killed run wrote after its last checkpoint (atomically)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
 
 
 def plot_loss(log_path, png_path):
@@ -579,7 +891,8 @@ def make_demo_data():
     rows = tile.tile_slides(paths, data_dir + '.tmp', mpp=0.5, tile_size=256, min_tissue=0.5)
     if any(r['status'] != 'ok' for r in rows):
         raise SystemExit(f'error: tiling the demo slides failed: {rows}')
-    os.replace(data_dir + '.tmp', data_dir)  # the folder appears only once complete
+    # the folder appears only once complete
+    os.replace(data_dir + '.tmp', data_dir)
 
 
 if __name__ == '__main__':

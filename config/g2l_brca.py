@@ -6,7 +6,8 @@
 # or download them once and point teacher_weights / student_weights at the local files.
 # From the paper: the models, data, crop, augmentation, loss, lr, weight decay, cosine schedules,
 # batch 32, early stop. Ours (the paper does not give them): warm-up, length, min_lr, clipping,
-# and that 32 is per GPU (G2L ran 3 RTX A6000; 8 GPUs here make a global batch of 256 at the same lr).
+# and that 32 is per GPU (G2L ran 3 RTX A6000; 8 GPUs here make a global batch of 256 at the
+# same lr).
 out_dir = 'out/g2l_brca'
 data_dir = 'tiles/brca'
 teacher = 'H-optimus-0'
