@@ -1,22 +1,27 @@
-"""
+r"""
 Evaluate frozen encoders side by side, the way G2L (arXiv 2510.11176) compares the giga teacher
-(H-optimus-0) with the student before (Hibou-L) and after distillation: linear probe and kNN on tile
-and slide tasks, linear CKA to the teacher, and the robustness index across medical centres
+(H-optimus-0) with the student before (Hibou-L) and after distillation: linear probe and kNN on
+tile and slide tasks, linear CKA to the teacher, and the robustness index across medical centres
 (de Jong et al. 2025). One row per model, teacher first.
 
-CPU demo (random tiny models, 72 generated 64 px tiles: 3 classes, 2 centres, 18 slides; under a minute):
+CPU demo (random tiny models; 72 generated 64 px tiles: 3 classes, 2 centres, 18 slides; < 1 min):
     python -c "import evaluate; evaluate.write_demo_data('data/eval-demo')"
-    python evaluate.py --data data/eval-demo/labels.csv --models tiny-teacher,tiny-student --out out/eval-demo --device cpu
+    python evaluate.py --data data/eval-demo/labels.csv --models tiny-teacher,tiny-student \
+        --out out/eval-demo --device cpu
 Single GPU (bf16; NAME=PATH loads local weights; a distilled folder needs no NAME):
-    python evaluate.py --data brca_patches/ --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca
+    python evaluate.py --data brca_patches/ \
+        --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca
     python evaluate.py config/eval_brca.py     # the same, with the settings in a config file
-No torchrun line: extraction is one forward pass per image. For several GPUs run one process per model with
-the same --out (the cache is shared, written atomically), then one run with all models finds them cached.
+No torchrun line: extraction is one forward pass per image. For several GPUs run one process per
+model with the same --out (the cache is shared, written atomically), then one run with all models
+finds them cached.
 
---data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV path,label,split
-[,center][,slide] (paths relative to the CSV). Writes OUT/results.json, results.md, results.png; OUT/cache/.
---models: one row per entry, named by its model name, or by the whole entry when entries share a name
-(--models Hibou-L,Hibou-L=out/g2l/student.safetensors: the student before and after distillation).
+--data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV
+path,label,split[,center][,slide] (paths relative to the CSV).
+Writes OUT/results.json, results.md, results.png; embeddings in OUT/cache/.
+--models: one row per entry, named by its model name, or by the whole entry when entries share a
+name: --models Hibou-L,Hibou-L=out/g2l/student.safetensors is the student before and after
+distillation.
 """
 import csv
 import hashlib
@@ -44,171 +49,238 @@ from tqdm import tqdm
 from model import configure, create, embed, resize_crop
 
 # -----------------------------------------------------------------------------
-# config: these defaults, then a config/*.py file, then --key=value (model.configure checks keys and types)
+# config: these defaults, then a config/*.py file, then --key=value
+# (model.configure checks keys and types)
 data = None                          # ImageFolder root or CSV path,label,split[,center][,slide]
-models = 'tiny-teacher,tiny-student' # comma-separated: model.py names, NAME=WEIGHTS, distilled folders
-teacher = None                       # the reference row (CKA is measured to it): a name or entry of models, or
-                                     # one more entry; None = the first of models
+# comma-separated, one row each: model.py names, NAME=WEIGHTS, distilled folders
+models = 'tiny-teacher,tiny-student'
+# the reference row (CKA is measured to it): a name or entry of models, or one more entry;
+# None = the first of models
+teacher = None
 out = 'out/eval'                     # results.* here, embeddings in out/cache/
-batch_size = 64
-num_workers = min(8, os.cpu_count() or 1)  # image decoding and resizing run in DataLoader workers
+batch_size = 64                      # images per forward pass
+# image decoding and resizing run in DataLoader workers
+num_workers = min(8, os.cpu_count() or 1)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-probe_C = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # inverse L2 strengths tried (Patho-Bench sweeps a log grid)
+# the linear probe's C grid: inverse L2 strengths tried (Patho-Bench sweeps a log grid)
+probe_C = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
 cv_folds = 5                         # stratified folds on train to choose C when there is no val split
 max_iter = 1000                      # lbfgs iterations per fit
 knn_k = 20                           # the headline kNN (G2L and DINO report k=20 voting)
-knn_k_max = 50                       # also kNN with the best k in 1..knn_k_max on val (THUNDER), if val exists
+knn_k_max = 50                       # with a val split, also best-k in 1..knn_k_max on val (THUNDER)
 ri_k = [3, 5, 10, 20]                # the k at which G2L reports the robustness index (on TIGER)
 bootstrap = 1000                     # test-set resamples for the 95% confidence intervals
-seed = 0
+seed = 0                             # the probe's fits, its CV folds and the bootstrap resamples
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list, type(None)))]
+# every plain value above is a config key
+config_types = (int, float, str, list, type(None))
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, config_types)]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
-METRICS = {'balanced_accuracy': 'bal. acc', 'f1_macro': 'macro F1', 'auroc': 'AUROC', 'accuracy': 'acc'}  # eva leads with the first
-CACHE_VERSION = 'v2 shorter side, centre crop'  # bump when load_images or the cache layout changes: old caches miss
-
+# the first leads the tables, as balanced accuracy leads eva's
+METRICS = {'balanced_accuracy': 'bal. acc',
+           'f1_macro': 'macro F1',
+           'auroc': 'AUROC',
+           'accuracy': 'acc'}
+# bump when load_images or the cache layout changes: old caches then miss
+CACHE_VERSION = 'v2 shorter side, centre crop'
 # -----------------------------------------------------------------------------
 # data
 
 def read_dataset(source):
-    """ImageFolder or CSV -> dict of paths, int labels, splits, optional center/slide arrays, file stamps."""
+    """ImageFolder or CSV -> dict of paths, int labels, splits, classes, file stamps, and the center
+    and slide arrays (None when the source has no such column)."""
     if source is None or not os.path.exists(source):
-        raise SystemExit(f"error: {'--data is required' if source is None else f'--data {source} not found'}: give an "
-                         'ImageFolder root (train/, val/, test/) or a CSV with columns path,label,split[,center][,slide]')
+        problem = '--data is required' if source is None else f'--data {source} not found'
+        raise SystemExit(f'error: {problem}: give an ImageFolder root (train/, val/, test/) '
+                         'or a CSV with columns path,label,split[,center][,slide]')
     rows = read_csv(source) if os.path.isfile(source) else read_imagefolder(source)
     for r in rows:
         if r['split'] not in SPLITS:
-            raise SystemExit(f"error: {r['path']}: split {r['split']!r} is not one of {', '.join(SPLITS)}")
+            raise SystemExit(f"error: {r['path']}: split {r['split']!r} is not one of "
+                             f"{', '.join(SPLITS)}")
     split = np.array([r['split'] for r in rows])
     classes = sorted({r['label'] for r in rows})
     labels = np.array([classes.index(r['label']) for r in rows])
+    check_splits(source, split, labels, classes)
+    dataset = dict(source=source, paths=[r['path'] for r in rows], labels=labels, split=split,
+                   classes=classes, stamps=file_stamps(rows))
+    for column in ('center', 'slide'):
+        dataset[column] = np.array([r[column] for r in rows]) if column in rows[0] else None
+    if dataset['slide'] is not None:
+        check_one_label_and_split_per_slide(dataset)
+    return dataset
+
+
+def check_splits(source, split, labels, classes):
+    """Train and test must have images, and every class must have train images."""
     for s in ('train', 'test'):
         if not (split == s).any():
-            raise SystemExit(f'error: {source}: the {s} split is empty; train and test are required, val is optional')
-    untrained = sorted(set(range(len(classes))) - set(labels[split == 'train']))
+            raise SystemExit(f'error: {source}: the {s} split is empty; '
+                             'train and test are required, val is optional')
+    trained_classes = set(labels[split == 'train'])
+    untrained = sorted(set(range(len(classes))) - trained_classes)
     if untrained:
-        raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train images, so no probe can learn it')
-    stamps = []  # path, size and mtime of every image: the data half of the cache key
+        raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train images, '
+                         'so no probe can learn it')
+
+
+def file_stamps(rows):
+    """Path, size and mtime of every image: the data half of the cache key."""
+    stamps = []
     for r in rows:
         try:
             stat = os.stat(r['path'])
         except OSError:
             raise SystemExit(f"error: image {r['path']} does not exist")
         stamps.append((r['path'], stat.st_size, stat.st_mtime_ns))
-    dataset = dict(source=source, paths=[r['path'] for r in rows], labels=labels, split=split, classes=classes,
-                   stamps=stamps, **{c: np.array([r[c] for r in rows]) if c in rows[0] else None for c in ('center', 'slide')})
-    if dataset['slide'] is not None:  # a slide is one sample at slide level: one label, one split (no leakage)
-        inverse = np.unique(dataset['slide'], return_inverse=True)[1]
-        for values in (labels, np.unique(split, return_inverse=True)[1]):
-            per_slide = np.zeros(inverse.max() + 1, int)
-            per_slide[inverse] = values  # the last tile's value; any tile that disagrees with it is mixed
-            mixed = np.flatnonzero(per_slide[inverse] != values)
-            if len(mixed):
-                raise SystemExit(f"error: slide {str(dataset['slide'][mixed[0]])!r} has tiles with different labels or "
-                                 'splits; a slide-level task needs one label and one split per slide')
-    return dataset
+    return stamps
+
+
+def check_one_label_and_split_per_slide(dataset):
+    # a slide is one sample at slide level: one label and one split, or its tiles would leak
+    # between train and test
+    slide_of_tile = np.unique(dataset['slide'], return_inverse=True)[1]
+    split_codes = np.unique(dataset['split'], return_inverse=True)[1]
+    for values in (dataset['labels'], split_codes):
+        # each slide keeps its last tile's value; any tile that disagrees with it is mixed
+        per_slide = np.zeros(slide_of_tile.max() + 1, int)
+        per_slide[slide_of_tile] = values
+        mixed = np.flatnonzero(per_slide[slide_of_tile] != values)
+        if len(mixed):
+            slide = str(dataset['slide'][mixed[0]])
+            raise SystemExit(f'error: slide {slide!r} has tiles with different labels or splits; '
+                             'a slide-level task needs one label and one split per slide')
 
 
 def read_imagefolder(root):
+    """Rows of path, label, split from root/<split>/<class>/<image>."""
     rows = []
     for split in SPLITS:
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
             if split == 'val':
                 continue
-            raise SystemExit(f'error: {split_dir} is missing: an ImageFolder root needs train/ and test/ '
-                             '(val/ optional), each with one subfolder per class')
-        for label in sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))):
+            raise SystemExit(f'error: {split_dir} is missing: an ImageFolder root needs train/ and '
+                             'test/ (val/ optional), each with one subfolder per class')
+        class_names = [d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))]
+        for label in sorted(class_names):
             class_dir = os.path.join(split_dir, label)
             files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTS))
             if not files:
-                raise SystemExit(f'error: class folder {class_dir} has no images ({" ".join(IMAGE_EXTS)})')
+                raise SystemExit(f'error: class folder {class_dir} has no images '
+                                 f'({" ".join(IMAGE_EXTS)})')
             rows += [dict(path=os.path.join(class_dir, f), label=label, split=split) for f in files]
     return rows
 
 
 def read_csv(path):
+    """Rows of the CSV, with each path made absolute."""
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     missing = {'path', 'label', 'split'} - set(reader.fieldnames or [])
     if missing or not rows:
-        raise SystemExit(f'error: {path} needs a header path,label,split[,center][,slide] and at least one row '
-                         f'(missing: {", ".join(sorted(missing)) or "rows"})')
+        what = ', '.join(sorted(missing)) or 'rows'
+        raise SystemExit(f'error: {path} needs a header path,label,split[,center][,slide] and at '
+                         f'least one row (missing: {what})')
+    # paths are relative to the CSV's folder; absolute paths pass through
     base = os.path.dirname(os.path.abspath(path))
     for r in rows:
-        r['path'] = os.path.join(base, r['path'])  # relative to the CSV's folder; absolute paths pass through
+        r['path'] = os.path.join(base, r['path'])
     return rows
 
 
 def load_images(paths, spec):
-    """DataLoader collate_fn, so decoding runs in the workers: paths -> ([0, 1] float (B, 3, S, S), None) or (None,
-    error). model.resize_crop, the pixels model.embed gives a whole image: the card's shorter side, centre crop, never
-    squashed (cells keep their shape). Tiles of the card's size keep their um/px (S x S, or `resize`); others scale."""
+    """DataLoader collate_fn: image paths -> ([0, 1] float (B, 3, S, S), None), or (None, error)."""
+    # A collate_fn, so decoding runs in the DataLoader workers. model.resize_crop gives the pixels
+    # model.embed gives a whole image: the card's shorter side, then a centre crop, never squashed
+    # (cells keep their shape). Tiles of the card's size keep their um/px (S x S, or `resize`);
+    # others scale.
     images = []
     for path in paths:
         try:
             with Image.open(path) as im:
                 im = im.convert('RGB')
-        except Exception as e:  # a worker's traceback would bury the file name: hand back one line instead
+        except Exception as e:
+            # a worker's traceback would bury the file name: hand back one line instead
             return None, f'error: cannot read image {path} ({type(e).__name__}); fix or remove it'
-        images.append(resize_crop(spec, torch.from_numpy(np.array(im)).permute(2, 0, 1)[None])[0])
+        pixels = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
+        images.append(resize_crop(spec, pixels)[0])
     return torch.stack(images), None
 
 
 def write_atomic(path, payload):
-    """Write to a temporary name, then rename: an interrupted run never leaves a truncated cache or result."""
+    """Write bytes to a temporary name, then rename."""
+    # an interrupted run never leaves a truncated cache or result that looks complete
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(f'{path}.tmp{os.getpid()}', 'wb') as f:
+    temporary = f'{path}.tmp{os.getpid()}'
+    with open(temporary, 'wb') as f:
         f.write(payload)
-    os.replace(f'{path}.tmp{os.getpid()}', path)
+    os.replace(temporary, path)
 
 # -----------------------------------------------------------------------------
 # embeddings, extracted once per (model, dataset)
 
 def cache_path(name, net, spec, dataset):
-    """OUT/cache/<name>-<key>.npz. The key hashes the weights themselves (a student re-trained into the same
-    folder must miss; a few seconds for a ViT-g), the preprocessing, and every image's path, size and mtime."""
+    """OUT/cache/<name>-<key>.npz; the key changes with the weights, preprocessing or any image."""
     key = hashlib.blake2b(digest_size=8)
-    for k, t in net.state_dict().items():
-        key.update(k.encode())
-        key.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    # the weights themselves, not their file name: a student re-trained into the same folder must
+    # miss (hashing a ViT-g takes a few seconds)
+    for param_name, tensor in net.state_dict().items():
+        key.update(param_name.encode())
+        raw_bytes = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        key.update(raw_bytes.numpy())
+    # the preprocessing, and every image's path, size and mtime
     preprocess = {k: spec.get(k) for k in ('img_size', 'resize', 'mean', 'std', 'pool', 'dim')}
-    key.update(json.dumps([CACHE_VERSION, preprocess, dataset['stamps']], sort_keys=True).encode())
+    inputs = [CACHE_VERSION, preprocess, dataset['stamps']]
+    key.update(json.dumps(inputs, sort_keys=True).encode())
     slug = re.sub(r'[^A-Za-z0-9._-]+', '_', name.strip('/'))[-60:]
     return os.path.join(out, 'cache', f'{slug}-{key.hexdigest()}.npz')
 
 
 def embeddings(name, weights, dataset):
-    """Pooled embeddings (N, dim) of every image, float32, from the cache while model and data are unchanged."""
+    """Pooled embeddings (N, dim) of every image, float32, from the cache while model and data are
+    unchanged; and a dict of dim, params, cache (its path), cached, seconds."""
     start = time.time()
     net, spec = create(name, weights or None, device=device)
     path = cache_path(name, net, spec, dataset)
-    info = dict(dim=spec['dim'], params=sum(p.numel() for p in net.parameters()), cache=path, cached=os.path.exists(path))
+    n_params = sum(p.numel() for p in net.parameters())
+    info = dict(dim=spec['dim'], params=n_params, cache=path, cached=os.path.exists(path))
     if info['cached']:
         with np.load(path) as cached:
             return cached['embeddings'], info | dict(seconds=time.time() - start)
-    loader = torch.utils.data.DataLoader(dataset['paths'], batch_size=batch_size, num_workers=num_workers,
+    emb = extract(name, net, spec, dataset['paths'])
+    # the image paths beside the embeddings: the file stands alone
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=emb, paths=np.array(dataset['paths']))
+    write_atomic(path, buffer.getvalue())
+    return emb, info | dict(seconds=time.time() - start)
+
+
+def extract(name, net, spec, paths):
+    """Pooled embeddings (N, dim), float32, of the images at paths: one forward pass each."""
+    loader = torch.utils.data.DataLoader(paths, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=partial(load_images, spec=spec),
                                          pin_memory=device.startswith('cuda'))
     # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 autocast is 3-4x slower
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
+    if device.startswith('cuda'):
+        autocast = torch.autocast('cuda', dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext()
+    progress = tqdm(total=len(paths), unit='img', desc=f'embed {name}')
     chunks = []
-    with torch.inference_mode(), autocast, tqdm(total=len(dataset['paths']), unit='img', desc=f'embed {name}') as bar:
+    with torch.inference_mode(), autocast, progress:
         for images, error in loader:
             if error:
                 raise SystemExit(error)
             pooled, _ = embed(net, spec, images.to(device, non_blocking=True))
             chunks.append(pooled.float().cpu().numpy())
-            bar.update(len(images))
-    emb = np.concatenate(chunks)
-    buffer = io.BytesIO()
-    np.savez(buffer, embeddings=emb, paths=np.array(dataset['paths']))  # with the paths, the file stands alone
-    write_atomic(path, buffer.getvalue())
-    return emb, info | dict(seconds=time.time() - start)
+            progress.update(len(images))
+    return np.concatenate(chunks)
 
 # -----------------------------------------------------------------------------
 # metrics, with bootstrap confidence intervals
