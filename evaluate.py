@@ -560,69 +560,98 @@ def pool_slides(emb, dataset):
 # outputs
 
 def table(header, rows):
-    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+    """Markdown lines of a table: a header and rows of cell strings."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return lines + ['| ' + ' | '.join(cells) + ' |' for cells in rows]
 
 
 def write_markdown(results, path):
+    """results.md: a table per level (tile, slide), then the robustness index; returns the text."""
     rows = results['models']
     first = next(iter(rows.values()))
-    cell = lambda e: f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
     lines = [f"# {', '.join(rows)} on {results['data']['source']}", '',
-             f"Teacher {results['teacher']}. Test split, 95% bootstrap CIs ({bootstrap} resamples). kNN@{knn_k}: "
-             "majority vote of the k nearest training samples (cosine); best-k: k chosen on val."]
+             f"Teacher {results['teacher']}. Test split, 95% bootstrap CIs ({bootstrap} resamples). "
+             f"kNN@{knn_k}: majority vote of the k nearest training samples (cosine); "
+             "best-k: k chosen on val."]
     for level in ('tile', 'slide'):
         if level in first:
-            protocols = [(p, title) for p, title in (('linear', 'linear'), ('knn', f'kNN@{knn_k}'), ('knn_best', 'kNN best-k'))
-                         if p in first[level]]
-            header = ['model', 'params'] + [f'{title} {label}' for _, title in protocols for label in METRICS.values()]
-            lines += ['', f'## {level} level', ''] + table(
-                header + ['CKA to teacher'] * (level == 'tile'),
-                [[name, f"{r['params'] / 1e6:.1f}M"] + [cell(r[level][p][m]) for p, _ in protocols for m in METRICS]
-                 + [f"{r['cka_to_teacher']:.3f}"] * (level == 'tile') for name, r in rows.items()])
-            lines += ['', 'Chosen on val (or by CV on train): ' + '; '.join(
-                f"{name} C={r[level]['linear']['C']:g}" + (f", k={r[level]['knn_best']['k']}" if 'knn_best' in r[level] else '')
-                for name, r in rows.items())]
+            lines += level_section(rows, level)
     if 'robustness_index' in first:
-        ks = list(first['robustness_index'])
-        lines += ['', '## robustness index (de Jong et al. 2025): SO/OS > 1 and SO/(SO+OS) > 0.5 mean biology '
-                  'dominates the centre', ''] + table(
-            ['model'] + [f'SO/OS k={k}' for k in ks] + [f'SO/(SO+OS) k={k}' for k in ks],
-            [[name] + [f"{r['robustness_index'][k][form]:.3f}" for form in ('SO/OS', 'SO/(SO+OS)') for k in ks]
-             for name, r in rows.items()])
-    write_atomic(path, ('\n'.join(lines) + '\n').encode())
-    return '\n'.join(lines)
+        lines += robustness_section(rows)
+    text = '\n'.join(lines)
+    write_atomic(path, (text + '\n').encode())
+    return text
+
+
+def level_section(rows, level):
+    """Markdown lines of one level: every metric of every protocol with its CI, a row per model,
+    then the C and k each model's probes chose."""
+    first = next(iter(rows.values()))
+    titles = {'linear': 'linear', 'knn': f'kNN@{knn_k}', 'knn_best': 'kNN best-k'}
+    protocols = [p for p in titles if p in first[level]]
+    # CKA to the teacher is measured on tile embeddings: a column of the tile table only
+    with_cka = level == 'tile'
+    header = ['model', 'params']
+    for p in protocols:
+        header += [f'{titles[p]} {label}' for label in METRICS.values()]
+    header += ['CKA to teacher'] * with_cka
+    body = []
+    for name, r in rows.items():
+        cells = [name, f"{r['params'] / 1e6:.1f}M"]
+        for p in protocols:
+            cells += [ci_cell(r[level][p][m]) for m in METRICS]
+        cells += [f"{r['cka_to_teacher']:.3f}"] * with_cka
+        body.append(cells)
+    chosen = [chosen_settings(name, r[level]) for name, r in rows.items()]
+    chosen_line = 'Chosen on val (or by CV on train): ' + '; '.join(chosen)
+    return ['', f'## {level} level', ''] + table(header, body) + ['', chosen_line]
+
+
+def ci_cell(entry):
+    """'value [low, high]' of one metric."""
+    low, high = entry['ci']
+    return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def chosen_settings(name, level_results):
+    """'name C=..., k=...': the probe's C and, with a val split, the best k."""
+    chosen = f"{name} C={level_results['linear']['C']:g}"
+    if 'knn_best' in level_results:
+        chosen += f", k={level_results['knn_best']['k']}"
+    return chosen
+
+
+def robustness_section(rows):
+    """Markdown lines of the robustness index: both forms at every k, a row per model."""
+    first = next(iter(rows.values()))
+    ks = list(first['robustness_index'])
+    forms = ('SO/OS', 'SO/(SO+OS)')
+    header = ['model'] + [f'{form} k={k}' for form in forms for k in ks]
+    body = []
+    for name, r in rows.items():
+        index = r['robustness_index']
+        body.append([name] + [f'{index[k][form]:.3f}' for form in forms for k in ks])
+    title = ('## robustness index (de Jong et al. 2025): SO/OS > 1 and SO/(SO+OS) > 0.5 mean '
+             'biology dominates the centre')
+    return ['', title, ''] + table(header, body)
 
 
 def plot(results, path):
-    """Bars per metric (a group per level and protocol, a bar per model, CI error bars), CKA, and RI against k."""
+    """results.png: a panel per metric, CKA to the teacher, and the robustness index against k."""
+    # imported here, with a backend that needs no display
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = results['models']
     first = next(iter(rows.values()))
+    # a group of bars per level and protocol
     groups = [(level, p) for level in ('tile', 'slide') if level in first for p in ('linear', 'knn')]
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    width = 0.8 / len(rows)
     for ax, (metric, label) in zip(axes.flat, METRICS.items()):
-        for i, (name, r) in enumerate(rows.items()):
-            value = np.array([r[level][p][metric]['value'] for level, p in groups])
-            ci = np.array([r[level][p][metric]['ci'] for level, p in groups]).T
-            ax.bar(np.arange(len(groups)) + i * width, value, width, yerr=np.nan_to_num(np.abs(ci - value)), capsize=3, label=name)
-        ax.set_xticks(np.arange(len(groups)) + width * (len(rows) - 1) / 2,
-                      [f"{level} {'linear' if p == 'linear' else f'kNN@{knn_k}'}" for level, p in groups])
-        ax.set(title=f'{label} (test, 95% CI)', ylim=(0, 1.05))
+        plot_metric(ax, rows, groups, metric, label)
     axes[0, 0].legend(fontsize=8)
-    axes[1, 1].bar(list(rows), [r['cka_to_teacher'] for r in rows.values()], color=[f'C{i}' for i in range(len(rows))])
-    axes[1, 1].set(title=f"linear CKA to {results['teacher']} (test)", ylim=(0, 1.05))
-    axes[1, 1].tick_params(axis='x', labelrotation=15)
-    axes[1, 2].set_title('robustness index: needs a center column')
-    if 'robustness_index' in first:
-        for name, r in rows.items():
-            ri = r['robustness_index']
-            axes[1, 2].plot([int(k) for k in ri], [ri[k]['SO/OS'] for k in ri], 'o-', label=name)
-        axes[1, 2].axhline(1, color='gray', ls='--', lw=1)
-        axes[1, 2].set(title='robustness index SO/OS (> 1: biology dominates)', xlabel='k', xticks=[int(k) for k in ri])
-        axes[1, 2].legend(fontsize=8)
+    plot_cka(axes[1, 1], rows, results['teacher'])
+    plot_robustness(axes[1, 2], rows)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100)
@@ -630,14 +659,56 @@ def plot(results, path):
     write_atomic(path, buffer.getvalue())
 
 
+def plot_metric(ax, rows, groups, metric, label):
+    """Bars of one metric: a group per (level, protocol), a bar per model, CI error bars."""
+    width = 0.8 / len(rows)
+    positions = np.arange(len(groups))
+    for i, (name, r) in enumerate(rows.items()):
+        value = np.array([r[level][p][metric]['value'] for level, p in groups])
+        ci = np.array([r[level][p][metric]['ci'] for level, p in groups]).T
+        # error bars are distances below and above the value; none where the CI is NaN
+        error = np.nan_to_num(np.abs(ci - value))
+        ax.bar(positions + i * width, value, width, yerr=error, capsize=3, label=name)
+    group_names = [f"{level} {'linear' if p == 'linear' else f'kNN@{knn_k}'}" for level, p in groups]
+    ax.set_xticks(positions + width * (len(rows) - 1) / 2, group_names)
+    ax.set(title=f'{label} (test, 95% CI)', ylim=(0, 1.05))
+
+
+def plot_cka(ax, rows, teacher):
+    """A bar per model: its linear CKA to the teacher."""
+    colours = [f'C{i}' for i in range(len(rows))]
+    ax.bar(list(rows), [r['cka_to_teacher'] for r in rows.values()], color=colours)
+    ax.set(title=f'linear CKA to {teacher} (test)', ylim=(0, 1.05))
+    ax.tick_params(axis='x', labelrotation=15)
+
+
+def plot_robustness(ax, rows):
+    """A line per model: SO/OS against k; only a title when the data has no centres."""
+    ax.set_title('robustness index: needs a center column')
+    first = next(iter(rows.values()))
+    if 'robustness_index' not in first:
+        return
+    ks = [int(k) for k in first['robustness_index']]
+    for name, r in rows.items():
+        index = r['robustness_index']
+        ax.plot(ks, [index[str(k)]['SO/OS'] for k in ks], 'o-', label=name)
+    ax.axhline(1, color='gray', ls='--', lw=1)
+    ax.set(title='robustness index SO/OS (> 1: biology dominates)', xlabel='k', xticks=ks)
+    ax.legend(fontsize=8)
+
+
 def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64, seed=0):
-    """Small PNG tiles of 3 colour/texture classes from 2 centres, written as an ImageFolder under root and
-    listed in root/labels.csv with center and slide columns. Returns the CSV's path."""
+    """Small PNG tiles of 3 colour/texture classes from 2 centres, written as an ImageFolder under
+    root and listed in root/labels.csv with center and slide columns. Returns the CSV's path."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
-    classes = {'lymphocytes': ((80, 60, 150), ((xx % 12 < 5) & (yy % 12 < 5)) * 2.0 - 1),  # dense dark dots
-               'stroma': ((230, 150, 190), np.sin(xx / 3.0)),                              # pink fibres
-               'tumor': ((150, 90, 170), np.sin(xx / 5.0) * np.sin(yy / 5.0))}            # purple blobs
+    dense_dark_dots = ((xx % 12 < 5) & (yy % 12 < 5)) * 2.0 - 1
+    pink_fibres = np.sin(xx / 3.0)
+    purple_blobs = np.sin(xx / 5.0) * np.sin(yy / 5.0)
+    # each class: an RGB colour and a texture in [-1, 1]
+    classes = {'lymphocytes': ((80, 60, 150), dense_dark_dots),
+               'stroma': ((230, 150, 190), pink_fibres),
+               'tumor': ((150, 90, 170), purple_blobs)}
     rows = []
     for label, (colour, texture) in classes.items():
         for split, n_slides in zip(SPLITS, slides_per_split):
@@ -647,13 +718,17 @@ def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64
                 # a stain shift per centre plus one per slide: within a lab, slides vary too
                 stain = np.array([12, -8, 10]) * (1 if s % 2 else -1) + rng.normal(0, 20, 3)
                 for t in range(tiles_per_slide):
-                    pixels = np.array(colour) + stain + 40 * texture[..., None] + rng.normal(0, 10, (size, size, 3))
+                    noise = rng.normal(0, 10, (size, size, 3))
+                    pixels = np.array(colour) + stain + 40 * texture[..., None] + noise
                     path = os.path.join(split, label, f'{slide}_{t}.png')
-                    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(root, path))
+                    tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                    tile.save(os.path.join(root, path))
                     rows.append((path, label, split, center, slide))
-    with open(os.path.join(root, 'labels.csv'), 'w') as f:
-        f.write('path,label,split,center,slide\n' + ''.join(','.join(r) + '\n' for r in rows))
-    return os.path.join(root, 'labels.csv')
+    csv_path = os.path.join(root, 'labels.csv')
+    with open(csv_path, 'w') as f:
+        f.write('path,label,split,center,slide\n')
+        f.writelines(','.join(r) + '\n' for r in rows)
+    return csv_path
 
 # -----------------------------------------------------------------------------
 
