@@ -64,10 +64,10 @@ num_workers = min(8, os.cpu_count() or 1)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # the linear probe's C grid: inverse L2 strengths tried (Patho-Bench sweeps a log grid)
 probe_C = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
-cv_folds = 5                         # stratified folds on train to choose C when there is no val split
+cv_folds = 5                         # stratified folds on train choose C without a val split
 max_iter = 1000                      # lbfgs iterations per fit
 knn_k = 20                           # the headline kNN (G2L and DINO report k=20 voting)
-knn_k_max = 50                       # with a val split, also best-k in 1..knn_k_max on val (THUNDER)
+knn_k_max = 50                       # and kNN at the k in 1..knn_k_max best on val (THUNDER)
 ri_k = [3, 5, 10, 20]                # the k at which G2L reports the robustness index (on TIGER)
 bootstrap = 1000                     # test-set resamples for the 95% confidence intervals
 seed = 0                             # the probe's fits, its CV folds and the bootstrap resamples
@@ -87,6 +87,7 @@ METRICS = {'balanced_accuracy': 'bal. acc',
            'accuracy': 'acc'}
 # bump when load_images or the cache layout changes: old caches then miss
 CACHE_VERSION = 'v2 shorter side, centre crop'
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -166,7 +167,8 @@ def read_imagefolder(root):
                 continue
             raise SystemExit(f'error: {split_dir} is missing: an ImageFolder root needs train/ and '
                              'test/ (val/ optional), each with one subfolder per class')
-        class_names = [d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))]
+        names = os.listdir(split_dir)
+        class_names = [d for d in names if os.path.isdir(os.path.join(split_dir, d))]
         for label in sorted(class_names):
             class_dir = os.path.join(split_dir, label)
             files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTS))
@@ -195,11 +197,8 @@ def read_csv(path):
 
 
 def load_images(paths, spec):
-    """DataLoader collate_fn: image paths -> ([0, 1] float (B, 3, S, S), None), or (None, error)."""
-    # A collate_fn, so decoding runs in the DataLoader workers. model.resize_crop gives the pixels
-    # model.embed gives a whole image: the card's shorter side, then a centre crop, never squashed
-    # (cells keep their shape). Tiles of the card's size keep their um/px (S x S, or `resize`);
-    # others scale.
+    """DataLoader collate_fn, so decoding runs in the workers: image paths -> ([0, 1] float
+    (B, 3, S, S), None), or (None, error)."""
     images = []
     for path in paths:
         try:
@@ -209,6 +208,9 @@ def load_images(paths, spec):
             # a worker's traceback would bury the file name: hand back one line instead
             return None, f'error: cannot read image {path} ({type(e).__name__}); fix or remove it'
         pixels = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
+        # model.embed's own preprocessing of a whole image: the card's shorter side, then a centre
+        # crop, never squashed (cells keep their shape). Tiles of the card's size (S x S, or
+        # `resize`) keep their um/px; others scale.
         images.append(resize_crop(spec, pixels)[0])
     return torch.stack(images), None
 
@@ -266,7 +268,7 @@ def extract(name, net, spec, paths):
     loader = torch.utils.data.DataLoader(paths, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=partial(load_images, spec=spec),
                                          pin_memory=device.startswith('cuda'))
-    # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 autocast is 3-4x slower
+    # precision lives here: bf16 autocast on CUDA, float32 on CPU (bf16 is 3-4x slower there)
     if device.startswith('cuda'):
         autocast = torch.autocast('cuda', dtype=torch.bfloat16)
     else:
@@ -307,7 +309,7 @@ def metrics(y, scores, weights=None):
         aurocs = [auroc(y == c, scores[:, c], weights) for c in scored_classes]
         # mean recall over the classes present (scikit-learn's balanced accuracy)
         recall = np.where(support > 0, tp / support, np.nan)
-        # macro F1 over the labels present in y or in the predictions (scikit-learn's default labels)
+        # macro F1 over the labels in y or in the predictions (scikit-learn's default labels)
         present = (support > 0) | (predicted > 0)
         f1 = np.where(present, 2 * tp / (support + predicted), np.nan)
         return dict(balanced_accuracy=np.nanmean(recall, 1),
@@ -326,14 +328,14 @@ def auroc(positive, score, weights):
     ranked_weights = weights[:, order]
     pos = np.add.reduceat(ranked_weights * positive[order], group_starts, axis=1)
     neg = np.add.reduceat(ranked_weights * ~positive[order], group_starts, axis=1)
-    # Mann-Whitney: each positive beats the negatives ranked below it, and half of those tied with it
+    # Mann-Whitney: each positive beats the negatives below it and half of those tied with it
     beaten = np.cumsum(neg, 1) - neg / 2
     return (pos * beaten).sum(1) / (pos.sum(1) * neg.sum(1))
 
 
 def with_ci(y, scores):
-    """{metric: {'value', 'ci': [2.5th, 97.5th percentile]}} over `bootstrap` resamples of the test
-    set."""
+    """Each metric on the test set with its 95% CI over `bootstrap` resamples:
+    {metric: {'value', 'ci': [2.5th, 97.5th percentile]}}."""
     point = metrics(y, scores)
     # the same resamples for every model, so the CIs are paired across rows
     rng = np.random.default_rng(seed)
@@ -359,7 +361,7 @@ def with_ci(y, scores):
 # protocols on frozen embeddings
 
 def linear_probe(train_x, train_y, val_x, val_y, test_x):
-    """Class probabilities on test of a logistic regression on standardized embeddings, and its C."""
+    """Test class probabilities of a logistic regression on standardized embeddings; its C."""
     scaler = StandardScaler().fit(train_x)
     train_x = scaler.transform(train_x)
     test_x = scaler.transform(test_x)
@@ -397,6 +399,7 @@ def choose_C(train_x, train_y, val_x, val_y):
         else:
             score = cv_score(C, train_x, train_y, folds)
         scores.append(tuple(score))
+    # the best (balanced accuracy, log-likelihood); of equal ones the first, the smallest C
     best = max(range(len(probe_C)), key=scores.__getitem__)
     return probe_C[best]
 
@@ -544,8 +547,8 @@ def robustness_index(emb, labels, centers, slides, ks):
 def pool_slides(emb, dataset):
     """Mean of each slide's tile embeddings, with each slide's label and split."""
     # the simplest slide encoder, a baseline every MIL model must beat
-    slides = np.unique(dataset['slide'], return_index=True, return_inverse=True)
-    _, first_tile, slide_of_tile = slides
+    slide_names = dataset['slide']
+    _, first_tile, slide_of_tile = np.unique(slide_names, return_index=True, return_inverse=True)
     order = np.argsort(slide_of_tile, kind='stable')
     tiles_per_slide = np.bincount(slide_of_tile)
     slide_starts = np.r_[0, np.cumsum(tiles_per_slide)[:-1]]
@@ -570,7 +573,8 @@ def write_markdown(results, path):
     rows = results['models']
     first = next(iter(rows.values()))
     lines = [f"# {', '.join(rows)} on {results['data']['source']}", '',
-             f"Teacher {results['teacher']}. Test split, 95% bootstrap CIs ({bootstrap} resamples). "
+             f"Teacher {results['teacher']}. "
+             f"Test split, 95% bootstrap CIs ({bootstrap} resamples). "
              f"kNN@{knn_k}: majority vote of the k nearest training samples (cosine); "
              "best-k: k chosen on val."]
     for level in ('tile', 'slide'):
@@ -645,7 +649,8 @@ def plot(results, path):
     rows = results['models']
     first = next(iter(rows.values()))
     # a group of bars per level and protocol
-    groups = [(level, p) for level in ('tile', 'slide') if level in first for p in ('linear', 'knn')]
+    levels = [level for level in ('tile', 'slide') if level in first]
+    groups = [(level, p) for level in levels for p in ('linear', 'knn')]
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for ax, (metric, label) in zip(axes.flat, METRICS.items()):
         plot_metric(ax, rows, groups, metric, label)
@@ -669,7 +674,8 @@ def plot_metric(ax, rows, groups, metric, label):
         # error bars are distances below and above the value; none where the CI is NaN
         error = np.nan_to_num(np.abs(ci - value))
         ax.bar(positions + i * width, value, width, yerr=error, capsize=3, label=name)
-    group_names = [f"{level} {'linear' if p == 'linear' else f'kNN@{knn_k}'}" for level, p in groups]
+    protocol_names = {'linear': 'linear', 'knn': f'kNN@{knn_k}'}
+    group_names = [f'{level} {protocol_names[p]}' for level, p in groups]
     ax.set_xticks(positions + width * (len(rows) - 1) / 2, group_names)
     ax.set(title=f'{label} (test, 95% CI)', ylim=(0, 1.05))
 
@@ -731,54 +737,124 @@ def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64
     return csv_path
 
 # -----------------------------------------------------------------------------
+# rows: which models, named how, the teacher first
 
-def main(argv=None):
-    globals().update(DEFAULTS)  # start from the defaults on every call (the tests call main more than once)
-    globals().update(configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv))
-    config = {k: globals()[k] for k in config_keys}
-    print('config:', json.dumps(config))
-    entries = [m.strip() for m in models.split(',') if m.strip()]
+def model_entries(listing):
+    """The entries of a comma-separated --models; none, or one given twice, is an error."""
+    entries = [m.strip() for m in listing.split(',') if m.strip()]
     twice = [e for e in entries if entries.count(e) > 1]
     if not entries or twice:
-        raise SystemExit(f"error: --models {f'lists {twice[0]} twice' if twice else 'is empty'}: one entry per row, "
+        problem = f'lists {twice[0]} twice' if twice else 'is empty'
+        raise SystemExit(f'error: --models {problem}: one entry per row, '
                          'e.g. --models tiny-teacher,tiny-student')
-    def row_names(entries):  # {row: entry}; a row is named by its model name, or by its entry when names repeat
-        model_names = [e.partition('=')[0] for e in entries]
-        return {(e if model_names.count(n) > 1 else n): e for n, e in zip(model_names, entries)}
-    first = row_names(entries).get(teacher or entries[0], teacher or entries[0])  # a row, an entry, or one more entry
+    return entries
+
+
+def row_names(entries):
+    """{row name: entry}: a row is named by its model name, or by its entry when names repeat."""
+    model_names = [e.partition('=')[0] for e in entries]
+    rows = {}
+    for model_name, entry in zip(model_names, entries):
+        shared = model_names.count(model_name) > 1
+        rows[entry if shared else model_name] = entry
+    return rows
+
+
+def ordered_rows(entries, reference=None):
+    """{row name: entry} with the teacher first, as in G2L's tables. reference: a row name, an
+    entry, or one more entry to add; None is the first entry."""
+    named = reference or entries[0]
+    # a row name stands for its entry; anything else is an entry itself
+    first = row_names(entries).get(named, named)
     if first not in entries and first in [e.partition('=')[0] for e in entries]:
-        raise SystemExit(f'error: --teacher {first} is the name of several --models entries: give the whole entry')
-    rows = row_names([first] + [e for e in entries if e != first])  # teacher first, as in G2L's tables
-    reference = next(iter(rows))
-    dataset = read_dataset(data)
+        raise SystemExit(f'error: --teacher {first} is the name of several --models entries: '
+                         'give the whole entry')
+    others = [e for e in entries if e != first]
+    return row_names([first] + others)
+
+# -----------------------------------------------------------------------------
+# the run
+
+def distinct(column):
+    """How many different values a column has; None when the data has no such column."""
+    return None if column is None else len(np.unique(column))
+
+
+def describe(dataset):
+    """Print what the data holds; returns the summary results.json keeps."""
     counts = {s: int((dataset['split'] == s).sum()) for s in SPLITS}
-    print(f"data: {data}: {len(dataset['paths'])} images {counts}, classes {dataset['classes']}")
-    n_centers = 0 if dataset['center'] is None else len(np.unique(dataset['center']))
+    print(f"data: {dataset['source']}: {len(dataset['paths'])} images {counts}, "
+          f"classes {dataset['classes']}")
+    n_centers = distinct(dataset['center'])
     if n_centers == 1:
-        print('note: one centre only, so no robustness index (it needs neighbours from other centres)')
-    results = dict(config=config, teacher=reference, models={},
-                   data=dict(source=data, classes=dataset['classes'], images=counts, n_centers=n_centers or None,
-                             n_slides=None if dataset['slide'] is None else len(np.unique(dataset['slide']))))
-    test = dataset['split'] == 'test'
-    for name, entry in rows.items():  # one model in memory at a time: a ViT-g and a ViT-L need not share
-        emb, info = embeddings(*entry.partition('=')[::2], dataset)
-        print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {'from cache' if info['cached'] else 'extracted'} "
-              f"in {info['seconds']:.1f} s ({info['cache']})")
-        if name == reference:
-            teacher_test = emb[test]
-        row = info | dict(tile=run_probes(emb, dataset['labels'], dataset['split'], len(dataset['classes'])),
-                          cka_to_teacher=linear_cka(emb[test], teacher_test))
-        if dataset['slide'] is not None:
-            row['slide'] = run_probes(*pool_slides(emb, dataset), len(dataset['classes']))
-        if n_centers >= 2:
-            row['robustness_index'] = robustness_index(emb, dataset['labels'], dataset['center'], dataset['slide'], ri_k)
-        results['models'][name] = row
-    # JSON has no NaN or Infinity (SO/OS is inf when no neighbour is OS; a CI is NaN on a one-class test set): null
+        print('note: one centre only, so no robustness index '
+              '(it needs neighbours from other centres)')
+    return dict(source=dataset['source'], classes=dataset['classes'], images=counts,
+                n_centers=n_centers, n_slides=distinct(dataset['slide']))
+
+
+def run_protocols(emb, dataset, teacher_test):
+    """Every protocol on one model's tile embeddings: tile probes and CKA to the teacher; with
+    a slide column, probes on mean-pooled slides; with two centres or more, the robustness index."""
+    labels, split = dataset['labels'], dataset['split']
+    n_classes = len(dataset['classes'])
+    test = split == 'test'
+    row = dict(tile=run_probes(emb, labels, split, n_classes),
+               cka_to_teacher=linear_cka(emb[test], teacher_test))
+    if dataset['slide'] is not None:
+        slide_emb, slide_labels, slide_split = pool_slides(emb, dataset)
+        row['slide'] = run_probes(slide_emb, slide_labels, slide_split, n_classes)
+    # the robustness index needs neighbours from other centres
+    if (distinct(dataset['center']) or 0) >= 2:
+        centers, slides = dataset['center'], dataset['slide']
+        row['robustness_index'] = robustness_index(emb, labels, centers, slides, ri_k)
+    return row
+
+
+def write_results(results):
+    """OUT/results.json, results.md (printed too) and results.png."""
+    # JSON has no NaN or Infinity (SO/OS is inf when no neighbour is OS; a CI is NaN on a
+    # one-class test set): they are written as null
     strict = json.loads(json.dumps(results), parse_constant=lambda _: None)
-    write_atomic(os.path.join(out, 'results.json'), json.dumps(strict, indent=2, allow_nan=False).encode())
+    text = json.dumps(strict, indent=2, allow_nan=False)
+    write_atomic(os.path.join(out, 'results.json'), text.encode())
     print(write_markdown(results, os.path.join(out, 'results.md')))
     plot(results, os.path.join(out, 'results.png'))
     print(f'wrote {out}/results.json, results.md, results.png')
+
+
+def main(argv=None):
+    # config: the defaults on every call (the tests call main more than once), then a config file
+    # and --key=value
+    globals().update(DEFAULTS)
+    globals().update(configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv))
+    config = {k: globals()[k] for k in config_keys}
+    print('config:', json.dumps(config))
+
+    # which rows, the teacher first
+    rows = ordered_rows(model_entries(models), teacher)
+    reference = next(iter(rows))
+
+    # data
+    dataset = read_dataset(data)
+    results = dict(config=config, teacher=reference, models={}, data=describe(dataset))
+
+    # per model its embeddings, then every protocol on them. One model in memory at a time: a ViT-g
+    # and a ViT-L need not share the GPU.
+    test = dataset['split'] == 'test'
+    for name, entry in rows.items():
+        model_name, _, weights = entry.partition('=')
+        emb, info = embeddings(model_name, weights, dataset)
+        how = 'from cache' if info['cached'] else 'extracted'
+        print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {how} "
+              f"in {info['seconds']:.1f} s ({info['cache']})")
+        # the teacher's row comes first: its test embeddings are there for every row's CKA
+        if name == reference:
+            teacher_test = emb[test]
+        results['models'][name] = info | run_protocols(emb, dataset, teacher_test)
+
+    # outputs
+    write_results(results)
     return results
 
 
