@@ -114,6 +114,25 @@ def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
     assert os.path.exists(tmp_path / 'blank.jpg')
 
 
+def test_a_slide_that_is_all_tissue_keeps_its_tiles(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    info = tile.write_synthetic_slide(tmp_path / 'crop.tif', 2048, 1536, mpp=0.5, seed=1, full_tissue=True)
+    assert info['tissue_fraction'] > 0.97  # all tissue but the pen stroke
+    row, = tile.tile_slides(tmp_path / 'crop.tif', tmp_path / 'tiles')
+    assert row['status'] == 'ok' and row['n_tiles'] >= 0.95 * 8 * 6
+    # with glass, Otsu splits glass from tissue; with none, it splits the stain itself (class means S 91 and 119 here)
+    # and keep 0 of these 48 tiles: the fixed floor takes over
+    thresholds = {}
+    for name, path in (('glass', root / 'g20.tif'), ('crop', tmp_path / 'crop.tif')):
+        slide = openslide.OpenSlide(path)
+        rgb, _ = tile.segmentation_thumbnail(slide, 0.5, 0.5, 256, tile.slide_bounds(slide))
+        saturation = np.asarray(Image.fromarray(rgb).convert('HSV'))[..., 1]
+        thresholds[name] = (tile.otsu(np.bincount(saturation.ravel(), minlength=256)),
+                            tile.saturation_threshold(saturation))
+    assert tile.MIN_SATURATION < thresholds['glass'][0] == thresholds['glass'][1] < 90
+    assert thresholds['crop'][0] > 90 and thresholds['crop'][1] == tile.MIN_SATURATION
+
+
 def test_bad_slides_fail_alone_with_a_readable_reason(tile_slides_dir, tmp_path):
     root, _ = tile_slides_dir
     batch = tmp_path / 'batch'

@@ -60,6 +60,9 @@ SEG_MPP = 8.0
 # Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
 # so a blank slide (where Otsu splits noise) finds nothing
 MIN_SATURATION = 20
+# the class below Otsu's threshold is glass only if its mean saturation is below this (midway
+# between glass, S < 10, and pale stroma, S > 40); above it, there is no glass to find
+GLASS_SATURATION = 25
 # darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
 MIN_VALUE = 40
 # G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
@@ -201,15 +204,32 @@ def read_thumbnail(slide, level, factor, bounds):
 
 # ------------------------------------------------------------------ tissue detection and tile grid
 
-def otsu(values):
-    """Otsu's threshold of uint8 values: the split that maximises the between-class variance."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+def otsu(hist):
+    """Otsu's threshold of a 256-bin histogram: the split that maximises the between-class
+    variance; the class below it is the values <= the threshold."""
+    hist = hist.astype(np.float64)
     # weight and first moment of the class below (0) and above (1) each candidate threshold
     w0, m0 = np.cumsum(hist), np.cumsum(hist * np.arange(256))
     w1, m1 = w0[-1] - w0, m0[-1] - m0
     with np.errstate(divide='ignore', invalid='ignore'):
         between = w0 * w1 * (m0 / w0 - m1 / w1) ** 2
     return int(np.nanargmax(between)) if np.isfinite(between).any() else 255
+
+
+def saturation_threshold(saturation):
+    """The saturation above which a pixel is stained: Otsu's split of glass from tissue, or
+    MIN_SATURATION when there is no glass to split off."""
+    hist = np.bincount(saturation.ravel(), minlength=256)
+    threshold = otsu(hist)
+    below = hist[:threshold + 1]
+    below_mean = (below * np.arange(threshold + 1)).sum() / max(below.sum(), 1)
+    # a slide that is all tissue (a crop, a resection filling the scan) has no glass mode: Otsu
+    # splits eosin from haematoxylin and drops the eosin (0 of 144 tiles kept, issue 10). When the
+    # class below the split is stained too, a fixed threshold takes over, as in CLAM's presets
+    # (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv)
+    if below_mean > GLASS_SATURATION:
+        return MIN_SATURATION
+    return max(threshold, MIN_SATURATION)
 
 
 def tissue_mask(rgb, seg_mpp):
@@ -221,8 +241,7 @@ def tissue_mask(rgb, seg_mpp):
     saturation = np.asarray(Image.fromarray(hsv[..., 1]).filter(ImageFilter.BoxBlur(1)))
     red, green = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
     value = hsv[..., 2]
-    saturation_threshold = max(otsu(saturation), MIN_SATURATION)
-    stained = saturation > saturation_threshold
+    stained = saturation > saturation_threshold(saturation)
     not_dark = value >= MIN_VALUE
     not_ink = green <= red + INK_MARGIN
     mask = stained & not_dark & not_ink
@@ -748,8 +767,8 @@ def _stain_textures(size=1024):
 def synthetic_masks(layout, u, v):
     """Tissue and pen-stroke masks at pixel centres u, v (slide fractions) of a synthetic slide."""
     inside = (u < 1) & (v < 1) & (not layout['blank'])
-    # tissue where the blobs' Gaussians add up to more than 0.5
-    field = 0
+    # tissue where the blobs' Gaussians add up to more than 0.5, or everywhere
+    field = np.float32(layout['full_tissue'])
     for cx, cy, sx, sy in layout['blobs']:
         field = field + np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
     tissue = (field > 0.5) & inside
@@ -784,11 +803,8 @@ def synthetic_level(layout, w, h, tissue_px=None):
             yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
 
 
-def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
-                          blank=False):
-    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
-    white glass and a blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact
-    level-0 tissue fraction (pen excluded), 'mpp', 'size', 'levels', 'pen'}."""
+def synthetic_layout(width, height, mpp, seed=0, blank=False, full_tissue=False):
+    """Where a synthetic slide's tissue and pen stroke are: what synthetic_masks draws from."""
     # tissue is laid out in slide fractions and the stain in µm, so the same seed at (w, h, 0.25)
     # and (w/2, h/2, 0.5) is the same glass scanned at 40x and 20x
     rng = np.random.default_rng(seed)
@@ -799,7 +815,17 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
     short_um = physical_um.min()
     # the pen circle in µm: centre x, y, radius, half-width of the stroke
     pen = (0.88 * physical_um[0], 0.15 * physical_um[1], 0.1 * short_um, 0.015 * short_um)
-    layout = dict(width=width, mpp=mpp, blank=blank, blobs=blobs, pen=pen, physical=physical_um)
+    return dict(width=width, mpp=mpp, blank=blank, full_tissue=full_tissue, blobs=blobs, pen=pen,
+                physical=physical_um)
+
+
+def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
+                          blank=False, full_tissue=False):
+    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
+    white glass (or tissue filling the scan: full_tissue) and a blue pen circle, level 0 at `mpp`
+    µm/px. Returns {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size',
+    'levels', 'pen', 'layout'}."""
+    layout = synthetic_layout(width, height, mpp, seed, blank, full_tissue)
     # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
@@ -824,16 +850,20 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
                       description=description if level == 0 else None, metadata=None,
                       **resolution)
     return {'tissue_fraction': sum(tissue_px) / (width * height), 'mpp': mpp,
-            'size': (width, height), 'levels': sizes, 'pen': tuple(p / mpp for p in pen)}
+            'size': (width, height), 'levels': sizes,
+            'pen': tuple(p / mpp for p in layout['pen']), 'layout': layout}
 
 
 def demo(out):
-    """Synthetic slides, tiled and benched: 40x TIFF and Aperio SVS, that glass at 20x, a blank."""
+    """Synthetic slides, tiled and benched: 40x TIFF and Aperio SVS, that glass at 20x, a crop that
+    is all tissue, a blank."""
     slides = os.path.join(out, 'slides')
     os.makedirs(slides, exist_ok=True)
     write_synthetic_slide(os.path.join(slides, 'g40.tif'))
     write_synthetic_slide(os.path.join(slides, 'a40.svs'), aperio=True)
     write_synthetic_slide(os.path.join(slides, 'g20.tif'), width=2048, height=1536, mpp=0.5)
+    write_synthetic_slide(os.path.join(slides, 'crop.tif'), width=2048, height=1536, mpp=0.5,
+                          full_tissue=True)
     write_synthetic_slide(os.path.join(slides, 'blank.tif'), width=2048, height=1536, blank=True)
     # the blank slide fails: no tissue
     main([slides, '--out', os.path.join(out, 'tiles')])
