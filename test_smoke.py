@@ -91,7 +91,7 @@ def test_tile_count_matches_the_known_tissue_area(tile_slides_dir, tmp_path, nam
     px, py, radius, _ = info[name[:3]]['pen']
     assert (np.hypot(z['coords'][:, 0] + 128 - px, z['coords'][:, 1] + 128 - py) > radius).all()
     qc = Image.open(tmp_path / (name[:3] + '.jpg'))
-    assert qc.size == (128, 96)  # the 8 µm/px thumbnail the tissue was found on
+    assert qc.size[0] == 512 and qc.size[1] > 384  # the 8 µm/px thumbnail (128 x 96) enlarged 4x, the caption below
 
 
 def test_40x_and_20x_copies_give_the_same_tiles_in_microns(tile_slides_dir, tmp_path):
@@ -103,6 +103,13 @@ def test_40x_and_20x_copies_give_the_same_tiles_in_microns(tile_slides_dir, tmp_
     assert len(microns['g20']) >= 10
     np.testing.assert_array_equal(microns['g40'], microns['g20'])
     np.testing.assert_array_equal(microns['a40'], microns['g20'])
+    # tissue is found on a 16 µm/px thumbnail (8 px a side of a 128 µm tile), read from the coarsest level that fine
+    for stem, (level, factor) in {'g40': (3, 8), 'a40': (2, 4), 'g20': (2, 8)}.items():
+        slide = openslide.OpenSlide(root / rows[stem]['path'])
+        slide_mpp = float(rows[stem]['slide_mpp'])
+        rgb, seg_ds = tile.segmentation_thumbnail(slide, slide_mpp, 0.5, 256, tile.slide_bounds(slide))
+        assert seg_ds == slide.level_downsamples[level] * factor and seg_ds * slide_mpp == 16
+        assert rgb.shape == (48, 64, 3)
 
 
 def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
@@ -131,6 +138,18 @@ def test_a_slide_that_is_all_tissue_keeps_its_tiles(tile_slides_dir, tmp_path):
                             tile.saturation_threshold(saturation))
     assert tile.MIN_SATURATION < thresholds['glass'][0] == thresholds['glass'][1] < 90
     assert thresholds['crop'][0] > 90 and thresholds['crop'][1] == tile.MIN_SATURATION
+
+
+def test_the_qc_caption_stays_inside_a_small_slides_picture(small_slides, tmp_path):
+    stem = 'TCGA-A1-A0SB-01Z-00-DX1.B34C267B-CAAA-4AB6-AD5C-276C26F997A1'  # a real TCGA file name's length
+    os.symlink(small_slides / 's1.tif', tmp_path / f'{stem}.tif')
+    tile.tile_slides(tmp_path / f'{stem}.tif', tmp_path / 'tiles')
+    qc = np.asarray(Image.open(tmp_path / 'tiles' / f'{stem}.jpg').convert('L'))
+    # the 64 x 48 px thumbnail (1 x 0.75 mm at 16 µm/px), enlarged 8x, and below it the caption on white
+    assert qc.shape[1] == 512 and qc.shape[0] > 384
+    text = qc[384:] < 128
+    lines = np.count_nonzero(np.diff(text.any(1).astype(int)) == 1)
+    assert lines >= 2 and not text[:, -3:].any()  # wrapped, and nothing runs off the right edge
 
 
 def test_bad_slides_fail_alone_with_a_readable_reason(tile_slides_dir, tmp_path):

@@ -1,9 +1,10 @@
 """
 Tile whole-slide images at a physical resolution (µm/px) for G2L distillation.
 
-For each slide: find tissue on a low-resolution pyramid level (HSV saturation + Otsu, as in CLAM),
-lay a grid of non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE
-tissue and save their level-0 top-left x,y (int64 N×2, as in TRIDENT) with a QC picture.
+For each slide: find tissue on the coarsest pyramid level that still resolves a tile (HSV
+saturation + Otsu as in CLAM, a fixed threshold when there is no glass), lay a grid of
+non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE tissue and save
+their level-0 top-left x,y (int64 N×2, as in TRIDENT) with a QC picture.
 TileDataset reads the tiles later, for distill.py and evaluate.py.
 
   # CPU demo: synthetic slides -> tiles -> bench
@@ -40,7 +41,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import openslide
 import tifffile
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -55,8 +56,11 @@ MIN_TISSUE = 0.5
 MPP_SLACK = 0.05
 # read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
 SNAP = 0.02
-# µm/px of the image tissue is found on (CLAM segments 40x scans at downsample 64, 16 µm/px)
-SEG_MPP = 8.0
+# thumbnail px per tile side where tissue is found: a tile's tissue fraction is then in 1/64s
+SEG_TILE_PX = 8
+# never segment coarser than this µm/px (CLAM segments 40x scans at downsample 64, 16 µm/px): a pen
+# stroke, a hole or a speck is still several thumbnail px wide
+SEG_MPP = 16.0
 # Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
 # so a blank slide (where Otsu splits noise) finds nothing
 MIN_SATURATION = 20
@@ -82,6 +86,8 @@ MAX_OPEN_SLIDES = 64
 # one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens of
 # GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
 SLIDE_CACHE_MB = 64
+# the QC picture's long side is upscaled (whole pixels) to at least this, so its tiles can be seen
+QC_MIN_SIDE = 512
 # the columns of manifest.csv, a row per slide
 COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds',
            'error']
@@ -281,15 +287,42 @@ def score_grid(mask, seg_ds, footprint, bounds):
     return inside / np.maximum((bottom - top) * (right - left), 1)
 
 
+def wrap_text(text, font, width):
+    """The lines of text, each at most width px wide in font: broken between words, or inside a
+    word wider than that (a long stem)."""
+    lines = ['']
+    for word in text.split():
+        joined = f'{lines[-1]} {word}'.strip()
+        if font.getlength(joined) <= width:
+            lines[-1] = joined
+            continue
+        lines.append('')
+        for letter in word:
+            if lines[-1] and font.getlength(lines[-1] + letter) > width:
+                lines.append('')
+            lines[-1] += letter
+    return [line for line in lines if line]
+
+
 def draw_qc(rgb, mask, tiles_px, tile_px, caption):
-    """QC thumbnail: tissue outline in green, kept tiles in blue, what was done in the corner."""
-    qc = rgb.copy()
+    """QC picture: the thumbnail with the tissue outline in green and kept tiles in blue, and the
+    caption below it on white, wrapped to the picture's width."""
+    # a small slide's thumbnail is tens of px: enlarged by whole pixels, it still shows exactly the
+    # pixels tissue was found on
+    scale = max(1, math.ceil(QC_MIN_SIDE / max(mask.shape)))
+    qc = rgb.repeat(scale, 0).repeat(scale, 1)
+    mask = mask.repeat(scale, 0).repeat(scale, 1)
     qc[mask & ~ndimage.binary_erosion(mask)] = (0, 170, 0)
-    image = Image.fromarray(qc)
+    font = ImageFont.load_default()
+    lines = wrap_text(caption, font, qc.shape[1] - 8)
+    line_px = font.getbbox('Hg')[3] + 2
+    image = Image.new('RGB', (qc.shape[1], qc.shape[0] + len(lines) * line_px + 6), 'white')
+    image.paste(Image.fromarray(qc))
     draw = ImageDraw.Draw(image)
-    for x, y in tiles_px:
-        draw.rectangle((x, y, x + tile_px, y + tile_px), outline=(0, 60, 255))
-    draw.text((4, 4), caption, fill=(0, 0, 0))
+    for x, y in tiles_px * scale:
+        draw.rectangle((x, y, x + tile_px * scale, y + tile_px * scale), outline=(0, 60, 255))
+    for i, line in enumerate(lines):
+        draw.text((4, qc.shape[0] + 3 + i * line_px), line, fill=(0, 0, 0), font=font)
     return image
 
 
@@ -303,25 +336,30 @@ def save_atomic(path, write):
 
 
 def segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds):
-    """The scanned area at about SEG_MPP µm/px as uint8 RGB, and its level-0 px per pixel."""
-    # capped so a tile spans >= 8 thumbnail px (tissue fraction in 1/64s)
-    seg_mpp = min(SEG_MPP, tile_size * mpp / 8)
+    """The scanned area as uint8 RGB, as coarse as still resolves a tile (SEG_TILE_PX px a side),
+    and its level-0 px per pixel."""
+    seg_mpp = min(SEG_MPP, tile_size * mpp / SEG_TILE_PX)
     downsamples = slide.level_downsamples
-    # segment on the coarsest level still finer than seg_mpp, then box-shrink to it; never level 0
-    # when the slide has a pyramid
-    finer = [i for i, d in enumerate(downsamples) if slide_mpp * d <= seg_mpp] or [0]
+    # read the coarsest level that fine: reading a 40x Aperio slide's 4 µm/px level and halving it
+    # took 0.15 of 0.34 s a slide (issue 10), its 16 µm/px level reads in ~8 ms. A level up to
+    # MPP_SLACK coarser counts: a 40x scan at 0.2527 µm/px has its downsample-64 level at 16.2
+    fine_enough = seg_mpp * (1 + MPP_SLACK)
+    finer = [i for i, d in enumerate(downsamples) if slide_mpp * d <= fine_enough] or [0]
     seg_level = max(finer, key=lambda i: downsamples[i])
-    factor = max(1, int(seg_mpp / (slide_mpp * downsamples[seg_level])))
+    # a slide without so coarse a level is box-shrunk to seg_mpp as it is read
+    factor = max(1, int(fine_enough / (slide_mpp * downsamples[seg_level])))
     rgb = read_thumbnail(slide, seg_level, factor, bounds)
     return rgb, downsamples[seg_level] * factor
 
 
 def check_readable(slide, coords, level, read_size):
-    """Read the first and last tile of a slide."""
-    # an unreadable tile level fails here, not in the middle of training
+    """Read a pixel at the centre of the first and last tile of a slide."""
+    # an unreadable tile level fails here, not in the middle of training. One pixel decodes the
+    # scanner's JPEG block under it: 0.2 ms, where a whole 512 px tile of a 40x level took 4-9 ms
+    centre = read_size * slide.level_downsamples[level] / 2
     try:
         for x, y in coords[[0, -1]] if len(coords) else []:
-            slide.read_region((int(x), int(y)), level, (read_size, read_size))
+            slide.read_region((int(x + centre), int(y + centre)), level, (1, 1))
     except openslide.OpenSlideError as e:
         raise SlideError(
             f'level {level} is unreadable (OpenSlideError: {e}): truncated or corrupt') from None
