@@ -382,6 +382,52 @@ def test_a_slide_with_the_same_name_from_another_folder_is_tiled_not_taken_as_do
     assert len(tile.TileDataset(out).stems) == 2
 
 
+def test_slides_that_share_a_name_each_get_their_own_tiles(tile_slides_dir, small_slides, tmp_path):
+    root, _ = tile_slides_dir
+    slides = tmp_path / 'slides'
+    slides.mkdir()
+    os.symlink(root / 'a40.svs', slides / 'X.svs')  # 40x Aperio scan
+    os.symlink(root / 'g20.tif', slides / 'X.tiff')  # the same glass at 20x: a copy beside its original
+    out = tmp_path / 'tiles'
+    rows = {r['stem']: r for r in tile.tile_slides(slides, out)}
+    assert sorted(rows) == ['X.svs', 'X.tiff'] and {r['status'] for r in rows.values()} == {'ok'}
+    assert tile.npz_files(out) == ['X.svs.npz', 'X.tiff.npz']
+    z = {stem: np.load(out / f'{stem}.npz') for stem in rows}
+    assert [str(z[s]['slide_path']) for s in ('X.svs', 'X.tiff')] == [str(slides / 'X.svs'), str(slides / 'X.tiff')]
+    assert (int(z['X.svs']['read_size']), int(z['X.tiff']['read_size'])) == (512, 256)
+    np.testing.assert_array_equal(z['X.svs']['coords'] * 0.25, z['X.tiff']['coords'] * 0.5)  # the same µm
+    ds = tile.TileDataset(out)
+    assert ds.stems == ['X.svs', 'X.tiff'] and len(ds) == sum(r['n_tiles'] for r in rows.values())
+    first = [int(np.flatnonzero(ds.slide_index == s)[0]) for s in (0, 1)]
+    assert (ds[first[0]].float() - ds[first[1]].float()).abs().mean() < 6  # one glass, read from each file
+    # a rerun recognises both; a third X.svs, from another folder, takes the plain stem nobody holds
+    (tmp_path / 'more').mkdir()
+    shutil.copy(small_slides / 's2.tif', tmp_path / 'more' / 'X.svs')
+    again = {r['path']: r for r in tile.tile_slides([slides, tmp_path / 'more'], out)}
+    assert [(again[str(slides / n)]['stem'], again[str(slides / n)]['seconds']) for n in ('X.svs', 'X.tiff')] == [
+        ('X.svs', 0), ('X.tiff', 0)]
+    third = again[str(tmp_path / 'more' / 'X.svs')]
+    assert third['status'] == 'ok' and third['seconds'] > 0 and third['stem'] == 'X'  # the plain stem was still free
+    assert len(tile.TileDataset(out).stems) == 3
+
+
+def test_two_slides_never_write_one_npz(small_slides, tmp_path):
+    # names that differ only in case are one file on macOS and Windows disks: neither slide is tiled, both are errors
+    (tmp_path / 'slides').mkdir()
+    for name in ('S.tif', 's.tif', 'other.tif'):
+        os.symlink(small_slides / 's1.tif', tmp_path / 'slides' / name)
+    rows = {os.path.basename(r['path']): r for r in tile.tile_slides(tmp_path / 'slides', tmp_path / 'tiles')}
+    assert rows['other.tif']['status'] == 'ok' and tile.npz_files(tmp_path / 'tiles') == ['other.npz']
+    for name in ('S.tif', 's.tif'):
+        assert rows[name]['status'] == 'error' and rows[name]['error'].startswith('no output name of its own')
+    # two runs at once into one --out may pick one stem for two slides: the second to write fails, overwriting nothing
+    done = tmp_path / 'tiles' / 'other.npz'
+    before = done.read_bytes(), (tmp_path / 'tiles' / 'other.jpg').read_bytes()
+    row = tile.tile_slide(str(small_slides / 's2.tif'), 'other', str(tmp_path / 'tiles'))
+    assert row['status'] == 'error' and row['error'].startswith(f"other.npz in {tmp_path / 'tiles'} holds the tiles of")
+    assert (done.read_bytes(), (tmp_path / 'tiles' / 'other.jpg').read_bytes()) == before
+
+
 ORIGINAL_TILE_SLIDE = tile.tile_slide
 
 

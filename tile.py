@@ -21,8 +21,10 @@ TileDataset reads the tiles later, for distill.py and evaluate.py.
 Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue,
 slide_mpp, slide_path), <stem>.jpg (QC: tissue outline in green, kept tiles in blue) and
 manifest.csv, a row per slide (shard I of N writes manifest-I-of-N.csv, and the last shard to
-finish merges them into manifest.csv). Finished slides are skipped on a rerun; the exit status is 0
-only when every slide succeeded.
+finish merges them into manifest.csv). <stem> is the slide's file stem; its file name (X.tiff
+beside X.svs) or either with a hash of its folder (a/X.svs, b/X.svs) when that is not unique; the
+manifest maps stems to paths. Finished slides are skipped on a rerun; the exit status is 0 only
+when every slide succeeded.
 """
 import argparse
 import collections
@@ -386,8 +388,23 @@ def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
                 coords=coords)
 
 
+def check_stem_is_free(out_dir, stem, path):
+    """Refuse to overwrite <stem>.npz when it holds the tiles of another slide that still exists."""
+    # the stems of one batch never clash, but two runs at once into one --out could compute one
+    # stem for two slides; the second to write then fails instead of overwriting the first
+    npz = os.path.join(out_dir, stem + '.npz')
+    if not os.path.exists(npz):
+        return
+    with np.load(npz) as done:
+        owner = str(done['slide_path'])
+    if os.path.exists(owner) and not os.path.samefile(owner, path):
+        raise SlideError(f'{stem}.npz in {out_dir} holds the tiles of {owner}, another slide '
+                         '(two runs at once into one --out?); rerun, alone, to tile this one')
+
+
 def write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue):
     """<stem>.jpg (QC), then <stem>.npz: written last, the .npz marks the slide as done."""
+    check_stem_is_free(out_dir, stem, path)
     level, read_size, coords = tiles['level'], tiles['read_size'], tiles['coords']
     caption = (f'{stem}: {len(coords)} tiles, {tile_size}px at {mpp} um/px, '
                f'level {level} read {read_size}px')
@@ -461,27 +478,73 @@ def find_slides(inputs, exclude=None):
                     continue
                 dicom_dirs.add(os.path.dirname(p))
             found.append(p)
-    return sorted(set(found))
+    # a file named twice (by a relative and an absolute path) is one slide
+    by_path = {os.path.abspath(p): p for p in found}
+    return sorted(by_path.values())
+
+
+def stem_choices(path):
+    """The output stems a slide may take, most readable first."""
+    # the file stem (TRIDENT's and CLAM's slide id); the file name when another slide has that stem
+    # with another suffix (X.svs, X.tiff: a converted copy beside its original); stem + a hash of
+    # the folder when that file name is in several folders (a/X.svs, b/X.svs); name + that hash
+    # when both happen. The manifest maps each stem to its slide's path
+    name = os.path.basename(path)
+    stem = os.path.splitext(name)[0]
+    folder = hashlib.sha1(os.path.dirname(path).encode()).hexdigest()[:8]
+    return [stem, name, f'{stem}-{folder}', f'{name}-{folder}']
+
+
+def first_distinct_choice(choices, rival_choices):
+    """Index of the first of `choices` that no rival's choice of the same rank matches."""
+    for rank, choice in enumerate(choices):
+        if all(rival[rank].casefold() != choice.casefold() for rival in rival_choices):
+            return rank
+    return len(choices) - 1
 
 
 def unique_stems(paths, earlier):
-    """Output stem of each slide: its file stem, plus a short hash of its folder when another
-    slide has the same one (a/S.svs, b/S.svs)."""
+    """Output stem of each slide: the first of its stem_choices that sets it apart from every other
+    slide of its stem; None where none does (names that differ only in case)."""
     # slides in `earlier` (tiled into --out before: path -> stem) keep their stem, and a new slide
     # never takes that of another existing slide: tiling folder A, then B, into one --out keeps
     # both (how users add a cohort). A stem whose slide is gone (moved), or is this very file by
-    # another path, goes to the new slide
-    owners = {stem: path for path, stem in earlier.items()}
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    counts = collections.Counter(stems)
-    result = []
-    for path, stem in zip(map(os.path.abspath, paths), stems):
-        # the slide whose tiles <stem>.npz holds, if any
-        owner = owners.get(stem, '')
-        taken = counts[stem] > 1 or os.path.exists(owner) and not os.path.samefile(owner, path)
-        folder = hashlib.sha1(os.path.dirname(path).encode()).hexdigest()[:8]
-        result.append(earlier.get(path) or (f'{stem}-{folder}' if taken else stem))
-    return result
+    # another path, goes to the new slide. The stems depend on the set of paths, never on their
+    # order, so every shard computes the same ones
+    paths = [os.path.abspath(p) for p in paths]
+    listed = set(paths)
+    existing = {p: stem for p, stem in earlier.items() if p not in listed and os.path.exists(p)}
+    choices = {p: stem_choices(p) for p in paths + list(existing)}
+    # what a slide tiled earlier stands on is its stem itself: a new slide may take the plain stem
+    # it left free, but never a choice that would not tell them apart (a/S.svs is S, b/S.svs is
+    # S-<hash of b>, not S.svs)
+    claims = {p: [earlier.get(p, c[0])] + c[1:] for p, c in choices.items()}
+    # case-folded: X.npz and x.npz are one file on macOS and Windows disks
+    by_stem = collections.defaultdict(list)
+    for p in choices:
+        by_stem[choices[p][0].casefold()].append(p)
+    ranks = {}
+    for p in paths:
+        same_stem = by_stem[choices[p][0].casefold()]
+        rivals = [claims[q] for q in same_stem if q != p and not os.path.samefile(q, p)]
+        ranks[p] = first_distinct_choice(choices[p], rivals)
+    # a choice of one rank can still equal another slide's of another rank (X.tiff's name is the
+    # stem of X.tiff.svs): both then move on to their next choice
+    owners = {stem.casefold(): p for p, stem in existing.items()}
+    while True:
+        stems = [earlier.get(p) or choices[p][ranks[p]] for p in paths]
+        counts = collections.Counter(stem.casefold() for stem in stems)
+        clashes = []
+        for p, stem in zip(paths, stems):
+            owner = owners.get(stem.casefold())
+            taken = owner and not os.path.samefile(owner, p)
+            if p not in earlier and (counts[stem.casefold()] > 1 or taken):
+                clashes.append(p)
+        movable = [p for p in clashes if ranks[p] + 1 < len(choices[p])]
+        if not movable:
+            return [None if p in set(clashes) else stem for p, stem in zip(paths, stems)]
+        for p in movable:
+            ranks[p] += 1
 
 
 def read_csv(path):
@@ -566,9 +629,16 @@ def plan_batch(inputs, out_dir, shard, overwrite, settings):
     jobs = list(zip(paths, unique_stems(paths, earlier)))
     index, count = shard
     jobs = jobs[index::count]
+    # two slides never write one .npz: a slide left without a stem of its own is an error
+    clashing = [path for path, stem in jobs if stem is None]
+    jobs = [(path, stem) for path, stem in jobs if stem is not None]
     todo = [(p, stem) for p, stem in jobs if overwrite or os.path.abspath(p) not in earlier]
     finished = sorted(set(jobs) - set(todo))
-    return todo, [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+    rows = [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+    error = ('no output name of its own: another slide has the same name but for case '
+             '(X.svs, x.svs: one file on macOS and Windows disks); rename one of them')
+    rows += [new_row(path, '') | dict(error=error) for path in clashing]
+    return todo, rows
 
 
 def parse_shard(shard):
