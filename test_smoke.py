@@ -91,7 +91,7 @@ def test_tile_count_matches_the_known_tissue_area(tile_slides_dir, tmp_path, nam
     px, py, radius, _ = info[name[:3]]['pen']
     assert (np.hypot(z['coords'][:, 0] + 128 - px, z['coords'][:, 1] + 128 - py) > radius).all()
     qc = Image.open(tmp_path / (name[:3] + '.jpg'))
-    assert qc.size == (128, 96)  # the 8 µm/px thumbnail the tissue was found on
+    assert qc.size[0] == 512 and qc.size[1] > 384  # the 8 µm/px thumbnail (128 x 96) enlarged 4x, the caption below
 
 
 def test_40x_and_20x_copies_give_the_same_tiles_in_microns(tile_slides_dir, tmp_path):
@@ -103,6 +103,13 @@ def test_40x_and_20x_copies_give_the_same_tiles_in_microns(tile_slides_dir, tmp_
     assert len(microns['g20']) >= 10
     np.testing.assert_array_equal(microns['g40'], microns['g20'])
     np.testing.assert_array_equal(microns['a40'], microns['g20'])
+    # tissue is found on a 16 µm/px thumbnail (8 px a side of a 128 µm tile), read from the coarsest level that fine
+    for stem, (level, factor) in {'g40': (3, 8), 'a40': (2, 4), 'g20': (2, 8)}.items():
+        slide = openslide.OpenSlide(root / rows[stem]['path'])
+        slide_mpp = float(rows[stem]['slide_mpp'])
+        rgb, seg_ds = tile.segmentation_thumbnail(slide, slide_mpp, 0.5, 256, tile.slide_bounds(slide))
+        assert seg_ds == slide.level_downsamples[level] * factor and seg_ds * slide_mpp == 16
+        assert rgb.shape == (48, 64, 3)
 
 
 def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
@@ -112,6 +119,37 @@ def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
     assert row['error'].startswith('no tissue: 0 of 12 grid tiles')
     assert len(np.load(tmp_path / 'blank.npz')['coords']) == 0  # finished (not retried), with a QC picture to look at
     assert os.path.exists(tmp_path / 'blank.jpg')
+
+
+def test_a_slide_that_is_all_tissue_keeps_its_tiles(tile_slides_dir, tmp_path):
+    root, _ = tile_slides_dir
+    info = tile.write_synthetic_slide(tmp_path / 'crop.tif', 2048, 1536, mpp=0.5, seed=1, full_tissue=True)
+    assert info['tissue_fraction'] > 0.97  # all tissue but the pen stroke
+    row, = tile.tile_slides(tmp_path / 'crop.tif', tmp_path / 'tiles')
+    assert row['status'] == 'ok' and row['n_tiles'] >= 0.95 * 8 * 6
+    # with glass, Otsu splits glass from tissue; with none, it splits the stain itself (class means S 91 and 119 here)
+    # and keep 0 of these 48 tiles: the fixed floor takes over
+    thresholds = {}
+    for name, path in (('glass', root / 'g20.tif'), ('crop', tmp_path / 'crop.tif')):
+        slide = openslide.OpenSlide(path)
+        rgb, _ = tile.segmentation_thumbnail(slide, 0.5, 0.5, 256, tile.slide_bounds(slide))
+        saturation = np.asarray(Image.fromarray(rgb).convert('HSV'))[..., 1]
+        thresholds[name] = (tile.otsu(np.bincount(saturation.ravel(), minlength=256)),
+                            tile.saturation_threshold(saturation))
+    assert tile.MIN_SATURATION < thresholds['glass'][0] == thresholds['glass'][1] < 90
+    assert thresholds['crop'][0] > 90 and thresholds['crop'][1] == tile.MIN_SATURATION
+
+
+def test_the_qc_caption_stays_inside_a_small_slides_picture(small_slides, tmp_path):
+    stem = 'TCGA-A1-A0SB-01Z-00-DX1.B34C267B-CAAA-4AB6-AD5C-276C26F997A1'  # a real TCGA file name's length
+    os.symlink(small_slides / 's1.tif', tmp_path / f'{stem}.tif')
+    tile.tile_slides(tmp_path / f'{stem}.tif', tmp_path / 'tiles')
+    qc = np.asarray(Image.open(tmp_path / 'tiles' / f'{stem}.jpg').convert('L'))
+    # the 64 x 48 px thumbnail (1 x 0.75 mm at 16 µm/px), enlarged 8x, and below it the caption on white
+    assert qc.shape[1] == 512 and qc.shape[0] > 384
+    text = qc[384:] < 128
+    lines = np.count_nonzero(np.diff(text.any(1).astype(int)) == 1)
+    assert lines >= 2 and not text[:, -3:].any()  # wrapped, and nothing runs off the right edge
 
 
 def test_bad_slides_fail_alone_with_a_readable_reason(tile_slides_dir, tmp_path):
@@ -342,6 +380,52 @@ def test_a_slide_with_the_same_name_from_another_folder_is_tiled_not_taken_as_do
     assert (moved['stem'], moved['status']) == ('S', 'ok') and moved['seconds'] > 0
     assert str(np.load(out / 'S.npz')['slide_path']) == str(tmp_path / 'a2' / 'S.tif')
     assert len(tile.TileDataset(out).stems) == 2
+
+
+def test_slides_that_share_a_name_each_get_their_own_tiles(tile_slides_dir, small_slides, tmp_path):
+    root, _ = tile_slides_dir
+    slides = tmp_path / 'slides'
+    slides.mkdir()
+    os.symlink(root / 'a40.svs', slides / 'X.svs')  # 40x Aperio scan
+    os.symlink(root / 'g20.tif', slides / 'X.tiff')  # the same glass at 20x: a copy beside its original
+    out = tmp_path / 'tiles'
+    rows = {r['stem']: r for r in tile.tile_slides(slides, out)}
+    assert sorted(rows) == ['X.svs', 'X.tiff'] and {r['status'] for r in rows.values()} == {'ok'}
+    assert tile.npz_files(out) == ['X.svs.npz', 'X.tiff.npz']
+    z = {stem: np.load(out / f'{stem}.npz') for stem in rows}
+    assert [str(z[s]['slide_path']) for s in ('X.svs', 'X.tiff')] == [str(slides / 'X.svs'), str(slides / 'X.tiff')]
+    assert (int(z['X.svs']['read_size']), int(z['X.tiff']['read_size'])) == (512, 256)
+    np.testing.assert_array_equal(z['X.svs']['coords'] * 0.25, z['X.tiff']['coords'] * 0.5)  # the same µm
+    ds = tile.TileDataset(out)
+    assert ds.stems == ['X.svs', 'X.tiff'] and len(ds) == sum(r['n_tiles'] for r in rows.values())
+    first = [int(np.flatnonzero(ds.slide_index == s)[0]) for s in (0, 1)]
+    assert (ds[first[0]].float() - ds[first[1]].float()).abs().mean() < 6  # one glass, read from each file
+    # a rerun recognises both; a third X.svs, from another folder, takes the plain stem nobody holds
+    (tmp_path / 'more').mkdir()
+    shutil.copy(small_slides / 's2.tif', tmp_path / 'more' / 'X.svs')
+    again = {r['path']: r for r in tile.tile_slides([slides, tmp_path / 'more'], out)}
+    assert [(again[str(slides / n)]['stem'], again[str(slides / n)]['seconds']) for n in ('X.svs', 'X.tiff')] == [
+        ('X.svs', 0), ('X.tiff', 0)]
+    third = again[str(tmp_path / 'more' / 'X.svs')]
+    assert third['status'] == 'ok' and third['seconds'] > 0 and third['stem'] == 'X'  # the plain stem was still free
+    assert len(tile.TileDataset(out).stems) == 3
+
+
+def test_two_slides_never_write_one_npz(small_slides, tmp_path):
+    # names that differ only in case are one file on macOS and Windows disks: neither slide is tiled, both are errors
+    (tmp_path / 'slides').mkdir()
+    for name in ('S.tif', 's.tif', 'other.tif'):
+        os.symlink(small_slides / 's1.tif', tmp_path / 'slides' / name)
+    rows = {os.path.basename(r['path']): r for r in tile.tile_slides(tmp_path / 'slides', tmp_path / 'tiles')}
+    assert rows['other.tif']['status'] == 'ok' and tile.npz_files(tmp_path / 'tiles') == ['other.npz']
+    for name in ('S.tif', 's.tif'):
+        assert rows[name]['status'] == 'error' and rows[name]['error'].startswith('no output name of its own')
+    # two runs at once into one --out may pick one stem for two slides: the second to write fails, overwriting nothing
+    done = tmp_path / 'tiles' / 'other.npz'
+    before = done.read_bytes(), (tmp_path / 'tiles' / 'other.jpg').read_bytes()
+    row = tile.tile_slide(str(small_slides / 's2.tif'), 'other', str(tmp_path / 'tiles'))
+    assert row['status'] == 'error' and row['error'].startswith(f"other.npz in {tmp_path / 'tiles'} holds the tiles of")
+    assert (done.read_bytes(), (tmp_path / 'tiles' / 'other.jpg').read_bytes()) == before
 
 
 ORIGINAL_TILE_SLIDE = tile.tile_slide

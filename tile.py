@@ -1,9 +1,10 @@
 """
 Tile whole-slide images at a physical resolution (µm/px) for G2L distillation.
 
-For each slide: find tissue on a low-resolution pyramid level (HSV saturation + Otsu, as in CLAM),
-lay a grid of non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE
-tissue and save their level-0 top-left x,y (int64 N×2, as in TRIDENT) with a QC picture.
+For each slide: find tissue on the coarsest pyramid level that still resolves a tile (HSV
+saturation + Otsu as in CLAM, a fixed threshold when there is no glass), lay a grid of
+non-overlapping TILE_SIZE px tiles at MPP µm/px, keep those at least MIN_TISSUE tissue and save
+their level-0 top-left x,y (int64 N×2, as in TRIDENT) with a QC picture.
 TileDataset reads the tiles later, for distill.py and evaluate.py.
 
   # CPU demo: synthetic slides -> tiles -> bench
@@ -20,8 +21,10 @@ TileDataset reads the tiles later, for distill.py and evaluate.py.
 Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue,
 slide_mpp, slide_path), <stem>.jpg (QC: tissue outline in green, kept tiles in blue) and
 manifest.csv, a row per slide (shard I of N writes manifest-I-of-N.csv, and the last shard to
-finish merges them into manifest.csv). Finished slides are skipped on a rerun; the exit status is 0
-only when every slide succeeded.
+finish merges them into manifest.csv). <stem> is the slide's file stem; its file name (X.tiff
+beside X.svs) or either with a hash of its folder (a/X.svs, b/X.svs) when that is not unique; the
+manifest maps stems to paths. Finished slides are skipped on a rerun; the exit status is 0 only
+when every slide succeeded.
 """
 import argparse
 import collections
@@ -40,7 +43,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import openslide
 import tifffile
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -55,11 +58,17 @@ MIN_TISSUE = 0.5
 MPP_SLACK = 0.05
 # read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
 SNAP = 0.02
-# µm/px of the image tissue is found on (CLAM segments 40x scans at downsample 64, 16 µm/px)
-SEG_MPP = 8.0
+# thumbnail px per tile side where tissue is found: a tile's tissue fraction is then in 1/64s
+SEG_TILE_PX = 8
+# never segment coarser than this µm/px (CLAM segments 40x scans at downsample 64, 16 µm/px): a pen
+# stroke, a hole or a speck is still several thumbnail px wide
+SEG_MPP = 16.0
 # Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
 # so a blank slide (where Otsu splits noise) finds nothing
 MIN_SATURATION = 20
+# the class below Otsu's threshold is glass only if its mean saturation is below this (midway
+# between glass, S < 10, and pale stroma, S > 40); above it, there is no glass to find
+GLASS_SATURATION = 25
 # darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
 MIN_VALUE = 40
 # G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
@@ -79,6 +88,8 @@ MAX_OPEN_SLIDES = 64
 # one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens of
 # GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
 SLIDE_CACHE_MB = 64
+# the QC picture's long side is upscaled (whole pixels) to at least this, so its tiles can be seen
+QC_MIN_SIDE = 512
 # the columns of manifest.csv, a row per slide
 COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds',
            'error']
@@ -201,15 +212,32 @@ def read_thumbnail(slide, level, factor, bounds):
 
 # ------------------------------------------------------------------ tissue detection and tile grid
 
-def otsu(values):
-    """Otsu's threshold of uint8 values: the split that maximises the between-class variance."""
-    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+def otsu(hist):
+    """Otsu's threshold of a 256-bin histogram: the split that maximises the between-class
+    variance; the class below it is the values <= the threshold."""
+    hist = hist.astype(np.float64)
     # weight and first moment of the class below (0) and above (1) each candidate threshold
     w0, m0 = np.cumsum(hist), np.cumsum(hist * np.arange(256))
     w1, m1 = w0[-1] - w0, m0[-1] - m0
     with np.errstate(divide='ignore', invalid='ignore'):
         between = w0 * w1 * (m0 / w0 - m1 / w1) ** 2
     return int(np.nanargmax(between)) if np.isfinite(between).any() else 255
+
+
+def saturation_threshold(saturation):
+    """The saturation above which a pixel is stained: Otsu's split of glass from tissue, or
+    MIN_SATURATION when there is no glass to split off."""
+    hist = np.bincount(saturation.ravel(), minlength=256)
+    threshold = otsu(hist)
+    below = hist[:threshold + 1]
+    below_mean = (below * np.arange(threshold + 1)).sum() / max(below.sum(), 1)
+    # a slide that is all tissue (a crop, a resection filling the scan) has no glass mode: Otsu
+    # splits eosin from haematoxylin and drops the eosin (0 of 144 tiles kept, issue 10). When the
+    # class below the split is stained too, a fixed threshold takes over, as in CLAM's presets
+    # (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv)
+    if below_mean > GLASS_SATURATION:
+        return MIN_SATURATION
+    return max(threshold, MIN_SATURATION)
 
 
 def tissue_mask(rgb, seg_mpp):
@@ -221,8 +249,7 @@ def tissue_mask(rgb, seg_mpp):
     saturation = np.asarray(Image.fromarray(hsv[..., 1]).filter(ImageFilter.BoxBlur(1)))
     red, green = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
     value = hsv[..., 2]
-    saturation_threshold = max(otsu(saturation), MIN_SATURATION)
-    stained = saturation > saturation_threshold
+    stained = saturation > saturation_threshold(saturation)
     not_dark = value >= MIN_VALUE
     not_ink = green <= red + INK_MARGIN
     mask = stained & not_dark & not_ink
@@ -262,15 +289,42 @@ def score_grid(mask, seg_ds, footprint, bounds):
     return inside / np.maximum((bottom - top) * (right - left), 1)
 
 
+def wrap_text(text, font, width):
+    """The lines of text, each at most width px wide in font: broken between words, or inside a
+    word wider than that (a long stem)."""
+    lines = ['']
+    for word in text.split():
+        joined = f'{lines[-1]} {word}'.strip()
+        if font.getlength(joined) <= width:
+            lines[-1] = joined
+            continue
+        lines.append('')
+        for letter in word:
+            if lines[-1] and font.getlength(lines[-1] + letter) > width:
+                lines.append('')
+            lines[-1] += letter
+    return [line for line in lines if line]
+
+
 def draw_qc(rgb, mask, tiles_px, tile_px, caption):
-    """QC thumbnail: tissue outline in green, kept tiles in blue, what was done in the corner."""
-    qc = rgb.copy()
+    """QC picture: the thumbnail with the tissue outline in green and kept tiles in blue, and the
+    caption below it on white, wrapped to the picture's width."""
+    # a small slide's thumbnail is tens of px: enlarged by whole pixels, it still shows exactly the
+    # pixels tissue was found on
+    scale = max(1, math.ceil(QC_MIN_SIDE / max(mask.shape)))
+    qc = rgb.repeat(scale, 0).repeat(scale, 1)
+    mask = mask.repeat(scale, 0).repeat(scale, 1)
     qc[mask & ~ndimage.binary_erosion(mask)] = (0, 170, 0)
-    image = Image.fromarray(qc)
+    font = ImageFont.load_default()
+    lines = wrap_text(caption, font, qc.shape[1] - 8)
+    line_px = font.getbbox('Hg')[3] + 2
+    image = Image.new('RGB', (qc.shape[1], qc.shape[0] + len(lines) * line_px + 6), 'white')
+    image.paste(Image.fromarray(qc))
     draw = ImageDraw.Draw(image)
-    for x, y in tiles_px:
-        draw.rectangle((x, y, x + tile_px, y + tile_px), outline=(0, 60, 255))
-    draw.text((4, 4), caption, fill=(0, 0, 0))
+    for x, y in tiles_px * scale:
+        draw.rectangle((x, y, x + tile_px * scale, y + tile_px * scale), outline=(0, 60, 255))
+    for i, line in enumerate(lines):
+        draw.text((4, qc.shape[0] + 3 + i * line_px), line, fill=(0, 0, 0), font=font)
     return image
 
 
@@ -284,25 +338,30 @@ def save_atomic(path, write):
 
 
 def segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds):
-    """The scanned area at about SEG_MPP µm/px as uint8 RGB, and its level-0 px per pixel."""
-    # capped so a tile spans >= 8 thumbnail px (tissue fraction in 1/64s)
-    seg_mpp = min(SEG_MPP, tile_size * mpp / 8)
+    """The scanned area as uint8 RGB, as coarse as still resolves a tile (SEG_TILE_PX px a side),
+    and its level-0 px per pixel."""
+    seg_mpp = min(SEG_MPP, tile_size * mpp / SEG_TILE_PX)
     downsamples = slide.level_downsamples
-    # segment on the coarsest level still finer than seg_mpp, then box-shrink to it; never level 0
-    # when the slide has a pyramid
-    finer = [i for i, d in enumerate(downsamples) if slide_mpp * d <= seg_mpp] or [0]
+    # read the coarsest level that fine: reading a 40x Aperio slide's 4 µm/px level and halving it
+    # took 0.15 of 0.34 s a slide (issue 10), its 16 µm/px level reads in ~8 ms. A level up to
+    # MPP_SLACK coarser counts: a 40x scan at 0.2527 µm/px has its downsample-64 level at 16.2
+    fine_enough = seg_mpp * (1 + MPP_SLACK)
+    finer = [i for i, d in enumerate(downsamples) if slide_mpp * d <= fine_enough] or [0]
     seg_level = max(finer, key=lambda i: downsamples[i])
-    factor = max(1, int(seg_mpp / (slide_mpp * downsamples[seg_level])))
+    # a slide without so coarse a level is box-shrunk to seg_mpp as it is read
+    factor = max(1, int(fine_enough / (slide_mpp * downsamples[seg_level])))
     rgb = read_thumbnail(slide, seg_level, factor, bounds)
     return rgb, downsamples[seg_level] * factor
 
 
 def check_readable(slide, coords, level, read_size):
-    """Read the first and last tile of a slide."""
-    # an unreadable tile level fails here, not in the middle of training
+    """Read a pixel at the centre of the first and last tile of a slide."""
+    # an unreadable tile level fails here, not in the middle of training. One pixel decodes the
+    # scanner's JPEG block under it: 0.2 ms, where a whole 512 px tile of a 40x level took 4-9 ms
+    centre = read_size * slide.level_downsamples[level] / 2
     try:
         for x, y in coords[[0, -1]] if len(coords) else []:
-            slide.read_region((int(x), int(y)), level, (read_size, read_size))
+            slide.read_region((int(x + centre), int(y + centre)), level, (1, 1))
     except openslide.OpenSlideError as e:
         raise SlideError(
             f'level {level} is unreadable (OpenSlideError: {e}): truncated or corrupt') from None
@@ -329,8 +388,23 @@ def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
                 coords=coords)
 
 
+def check_stem_is_free(out_dir, stem, path):
+    """Refuse to overwrite <stem>.npz when it holds the tiles of another slide that still exists."""
+    # the stems of one batch never clash, but two runs at once into one --out could compute one
+    # stem for two slides; the second to write then fails instead of overwriting the first
+    npz = os.path.join(out_dir, stem + '.npz')
+    if not os.path.exists(npz):
+        return
+    with np.load(npz) as done:
+        owner = str(done['slide_path'])
+    if os.path.exists(owner) and not os.path.samefile(owner, path):
+        raise SlideError(f'{stem}.npz in {out_dir} holds the tiles of {owner}, another slide '
+                         '(two runs at once into one --out?); rerun, alone, to tile this one')
+
+
 def write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue):
     """<stem>.jpg (QC), then <stem>.npz: written last, the .npz marks the slide as done."""
+    check_stem_is_free(out_dir, stem, path)
     level, read_size, coords = tiles['level'], tiles['read_size'], tiles['coords']
     caption = (f'{stem}: {len(coords)} tiles, {tile_size}px at {mpp} um/px, '
                f'level {level} read {read_size}px')
@@ -404,27 +478,73 @@ def find_slides(inputs, exclude=None):
                     continue
                 dicom_dirs.add(os.path.dirname(p))
             found.append(p)
-    return sorted(set(found))
+    # a file named twice (by a relative and an absolute path) is one slide
+    by_path = {os.path.abspath(p): p for p in found}
+    return sorted(by_path.values())
+
+
+def stem_choices(path):
+    """The output stems a slide may take, most readable first."""
+    # the file stem (TRIDENT's and CLAM's slide id); the file name when another slide has that stem
+    # with another suffix (X.svs, X.tiff: a converted copy beside its original); stem + a hash of
+    # the folder when that file name is in several folders (a/X.svs, b/X.svs); name + that hash
+    # when both happen. The manifest maps each stem to its slide's path
+    name = os.path.basename(path)
+    stem = os.path.splitext(name)[0]
+    folder = hashlib.sha1(os.path.dirname(path).encode()).hexdigest()[:8]
+    return [stem, name, f'{stem}-{folder}', f'{name}-{folder}']
+
+
+def first_distinct_choice(choices, rival_choices):
+    """Index of the first of `choices` that no rival's choice of the same rank matches."""
+    for rank, choice in enumerate(choices):
+        if all(rival[rank].casefold() != choice.casefold() for rival in rival_choices):
+            return rank
+    return len(choices) - 1
 
 
 def unique_stems(paths, earlier):
-    """Output stem of each slide: its file stem, plus a short hash of its folder when another
-    slide has the same one (a/S.svs, b/S.svs)."""
+    """Output stem of each slide: the first of its stem_choices that sets it apart from every other
+    slide of its stem; None where none does (names that differ only in case)."""
     # slides in `earlier` (tiled into --out before: path -> stem) keep their stem, and a new slide
     # never takes that of another existing slide: tiling folder A, then B, into one --out keeps
     # both (how users add a cohort). A stem whose slide is gone (moved), or is this very file by
-    # another path, goes to the new slide
-    owners = {stem: path for path, stem in earlier.items()}
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    counts = collections.Counter(stems)
-    result = []
-    for path, stem in zip(map(os.path.abspath, paths), stems):
-        # the slide whose tiles <stem>.npz holds, if any
-        owner = owners.get(stem, '')
-        taken = counts[stem] > 1 or os.path.exists(owner) and not os.path.samefile(owner, path)
-        folder = hashlib.sha1(os.path.dirname(path).encode()).hexdigest()[:8]
-        result.append(earlier.get(path) or (f'{stem}-{folder}' if taken else stem))
-    return result
+    # another path, goes to the new slide. The stems depend on the set of paths, never on their
+    # order, so every shard computes the same ones
+    paths = [os.path.abspath(p) for p in paths]
+    listed = set(paths)
+    existing = {p: stem for p, stem in earlier.items() if p not in listed and os.path.exists(p)}
+    choices = {p: stem_choices(p) for p in paths + list(existing)}
+    # what a slide tiled earlier stands on is its stem itself: a new slide may take the plain stem
+    # it left free, but never a choice that would not tell them apart (a/S.svs is S, b/S.svs is
+    # S-<hash of b>, not S.svs)
+    claims = {p: [earlier.get(p, c[0])] + c[1:] for p, c in choices.items()}
+    # case-folded: X.npz and x.npz are one file on macOS and Windows disks
+    by_stem = collections.defaultdict(list)
+    for p in choices:
+        by_stem[choices[p][0].casefold()].append(p)
+    ranks = {}
+    for p in paths:
+        same_stem = by_stem[choices[p][0].casefold()]
+        rivals = [claims[q] for q in same_stem if q != p and not os.path.samefile(q, p)]
+        ranks[p] = first_distinct_choice(choices[p], rivals)
+    # a choice of one rank can still equal another slide's of another rank (X.tiff's name is the
+    # stem of X.tiff.svs): both then move on to their next choice
+    owners = {stem.casefold(): p for p, stem in existing.items()}
+    while True:
+        stems = [earlier.get(p) or choices[p][ranks[p]] for p in paths]
+        counts = collections.Counter(stem.casefold() for stem in stems)
+        clashes = []
+        for p, stem in zip(paths, stems):
+            owner = owners.get(stem.casefold())
+            taken = owner and not os.path.samefile(owner, p)
+            if p not in earlier and (counts[stem.casefold()] > 1 or taken):
+                clashes.append(p)
+        movable = [p for p in clashes if ranks[p] + 1 < len(choices[p])]
+        if not movable:
+            return [None if p in set(clashes) else stem for p, stem in zip(paths, stems)]
+        for p in movable:
+            ranks[p] += 1
 
 
 def read_csv(path):
@@ -509,9 +629,16 @@ def plan_batch(inputs, out_dir, shard, overwrite, settings):
     jobs = list(zip(paths, unique_stems(paths, earlier)))
     index, count = shard
     jobs = jobs[index::count]
+    # two slides never write one .npz: a slide left without a stem of its own is an error
+    clashing = [path for path, stem in jobs if stem is None]
+    jobs = [(path, stem) for path, stem in jobs if stem is not None]
     todo = [(p, stem) for p, stem in jobs if overwrite or os.path.abspath(p) not in earlier]
     finished = sorted(set(jobs) - set(todo))
-    return todo, [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+    rows = [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+    error = ('no output name of its own: another slide has the same name but for case '
+             '(X.svs, x.svs: one file on macOS and Windows disks); rename one of them')
+    rows += [new_row(path, '') | dict(error=error) for path in clashing]
+    return todo, rows
 
 
 def parse_shard(shard):
@@ -748,8 +875,8 @@ def _stain_textures(size=1024):
 def synthetic_masks(layout, u, v):
     """Tissue and pen-stroke masks at pixel centres u, v (slide fractions) of a synthetic slide."""
     inside = (u < 1) & (v < 1) & (not layout['blank'])
-    # tissue where the blobs' Gaussians add up to more than 0.5
-    field = 0
+    # tissue where the blobs' Gaussians add up to more than 0.5, or everywhere
+    field = np.float32(layout['full_tissue'])
     for cx, cy, sx, sy in layout['blobs']:
         field = field + np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
     tissue = (field > 0.5) & inside
@@ -784,11 +911,8 @@ def synthetic_level(layout, w, h, tissue_px=None):
             yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
 
 
-def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
-                          blank=False):
-    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
-    white glass and a blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact
-    level-0 tissue fraction (pen excluded), 'mpp', 'size', 'levels', 'pen'}."""
+def synthetic_layout(width, height, mpp, seed=0, blank=False, full_tissue=False):
+    """Where a synthetic slide's tissue and pen stroke are: what synthetic_masks draws from."""
     # tissue is laid out in slide fractions and the stain in µm, so the same seed at (w, h, 0.25)
     # and (w/2, h/2, 0.5) is the same glass scanned at 40x and 20x
     rng = np.random.default_rng(seed)
@@ -799,7 +923,17 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
     short_um = physical_um.min()
     # the pen circle in µm: centre x, y, radius, half-width of the stroke
     pen = (0.88 * physical_um[0], 0.15 * physical_um[1], 0.1 * short_um, 0.015 * short_um)
-    layout = dict(width=width, mpp=mpp, blank=blank, blobs=blobs, pen=pen, physical=physical_um)
+    return dict(width=width, mpp=mpp, blank=blank, full_tissue=full_tissue, blobs=blobs, pen=pen,
+                physical=physical_um)
+
+
+def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
+                          blank=False, full_tissue=False):
+    """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
+    white glass (or tissue filling the scan: full_tissue) and a blue pen circle, level 0 at `mpp`
+    µm/px. Returns {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size',
+    'levels', 'pen', 'layout'}."""
+    layout = synthetic_layout(width, height, mpp, seed, blank, full_tissue)
     # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
@@ -824,16 +958,20 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
                       description=description if level == 0 else None, metadata=None,
                       **resolution)
     return {'tissue_fraction': sum(tissue_px) / (width * height), 'mpp': mpp,
-            'size': (width, height), 'levels': sizes, 'pen': tuple(p / mpp for p in pen)}
+            'size': (width, height), 'levels': sizes,
+            'pen': tuple(p / mpp for p in layout['pen']), 'layout': layout}
 
 
 def demo(out):
-    """Synthetic slides, tiled and benched: 40x TIFF and Aperio SVS, that glass at 20x, a blank."""
+    """Synthetic slides, tiled and benched: 40x TIFF and Aperio SVS, that glass at 20x, a crop that
+    is all tissue, a blank."""
     slides = os.path.join(out, 'slides')
     os.makedirs(slides, exist_ok=True)
     write_synthetic_slide(os.path.join(slides, 'g40.tif'))
     write_synthetic_slide(os.path.join(slides, 'a40.svs'), aperio=True)
     write_synthetic_slide(os.path.join(slides, 'g20.tif'), width=2048, height=1536, mpp=0.5)
+    write_synthetic_slide(os.path.join(slides, 'crop.tif'), width=2048, height=1536, mpp=0.5,
+                          full_tissue=True)
     write_synthetic_slide(os.path.join(slides, 'blank.tif'), width=2048, height=1536, blank=True)
     # the blank slide fails: no tissue
     main([slides, '--out', os.path.join(out, 'tiles')])
