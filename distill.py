@@ -12,20 +12,32 @@ Run it:
   two nodes (run on each; RDZV_HOST is node 0's address):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$RDZV_HOST:29500 \
         --rdzv-id=g2l distill.py config/g2l_brca.py
-  speed only (random tiles, no data loading):
+  speed only (random tiles, no data loading; the teacher computed, then replayed from a cache):
     python distill.py config/g2l_brca.py --bench=20
+  the teacher's embeddings ahead of time (teacher only, 8 GPUs share the steps), then every run
+  that uses the same folder replays them instead of running the teacher:
+    torchrun --standalone --nproc_per_node=8 distill.py config/g2l_brca.py \
+        --teacher_cache=/scratch/g2l_brca_teacher --teacher_only=True
+    torchrun --standalone --nproc_per_node=8 distill.py config/g2l_brca.py \
+        --teacher_cache=/scratch/g2l_brca_teacher
 Any setting below can be overridden by a config file and then by --key=value.
 
 One step: uint8 tiles -> the same random augmentation for both models, on the device -> teacher
-forward (no grad) -> student forward -> Linear + BatchNorm projection to the teacher's width ->
-loss -> backward -> clip -> fused AdamW. Teacher and student each normalise with their own mean/std.
+forward (no grad; or its embedding replayed from teacher_cache) -> student forward -> Linear +
+BatchNorm projection to the teacher's width -> loss -> backward -> clip -> fused AdamW. Teacher and
+student each normalise with their own mean/std.
 """
+import hashlib
+import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
+import zlib
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -92,7 +104,13 @@ tf32 = True  # TF32 matmuls for what runs outside bf16 autocast
 teacher_bf16 = True  # keep the frozen teacher's weights in bf16 on CUDA (half its memory)
 seed = 1337  # decides the held-out slides, tile order, augmentations and projection init
 bench = 0  # >0: time this many steps on random tiles (no data loading) and exit
+# teacher cache: the frozen teacher's embedding of every view is a function of (seed, step), so
+# it can be stored once and replayed by every later run (sweeps pay the teacher once)
+teacher_cache = ''  # a folder: replay the teacher embeddings stored there, store the missing ones
+teacher_only = False  # fill teacher_cache for steps 0..max_iters (and the held-out set), then exit
+fill_batch_size = 256  # teacher_only: tiles per teacher forward (no backward, so far more fit)
 debug_nan_step = -1  # testing aid: poison the loss at this step to exercise the non-finite guard
+debug_kill_write = -1  # testing aid: SIGKILL after writing this step's cache rows, before the marks
 # -----------------------------------------------------------------------------
 # every setting above is a config key: configure() checks overrides against their names and types
 config_keys = [k for k, v in globals().items()
@@ -121,6 +139,10 @@ PEAK_FLOPS = {
 
 # -----------------------------------------------------------------------------
 # the augmentation: one random view per tile, shown to both teacher and student (G2L)
+
+# bump whenever augment_params() or augment() change what a step's views are: a teacher cache
+# records it and refuses runs of another version
+AUGMENT_VERSION = 1
 
 def augment_params(n, step, tile_size, crop):
     """Per-sample augmentation parameters of one global batch of n tiles."""
@@ -287,23 +309,29 @@ def schedule(step, start, end, warmup=0):
 
 def batches(n_tiles, start_step, rank, world, rng_seed):
     """Endless lists of tile indices for this rank, one per micro-batch, from start_step on."""
-    # epoch e is a permutation seeded by (seed, e); each step takes the next global batch and each
-    # (micro-step, rank) its slice of it. The position is a function of the step, so resuming at
-    # step s reads exactly the tiles s would have read
+    # each (micro-step, rank) takes its slice of the step's global batch
     global_batch = batch_size * grad_accum * world
+    steps = itertools.count(start_step)
+    for _, chunk in global_batches(n_tiles, steps, global_batch, rng_seed):
+        for micro in range(grad_accum):
+            k = micro * world + rank
+            yield chunk[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def global_batches(n_tiles, steps, global_batch, rng_seed):
+    """(step, the tile indices of its global batch) for each of the increasing `steps`."""
+    # epoch e is a permutation seeded by (seed, e); each step takes the next global batch. The
+    # position is a function of the step, so resuming at step s reads exactly the tiles s would
+    # have read, and a teacher cache can be filled for any step in any order
     per_epoch = n_tiles // global_batch
-    step, order_epoch = start_step, None
-    while True:
+    order_epoch = None
+    for step in steps:
         epoch, b = divmod(step, per_epoch)
         # once per epoch: permuting ~10M tiles takes a good part of a second
         if epoch != order_epoch:
             order = np.random.default_rng([rng_seed, epoch]).permutation(n_tiles)
             order_epoch = epoch
-        chunk = order[b * global_batch:(b + 1) * global_batch]
-        for micro in range(grad_accum):
-            k = micro * world + rank
-            yield chunk[k * batch_size:(k + 1) * batch_size].tolist()
-        step += 1
+        yield step, order[b * global_batch:(b + 1) * global_batch]
 
 
 # -----------------------------------------------------------------------------
@@ -319,17 +347,25 @@ def main():
         print(f'global batch {global_batch} = {batch_size} per GPU x {grad_accum} accumulation '
               f'x {env.world} processes')
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not bench and os.path.exists(ckpt_path) and not resume:
-        raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it '
-                         'or choose another out_dir')
+    check_run_mode(ckpt_path)
 
     # data: this run's training tiles and the held-out ones (--bench reads none)
     if not bench:
         tiles, train_idx, val_idx = split_tiles(global_batch, env)
 
+    # the teacher cache, checked against what it was made from before any model is built;
+    # --teacher_only fills it and stops there
+    t_spec, cache = teacher_spec(), None
+    if teacher_cache and not bench:
+        cache = open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env)
+    if teacher_only:
+        fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, env)
+        finish(env.ddp)
+        return
+
     # models, in the deliberate order: build -> load weights -> optimizer -> its state ->
     # free the checkpoint -> DDP -> compile; the raw student is kept for saving and measuring
-    t_model, t_spec, raw_student = build_models(env)
+    t_model, raw_student = build_models(t_spec, cache, env)
 
     # optimizer and resume
     optimizer = build_optimizer(raw_student)
@@ -339,7 +375,7 @@ def main():
     else:
         # each rank its own torch random stream; a resumed run restores the saved ones instead
         torch.manual_seed(seed + env.rank)
-    nets = wrap_and_compile(t_model, t_spec, raw_student, env)
+    nets = wrap_and_compile(t_model, t_spec, raw_student, cache, env)
 
     if bench:
         run_bench(nets, optimizer, env)
@@ -375,6 +411,22 @@ def read_config(argv):
 def effective_config():
     """The settings this run uses, as printed at the start and saved with every checkpoint."""
     return {k: globals()[k] for k in config_keys}
+
+
+def check_run_mode(ckpt_path):
+    """One line, before any work, for settings that cannot go together."""
+    if not bench and not teacher_only and os.path.exists(ckpt_path) and not resume:
+        raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it '
+                         'or choose another out_dir')
+    if teacher_only and (bench or not teacher_cache):
+        raise SystemExit('error: --teacher_only=True fills a teacher cache: pass '
+                         '--teacher_cache=<folder>, and no --bench')
+    # the patch term needs the teacher's patch tokens: 256 x 1536 bf16 values, 786 KB a tile,
+    # 12 TB for g2l_brca's 60K steps x 256 tiles; not worth storing
+    if teacher_cache and patch_weight > 0 and not bench:
+        raise SystemExit('error: teacher_cache stores only the teacher\'s pooled embedding and '
+                         'patch_weight > 0 needs its patch tokens: set patch_weight=0 or '
+                         "teacher_cache=''")
 
 
 def start_processes():
@@ -438,18 +490,32 @@ def split_tiles(global_batch, env):
     return tiles, train_idx, val_idx
 
 
-def build_models(env):
-    """The frozen teacher (module and spec) and the student with its projection, on the device."""
+def teacher_spec():
+    """The teacher's spec without building it: its model.py row, or a distilled folder's
+    student.json, as model.create reads them."""
+    if teacher in zoo.MODELS or not os.path.exists(teacher):
+        return zoo.get_spec(teacher)
+    folder = teacher if os.path.isdir(teacher) else os.path.dirname(teacher)
+    meta_path = os.path.join(folder, 'student.json')
+    if not os.path.exists(meta_path):
+        raise SystemExit(f'error: {folder} has no student.json: pass a model name as teacher '
+                         'and teacher_weights=<this path>')
+    with open(meta_path) as f:
+        spec = json.load(f)
+    spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
+    return spec
+
+
+def build_models(t_spec, cache, env):
+    """The frozen teacher (None with a teacher cache: it is loaded only once a step needs it)
+    and the student with its projection, on the device."""
+    t_model = load_teacher(env) if cache is None else None
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
-    t_model, t_spec = zoo.create(teacher, teacher_weights or default_weights, device=env.device)
     s_backbone, s_spec = zoo.create(student, student_weights or default_weights, device=env.device)
     if t_spec['img_size'] != crop_size or s_spec['img_size'] != crop_size:
         raise SystemExit(f"error: crop_size {crop_size} must equal both models' input sizes "
                          f"({t_spec['img_size']}, {s_spec['img_size']})")
-    t_model.requires_grad_(False)
-    if env.use_cuda and teacher_bf16:
-        t_model.to(torch.bfloat16)
     # the same projection init on every rank and for any world size
     torch.manual_seed(seed)
     raw_student = Student(s_backbone, s_spec, t_spec).to(env.device).train()
@@ -460,13 +526,35 @@ def build_models(env):
         gflops = step_flops(t_spec, s_spec) / 1e9
         print(f"teacher {t_spec['name']} {t_params:.0f}M, student {s_spec['name']} "
               f"{s_params:.0f}M, {gflops:.1f} GFLOP per image per step")
-    return t_model, t_spec, raw_student
+    return t_model, raw_student
 
 
-def step_flops(t_spec, s_spec):
-    """FLOPs of one image in one step: the teacher's forward, the student's forward + backward."""
+def load_teacher(env):
+    """The frozen teacher on the device, in bf16 on CUDA (teacher_bf16)."""
+    default_weights = 'random' if bench else None
+    t_model, _ = zoo.create(teacher, teacher_weights or default_weights, device=env.device)
+    t_model.requires_grad_(False)
+    if env.use_cuda and teacher_bf16:
+        t_model.to(torch.bfloat16)
+    return t_model
+
+
+def compile_teacher(t_model, t_spec):
+    """The function the step calls to run the teacher: model.embed, compiled if `compile`."""
+    # the teacher is compiled as the function it runs (model.embed): torch.compile(module) would
+    # only compile its __call__
+    teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
+    if compile:
+        teacher_embed = torch.compile(teacher_embed, backend=compile_backend)
+    return teacher_embed
+
+
+def step_flops(t_spec, s_spec, teacher_share=1.0):
+    """FLOPs of one image in one step: the teacher's forward (for the share of images it ran on;
+    a teacher cache replays the rest), the student's forward + backward."""
     # fwd + bwd = 3x fwd: the backward costs about twice the forward
-    return zoo.flops_per_image(t_spec, crop_size) + 3 * zoo.flops_per_image(s_spec, crop_size)
+    t_flops = teacher_share * zoo.flops_per_image(t_spec, crop_size)
+    return t_flops + 3 * zoo.flops_per_image(s_spec, crop_size)
 
 
 def build_optimizer(raw_student):
@@ -511,11 +599,8 @@ def load_checkpoint(path, raw_student, optimizer, env):
     return ckpt['step'], ckpt['state']
 
 
-def wrap_and_compile(t_model, t_spec, raw_student, env):
+def wrap_and_compile(t_model, t_spec, raw_student, cache, env):
     """The networks of the run: what the step calls (DDP-wrapped, compiled) and the raw ones."""
-    # the teacher is compiled as the function it runs (model.embed): torch.compile(module) would
-    # only compile its __call__
-    teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
     # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
     # buckets so their all-reduce overlaps the backward
     student_ddp = None
@@ -523,37 +608,70 @@ def wrap_and_compile(t_model, t_spec, raw_student, env):
         student_ddp = DDP(raw_student, device_ids=[env.local_rank] if env.use_cuda else None)
     student_forward = student_ddp if env.ddp else raw_student
     if compile:
-        teacher_embed = torch.compile(teacher_embed, backend=compile_backend)
         student_forward = torch.compile(student_forward, backend=compile_backend)
+    # no teacher yet with a cache: ensure_teacher() loads it the first time a step needs it
+    teacher_embed = compile_teacher(t_model, t_spec) if t_model is not None else None
+    # teacher_images counts the images the teacher really ran on: MFU counts only their FLOPs
     return SimpleNamespace(teacher=t_model, t_spec=t_spec, student=raw_student,
                            teacher_embed=teacher_embed, student_forward=student_forward,
-                           student_ddp=student_ddp)
+                           student_ddp=student_ddp, cache=cache, teacher_images=0)
 
 
 def run_bench(nets, optimizer, env):
-    """--bench: time steps on random uint8 tiles made on the device; nothing is read from disk."""
+    """--bench: time steps on random uint8 tiles made on the device, first with the teacher
+    computed, then with its embeddings replayed from a throwaway teacher cache."""
     random_tiles = random_tile_batches(env)
     # compilation happens in the first steps
     warmup = 10 if compile else 3
+    computed = time_steps(nets, optimizer, random_tiles, warmup, env)
+    name = f"{nets.t_spec['name']} -> {nets.student.spec['name']}"
+    if env.master:
+        print(f"bench {name} at {crop_size} px, batch {batch_size}/GPU, compile={compile} "
+              f"grad_ckpt={grad_ckpt}: {computed.ms:.1f} ms/step, {computed.images_per_s:.1f} "
+              f"images/s, MFU {mfu_text(computed.mfu)}, peak memory {computed.memory_gib:.2f} GiB")
+    if patch_weight > 0:
+        print('bench with a teacher cache: not measured, patch_weight > 0 needs patch tokens')
+        return
+    # the same steps again, their teacher embeddings replayed from a cache of random stand-ins
+    # in a temporary folder (the replay's speed does not depend on the values)
+    global_batch = batch_size * grad_accum * env.world
+    with tempfile.TemporaryDirectory() as folder:
+        nets.cache = open_cache(folder, global_batch, nets.t_spec['dim'], storage_dtype(env))
+        for step in range(warmup + bench):
+            stand_ins = torch.randn(global_batch, nets.t_spec['dim'])
+            rows = to_storage(stand_ins, nets.cache)
+            write_rows(nets.cache, step, 0, rows, np.ones(global_batch, bool))
+        replayed = time_steps(nets, optimizer, random_tiles, warmup, env)
+        nets.cache = None
+    t_flops = zoo.flops_per_image(nets.t_spec, crop_size)
+    teacher_part = t_flops / step_flops(nets.t_spec, nets.student.spec)
+    speedup = replayed.images_per_s / computed.images_per_s
+    if env.master:
+        print(f"bench with a teacher cache (the teacher, {100 * teacher_part:.0f}% of a step's "
+              f"FLOPs, not run): {replayed.ms:.1f} ms/step, {replayed.images_per_s:.1f} "
+              f"images/s, MFU {mfu_text(replayed.mfu)} (student FLOPs only), "
+              f"{speedup:.2f}x the images/s")
+
+
+def time_steps(nets, optimizer, random_tiles, warmup, env):
+    """Time `bench` steps after `warmup` untimed ones: ms/step, images/s, MFU, peak memory."""
     for i in range(warmup):
         train_step(nets, optimizer, random_tiles, 256, i, env)
     if env.use_cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = sync_time(env)
+    t0, t0_teacher = sync_time(env), nets.teacher_images
     for i in range(bench):
         train_step(nets, optimizer, random_tiles, 256, warmup + i, env)
     seconds_per_step = (sync_time(env) - t0) / bench
     images_per_s = batch_size * grad_accum * env.world / seconds_per_step
+    teacher_share = (nets.teacher_images - t0_teacher) / (bench * batch_size * grad_accum)
     if env.use_cuda:
         memory_gib = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
     else:
         memory_gib = peak_rss_gib()
-    mfu = model_flops_utilisation(images_per_s, nets, env)
-    if env.master:
-        print(f"bench {nets.t_spec['name']} -> {nets.student.spec['name']} at {crop_size} px, "
-              f"batch {batch_size}/GPU, compile={compile} grad_ckpt={grad_ckpt}: "
-              f"{seconds_per_step * 1000:.1f} ms/step, {images_per_s:.1f} images/s, "
-              f"MFU {mfu_text(mfu)}, peak memory {memory_gib:.2f} GiB")
+    mfu = model_flops_utilisation(images_per_s, teacher_share, nets, env)
+    return SimpleNamespace(ms=seconds_per_step * 1000, images_per_s=images_per_s, mfu=mfu,
+                           memory_gib=memory_gib)
 
 
 def train(nets, optimizer, tiles, train_idx, val_idx, step, state, env):
@@ -570,6 +688,7 @@ def train(nets, optimizer, tiles, train_idx, val_idx, step, state, env):
     bar = tqdm(total=max_iters, initial=step, disable=not env.master, dynamic_ncols=True)
     global_batch = batch_size * grad_accum * env.world
     t0, t0_step, why, signalled = sync_time(env), step, 'reached max_iters', False
+    t0_teacher = nets.teacher_images
     # finite losses since the last log line: the logged loss is their mean, less noisy than a batch
     interval = []
     while step < max_iters:
@@ -598,16 +717,22 @@ def train(nets, optimizer, tiles, train_idx, val_idx, step, state, env):
             seconds_per_step = (sync_time(env) - t0) / (step - t0_step)
             images_per_s = global_batch / seconds_per_step
             mean_loss = sum(interval) / len(interval) if interval else float('nan')
+            # the share of this rank's images the teacher ran on (1 without a cache)
+            images = (step - t0_step) * batch_size * grad_accum
+            teacher_share = (nets.teacher_images - t0_teacher) / images
             row = dict(step=step, loss=mean_loss, lr=optimizer.param_groups[0]['lr'],
                        grad_norm=grad_norm.item(), cosine=cosine,
                        images_per_s=round(images_per_s, 1),
-                       mfu=model_flops_utilisation(images_per_s, nets, env),
+                       mfu=model_flops_utilisation(images_per_s, teacher_share, nets, env),
                        skipped=state['skipped'])
+            if nets.cache is not None:
+                row['teacher_computed'] = round(teacher_share, 4)
             if env.master:
                 if step % eval_interval == 0 or step == max_iters:
                     row['val_cosine'] = held_out_cosine(nets.student, held_out, env)
                 write_log(row, log_file, bar, images_per_s)
             t0, t0_step, interval = sync_time(env), step, []
+            t0_teacher = nets.teacher_images
         if signalled:
             why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
                    'rerun with --resume=True to continue')
@@ -640,10 +765,8 @@ def train_step(nets, optimizer, tile_batches, tile_size, step, env):
         last = micro == grad_accum - 1
         sync = nullcontext() if not env.ddp or last else nets.student_ddp.no_sync()
         with sync, env.autocast:
-            # the frozen teacher; no_grad, not inference_mode: its tensors cannot enter the
-            # student's graph
-            with torch.no_grad():
-                t_pooled, t_patches = nets.teacher_embed(images)
+            # the frozen teacher's embeddings of these views, or their replay from teacher_cache
+            t_pooled, t_patches = teacher_outputs(nets, images, step, first, env)
             # the student and its projection to the teacher's width
             s_pooled, s_patches = nets.student_forward(images)
             # the loss on the final embeddings (G2L), plus the optional patch-token term
@@ -671,16 +794,43 @@ def train_step(nets, optimizer, tile_batches, tile_size, step, env):
     return torch.stack(losses).mean(), grad_norm, torch.stack(cosines).mean()
 
 
+def teacher_outputs(nets, images, step, first, env):
+    """The teacher's (pooled embeddings, patch tokens) of a micro-batch's images, which are rows
+    first.. of the step's global batch. With a teacher cache: the stored rows, the missing ones
+    computed and stored (patch tokens None)."""
+    if nets.cache is None:
+        nets.teacher_images += len(images)
+        # no_grad, not inference_mode: its tensors cannot enter the student's graph
+        with torch.no_grad():
+            return nets.teacher_embed(images)
+    rows, valid = read_rows(nets.cache, step, first, len(images))
+    if not valid.all():
+        ensure_teacher(nets, f'step {step} is not all in teacher_cache', env)
+        nets.teacher_images += len(images)
+        # the whole micro-batch, as a run without a cache computes it, so the rows match its
+        with torch.no_grad():
+            computed = to_storage(nets.teacher_embed(images)[0], nets.cache)
+        # only missing rows are written; the run uses exactly what the cache then holds
+        write_rows(nets.cache, step, first, computed, ~valid)
+        rows[~valid] = computed[~valid]
+    return from_storage(rows, nets.cache).to(env.device), None
+
+
 def read_tile_batches(tiles, train_idx, step, env):
     """This rank's micro-batches of uint8 training tiles from `step` on, read by loader workers."""
+    order = batches(len(train_idx), step, env.rank, env.world, seed)
+    return iter(tile_loader(tiles, train_idx, order, env))
+
+
+def tile_loader(tiles, train_idx, order, env):
+    """A DataLoader of uint8 training tiles in the batches of `order` (index lists into
+    train_idx)."""
     # tiles arrive as uint8 from workers (pinned, prefetched); every random choice is made on the
     # device
-    order = batches(len(train_idx), step, env.rank, env.world, seed)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         torch.utils.data.Subset(tiles, train_idx), batch_sampler=order,
         num_workers=num_workers, pin_memory=env.use_cuda, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
-    return iter(loader)
 
 
 def random_tile_batches(env):
@@ -749,13 +899,17 @@ def embed_held_out(tiles, val_idx, nets, env):
     start = (tiles.tile_size - crop_size) // 2
     centre = slice(start, start + crop_size)
     n_batches = math.ceil(len(val_idx) / batch_size)
-    held_out = []
-    with torch.no_grad(), env.autocast:
-        for chunk in np.array_split(val_idx, n_batches):
-            crops = torch.stack([tiles[i] for i in chunk]).to(env.device)[:, :, centre, centre]
-            t_pooled = zoo.embed(nets.teacher, nets.t_spec, crops)[0].float()
-            held_out.append((crops, t_pooled))
-    return held_out
+    crops = []
+    for chunk in np.array_split(val_idx, n_batches):
+        crops.append(torch.stack([tiles[i] for i in chunk]).to(env.device)[:, :, centre, centre])
+    # a teacher cache keeps the held-out embeddings too (float32, as measured with)
+    targets = read_held_out(nets.cache, val_idx, crops, env)
+    if targets is None:
+        ensure_teacher(nets, 'the held-out embeddings are not in teacher_cache', env)
+        with torch.no_grad(), env.autocast:
+            targets = [zoo.embed(nets.teacher, nets.t_spec, c)[0].float() for c in crops]
+        write_held_out(nets.cache, val_idx, targets)
+    return list(zip(crops, targets))
 
 
 def held_out_cosine(raw_student, held_out, env):
@@ -781,6 +935,385 @@ def held_out_cosine(raw_student, held_out, env):
         cosine = F.cosine_similarity(projected, t_pooled).mean().item()
     raw_student.train()
     return cosine
+
+
+# -----------------------------------------------------------------------------
+# the teacher cache: every view of a step is a function of (seed, step), so the frozen teacher's
+# embedding of each one can be stored once and replayed (FKD and Theia store teacher outputs
+# offline the same way). Layout of the folder:
+#   key.json                what the embeddings were made from; a run with other settings stops
+#   steps_<first>.bin       CACHE_SEGMENT_STEPS steps x global batch x dim, float32 or raw bf16
+#   steps_<first>.crc       one uint32 mark per row: crc32 of its bytes | 1 (0 = not written)
+#   held_out_<hash>.npy     the held-out tiles' embeddings (float32), for the cosine measurement
+#   weights_sha256.json     the teacher weight files' hashes, by path, size and mtime
+
+# steps per pair of files: every file has a fixed size, so processes that create or grow one
+# concurrently never shrink it under another
+CACHE_SEGMENT_STEPS = 1000
+# how each field of key.json reads in the error that names the one that differs
+CACHE_KEY_WORDS = dict(
+    teacher='teacher',
+    teacher_model="teacher architecture or normalisation (its model.py row)",
+    teacher_weights='teacher weights (sha256 of the file)',
+    tiles='tiles in data_dir (slides and coordinates)',
+    seed='seed',
+    global_batch='global batch (batch_size x grad_accum x processes)',
+    crop_size='crop_size',
+    augmentation='augmentation recipe (AUGMENT_VERSION)',
+    split='training split (val_fraction, seed)',
+    dtype='precision (float32 on CPU, bfloat16 on CUDA)',
+    segment_steps='file layout (CACHE_SEGMENT_STEPS)',
+)
+
+
+def storage_dtype(env):
+    """The teacher's embeddings as stored: float32 on CPU, bf16 on CUDA, where the teacher runs
+    under bf16 autocast (about 3 KB a tile for 1536 dims)."""
+    return torch.bfloat16 if env.use_cuda else torch.float32
+
+
+def open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env):
+    """teacher_cache, checked against what it was made from, its size printed and its free disk
+    checked; holds the steps still missing, the same list on every rank."""
+    cache = open_cache(teacher_cache, global_batch, t_spec['dim'], storage_dtype(env))
+    problem, missing = None, []
+    if env.master:
+        os.makedirs(teacher_cache, exist_ok=True)
+        key = cache_key(tiles, train_idx, val_idx, t_spec, global_batch, cache.dtype)
+        problem = claim_key(teacher_cache, key)
+        if problem is None:
+            stored = stored_steps(cache, max_iters)
+            problem = check_cache_space(cache, max_iters - len(stored))
+        if problem is None:
+            missing = np.setdiff1d(np.arange(max_iters), stored).tolist()
+    # the master's verdict on every rank
+    verdict = [problem, missing]
+    if env.ddp:
+        dist.broadcast_object_list(verdict)
+    if verdict[0]:
+        finish(env.ddp)
+        # the error line once, from the master
+        raise SystemExit(verdict[0] if env.master else 1)
+    cache.missing = verdict[1]
+    return cache
+
+
+def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, dtype):
+    """All that the teacher's embedding of a step's views depends on."""
+    # rows are indexed by their place in the global batch, as augment_params() and batches()
+    # index them, so any split of the same global batch over GPUs and accumulation reads the same
+    model_fields = ('arch', 'kwargs', 'mean', 'std', 'pool', 'img_size', 'resize')
+    tile_layout = json.dumps([tiles.stems, tiles.levels, tiles.read_sizes, tiles.tile_size])
+    key = dict(
+        teacher=t_spec['name'],
+        teacher_model={k: t_spec.get(k) for k in model_fields},
+        teacher_weights=weights_identity(t_spec),
+        # the tiles as TileDataset reads them: slides, levels, sizes, coordinates
+        tiles=fingerprint(tile_layout, tiles.coords, tiles.slide_index),
+        seed=seed,
+        global_batch=global_batch,
+        crop_size=crop_size,
+        augmentation=AUGMENT_VERSION,
+        # the held-out set's embeddings are a file named by their own tiles' fingerprint
+        split=fingerprint('training tiles', train_idx),
+        dtype=str(dtype).removeprefix('torch.'),
+        segment_steps=CACHE_SEGMENT_STEPS,
+    )
+    # as JSON reads it back: tuples become lists
+    return json.loads(json.dumps(key))
+
+
+def fingerprint(text, *arrays):
+    """sha256 of a text and integer arrays, each array's length before it (no two inputs alike)."""
+    digest = hashlib.sha256(text.encode())
+    for values in arrays:
+        digest.update(np.int64(len(values)).tobytes())
+        digest.update(np.ascontiguousarray(values, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def weights_identity(t_spec):
+    """The teacher's weights in a cache key: the weight file's sha256, or the name that seeds
+    random weights (model.build_random)."""
+    weights = teacher_weights
+    # a distilled folder's own weights, as model.create picks them
+    if not weights and teacher not in zoo.MODELS:
+        folder = teacher if os.path.isdir(teacher) else os.path.dirname(teacher)
+        weights = os.path.join(folder, 'student.safetensors')
+    if not weights:
+        weights = 'random' if t_spec['weights'] == 'random' else 'hub'
+    if weights == 'random':
+        return f"random ({t_spec['name']})"
+    path = zoo.download(t_spec) if weights == 'hub' else weights
+    if os.path.isdir(path):
+        path = zoo.find_weight_file(path)
+    return 'sha256:' + file_sha256(str(path))
+
+
+def file_sha256(path):
+    """A file's sha256, remembered in teacher_cache/weights_sha256.json by path, size and mtime."""
+    # the whole file, not a sample: two checkpoints may differ in a few tensors only. Hashing
+    # H-optimus-0's 4.5 GB takes ~2.5 s of CPU (1.8 GB/s measured) plus the read; a stat
+    # takes microseconds, and a rewritten file has a new size or mtime
+    memo_path = os.path.join(teacher_cache, 'weights_sha256.json')
+    memo = {}
+    if os.path.exists(memo_path):
+        with open(memo_path) as f:
+            memo = json.load(f)
+    stat = os.stat(path)
+    seen = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    real_path = os.path.realpath(path)
+    entry = memo.get(real_path, {})
+    if {k: entry.get(k) for k in seen} == seen:
+        return entry['sha256']
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    memo[real_path] = dict(seen, sha256=digest.hexdigest())
+    tile.save_atomic(memo_path, lambda f: f.write(json.dumps(memo, indent=1).encode()))
+    return digest.hexdigest()
+
+
+def claim_key(folder, key):
+    """Write folder/key.json if there is none, then compare: an error line naming the first
+    setting that differs, or None."""
+    path = os.path.join(folder, 'key.json')
+    if not os.path.exists(path):
+        tmp = f'{path}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(key, f, indent=1)
+        # a hard link appears whole and never replaces another run's key.json (os.replace would)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        os.remove(tmp)
+    with open(path) as f:
+        made_with = json.load(f)
+    for name, value in key.items():
+        if made_with.get(name) == value:
+            continue
+        values = ''
+        if not isinstance(value, dict):
+            values = f': {short(made_with.get(name))} there, {short(value)} here'
+        return (f'error: teacher_cache {folder} was made with another '
+                f'{CACHE_KEY_WORDS[name]}{values}; use another teacher_cache folder, or the '
+                'settings it was made with')
+    return None
+
+
+def short(value):
+    """A value for an error line: long hashes cut to their first characters."""
+    text = str(value)
+    return text[:20] + '...' if len(text) > 24 else text
+
+
+def check_cache_space(cache, n_missing):
+    """Print the cache's size; an error line if its disk cannot take the missing steps."""
+    row_bytes = cache.dim * np.dtype(cache.np_dtype).itemsize
+    # each row also has its 4-byte mark
+    step_bytes = cache.global_batch * (row_bytes + 4)
+    needed = n_missing * step_bytes
+    free = shutil.disk_usage(cache.folder).free
+    dtype_name = str(cache.dtype).removeprefix('torch.')
+    print(f'teacher cache {cache.folder}: {max_iters} steps x {cache.global_batch} tiles x '
+          f'{cache.dim}-d {dtype_name} ({row_bytes} B a tile) = '
+          f'{human_bytes(max_iters * step_bytes)}; {max_iters - n_missing} steps stored, '
+          f'{human_bytes(needed)} to write, {human_bytes(free)} free')
+    if needed <= free:
+        return None
+    return (f'error: teacher_cache needs {human_bytes(needed)} for {n_missing} more steps but '
+            f'{cache.folder} has {human_bytes(free)} free: free some, point teacher_cache at a '
+            'larger disk, or lower max_iters')
+
+
+def human_bytes(n):
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if n < 1000:
+            return f'{n:.3g} {unit}'
+        n /= 1000
+    return f'{n:.3g} PB'
+
+
+def open_cache(folder, global_batch, dim, dtype):
+    """A teacher cache's layout; its files are mapped when first touched."""
+    # numpy has no bfloat16: bf16 is kept as its raw 16 bits
+    np_dtype = np.int16 if dtype == torch.bfloat16 else np.float32
+    return SimpleNamespace(folder=folder, global_batch=global_batch, dim=dim, dtype=dtype,
+                           np_dtype=np_dtype, segments={}, missing=[])
+
+
+def segment(cache, step):
+    """The memory-mapped (rows, marks) of the files that hold a step, and its index there."""
+    k, i = divmod(step, CACHE_SEGMENT_STEPS)
+    if k not in cache.segments:
+        stem = os.path.join(cache.folder, f'steps_{k * CACHE_SEGMENT_STEPS:08d}')
+        shape = (CACHE_SEGMENT_STEPS, cache.global_batch)
+        rows = map_file(stem + '.bin', cache.np_dtype, shape + (cache.dim,))
+        cache.segments[k] = (rows, map_file(stem + '.crc', np.uint32, shape))
+    rows, marks = cache.segments[k]
+    return rows, marks, i
+
+
+def map_file(path, dtype, shape):
+    """A shared memory map of a file of fixed size, created (sparse, zeros) by whoever is first."""
+    size = np.dtype(dtype).itemsize * math.prod(shape)
+    # 'ab' creates and never truncates; every process grows the file to the one size the key
+    # fixes, so none ever shrinks it under another. The disk fills only as rows are written
+    with open(path, 'ab') as f:
+        if os.path.getsize(path) < size:
+            f.truncate(size)
+    return np.memmap(path, dtype, 'r+', shape=shape)
+
+
+def row_marks(rows):
+    """Each row's mark: the crc32 of its bytes, never 0 (0 = not written)."""
+    return np.array([zlib.crc32(row) | 1 for row in rows], np.uint32)
+
+
+def read_rows(cache, step, first, n):
+    """Rows first..first+n of a step as stored, and which are valid: written, and their mark is
+    their checksum (a torn or clobbered write is missing, never a wrong value)."""
+    rows_file, marks_file, i = segment(cache, step)
+    rows = np.array(rows_file[i, first:first + n])
+    marks = np.array(marks_file[i, first:first + n])
+    valid = marks == row_marks(rows)
+    torn = np.count_nonzero(~valid & (marks != 0))
+    if torn:
+        print(f'warning: {torn} teacher_cache rows of step {step} fail their checksum (a torn '
+              'or clobbered write): computing them again', file=sys.stderr)
+    return rows, valid
+
+
+def write_rows(cache, step, first, rows, which):
+    """Store the rows `which` picks as rows first.. of a step, then their marks: an entry counts
+    only once its mark is written, and each process writes only its own rows."""
+    rows_file, marks_file, i = segment(cache, step)
+    picked = first + np.flatnonzero(which)
+    rows_file[i, picked] = rows[which]
+    # testing aid: the torn write that a kill -9 between rows and marks leaves
+    if step == debug_kill_write:
+        os.kill(os.getpid(), signal.SIGKILL)
+    marks_file[i, picked] = row_marks(rows[which])
+
+
+def to_storage(embeddings, cache):
+    """Embeddings (a tensor, on any device) -> a numpy array of the cache's dtype."""
+    stored = embeddings.detach().to(cache.dtype).cpu()
+    if cache.dtype == torch.bfloat16:
+        return stored.view(torch.int16).numpy()
+    return stored.numpy()
+
+
+def from_storage(rows, cache):
+    """Stored rows (numpy) -> a CPU tensor in the dtype the teacher computed them in."""
+    embeddings = torch.from_numpy(rows)
+    if cache.dtype == torch.bfloat16:
+        return embeddings.view(torch.bfloat16)
+    return embeddings
+
+
+def stored_steps(cache, n_steps):
+    """The steps below n_steps that have every row marked, read from the mark files on disk
+    (the replay also checks each mark against its row)."""
+    stored = []
+    for name in sorted(os.listdir(cache.folder)):
+        if not (name.startswith('steps_') and name.endswith('.crc')):
+            continue
+        first = int(name.removeprefix('steps_').removesuffix('.crc'))
+        _, marks, _ = segment(cache, first)
+        count = max(0, min(CACHE_SEGMENT_STEPS, n_steps - first))
+        complete = (marks[:count] != 0).all(1)
+        stored.extend((first + np.flatnonzero(complete)).tolist())
+    return stored
+
+
+def held_out_path(cache, val_idx):
+    """Where a cache keeps these held-out tiles' embeddings (other val_tiles: another file)."""
+    name = fingerprint('held-out tiles', val_idx)[:16]
+    return os.path.join(cache.folder, f'held_out_{name}.npy')
+
+
+def read_held_out(cache, val_idx, crops, env):
+    """The held-out embeddings from the cache, batched like crops; None without them."""
+    if cache is None or not os.path.exists(held_out_path(cache, val_idx)):
+        return None
+    targets = torch.from_numpy(np.load(held_out_path(cache, val_idx)))
+    return [t.to(env.device) for t in targets.split([len(c) for c in crops])]
+
+
+def write_held_out(cache, val_idx, targets):
+    """The held-out embeddings into the cache, whole or not at all."""
+    if cache is None:
+        return
+    values = torch.cat(targets).cpu().numpy()
+    tile.save_atomic(held_out_path(cache, val_idx), lambda f: np.save(f, values))
+
+
+def ensure_teacher(nets, why, env):
+    """Load and compile the teacher the first time a step needs it: with a full cache, never."""
+    if nets.teacher is not None:
+        return
+    where = f'rank {env.rank}: ' if env.ddp else ''
+    print(f'{where}loading the teacher: {why}', flush=True)
+    # in a forked RNG: a teacher loaded late leaves the training's random stream as it was
+    cuda_devices = [env.device] if env.use_cuda else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        nets.teacher = load_teacher(env)
+    nets.teacher_embed = compile_teacher(nets.teacher, nets.t_spec)
+
+
+def fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, env):
+    """--teacher_only: the teacher's embeddings of the views of every missing step up to
+    max_iters, the ranks taking turns over the steps; and the held-out set's. No student."""
+    nets = SimpleNamespace(teacher=None, t_spec=t_spec, teacher_embed=None, cache=cache,
+                           teacher_images=0)
+    if env.master:
+        embed_held_out(tiles, val_idx, nets, env)
+    # every world-th missing step: no two ranks write the same rows
+    steps = cache.missing[env.rank::env.world]
+    if steps:
+        ensure_teacher(nets, f'{len(cache.missing)} steps to fill on {env.world} processes', env)
+    order = (chunk.tolist() for _, chunk in
+             global_batches(len(train_idx), steps, global_batch, seed))
+    loader = tile_loader(tiles, train_idx, order, env)
+    bar = tqdm(total=len(steps), disable=not env.master, desc='teacher cache', unit='step')
+    pending = []
+    for step, step_tiles in zip(steps, loader):
+        # exactly the views the training step will make (augment_params, augment)
+        views = augment_params(global_batch, step, tiles.tile_size, crop_size)
+        views = {name: v.to(env.device) for name, v in views.items()}
+        step_tiles = step_tiles.to(env.device, non_blocking=True)
+        pending.append((step, augment(step_tiles, views, crop_size)))
+        # whole steps share forwards of up to fill_batch_size tiles
+        if len(pending) * global_batch >= fill_batch_size or step == steps[-1]:
+            embed_and_store(nets, pending, env)
+            bar.update(len(pending))
+            pending = []
+    bar.close()
+    # on disk before the job ends (the marks make any order of write-back safe)
+    for rows_file, marks_file in cache.segments.values():
+        rows_file.flush()
+        marks_file.flush()
+    if env.ddp:
+        dist.barrier()
+    if env.master:
+        n_stored = len(stored_steps(cache, max_iters))
+        print(f'teacher cache {cache.folder}: {n_stored} of {max_iters} steps stored')
+
+
+def embed_and_store(nets, pending, env):
+    """The teacher's embeddings of pending (step, views), in forwards of up to fill_batch_size
+    tiles, each step stored whole."""
+    images = torch.cat([views for _, views in pending])
+    with torch.inference_mode(), env.autocast:
+        pooled = [nets.teacher_embed(chunk)[0] for chunk in images.split(fill_batch_size)]
+    rows = to_storage(torch.cat(pooled), nets.cache)
+    every_row = np.ones(nets.cache.global_batch, bool)
+    for i, (step, _) in enumerate(pending):
+        step_rows = rows[i * nets.cache.global_batch:(i + 1) * nets.cache.global_batch]
+        write_rows(nets.cache, step, 0, step_rows, every_row)
 
 
 def open_log(step):
@@ -832,11 +1365,12 @@ def save_checkpoint(raw_student, optimizer, step, state, env):
     tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
 
 
-def model_flops_utilisation(images_per_s, nets, env):
-    """MFU per GPU: the FLOP/s the step's math needs over the device's peak; None if unknown."""
+def model_flops_utilisation(images_per_s, teacher_share, nets, env):
+    """MFU per GPU: the FLOP/s of the math the step ran (the teacher only on the share of images
+    it ran on) over the device's peak; None if unknown."""
     if not env.peak_flops:
         return None
-    flops = step_flops(nets.t_spec, nets.student.spec)
+    flops = step_flops(nets.t_spec, nets.student.spec, teacher_share)
     return flops * images_per_s / env.world / env.peak_flops
 
 

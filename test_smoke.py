@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import openslide
@@ -774,7 +776,7 @@ def test_the_hub_check_goes_through_a_proxy_when_one_is_set(monkeypatch):
 
 
 # ==================================================================================================
-# distill.py: augmentation, loss, resume, DDP equivalence, non-finite guard, export, bench
+# distill.py: augmentation, loss, resume, DDP equivalence, non-finite guard, export, bench, teacher cache
 # ==================================================================================================
 
 TINY = ['--teacher=tiny-teacher', '--student=tiny-student', '--device=cpu', '--compile=False',
@@ -946,11 +948,174 @@ def test_two_compiled_processes_match_one_eager_process_with_the_same_global_bat
         [r['loss'] for r in log_rows(two) if 'loss' in r], abs=1e-5)
 
 
-def test_bench_reports_images_per_second(tmp_path):
+def test_bench_reports_images_per_second_with_and_without_a_teacher_cache(tmp_path):
     proc = run_distill(str(tmp_path / 'bench'), '--bench=2')
-    line = [l for l in proc.stdout.splitlines() if l.startswith('bench')][0]
-    assert 'images/s' in line and 'ms/step' in line and 'peak memory' in line
-    assert float(line.split(' images/s')[0].split()[-1]) > 0
+    computed, replayed = [l for l in proc.stdout.splitlines() if l.startswith('bench')]
+    assert 'images/s' in computed and 'ms/step' in computed and 'peak memory' in computed
+    assert float(computed.split(' images/s')[0].split()[-1]) > 0
+    # the replay runs the student only; the tiny teacher is most of the tiny pair's FLOPs
+    t_flops, s_flops = model.flops_per_image('tiny-teacher'), model.flops_per_image('tiny-student')
+    assert f"the teacher, {100 * t_flops / (t_flops + 3 * s_flops):.0f}% of a step's FLOPs, not run" in replayed
+    assert float(replayed.split(' images/s')[0].split()[-1]) > 0
+
+
+# the teacher cache: a tiny teacher from a weight file, global batch 4 (2 x 2 accumulation); lr 1e-4,
+# so that two processes can be compared with one (see the DDP test above)
+CACHE_LAYOUT = ['--batch_size=2', '--grad_accum=2', '--lr=1e-4']
+
+
+@pytest.fixture(scope='module')
+def cache_runs(demo_tiles, tmp_path_factory):
+    """Six steps without a cache; three steps that write a teacher cache (kept aside as it was); six
+    steps on that cache, which replay the three and compute, and write, the rest."""
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp('teacher_cache')
+    weights = str(root / 'teacher.safetensors')
+    save_file(model.create('tiny-teacher')[0].state_dict(), weights)
+    common = [f'--data_dir={demo_tiles}', f'--teacher_weights={weights}', *CACHE_LAYOUT]
+    cache = str(root / 'cache')
+    run_distill(str(root / 'plain'), *common, '--max_iters=6')
+    first = run_distill(str(root / 'first'), *common, '--max_iters=3', f'--teacher_cache={cache}')
+    shutil.copytree(cache, root / 'partial')
+    completed = run_distill(str(root / 'completed'), *common, '--max_iters=6', f'--teacher_cache={cache}')
+    return SimpleNamespace(root=root, common=common, cache=cache, partial=str(root / 'partial'),
+                           first=first, completed=completed, weights=weights)
+
+
+def cache_files(folder, mode='r', global_batch=4, dim=96):
+    """The rows (float32 on CPU) and marks of a teacher cache's first file, as memory maps."""
+    rows = np.memmap(os.path.join(folder, 'steps_00000000.bin'), np.float32, mode, shape=(1000, global_batch, dim))
+    marks = np.memmap(os.path.join(folder, 'steps_00000000.crc'), np.uint32, mode, shape=(1000, global_batch))
+    return rows, marks
+
+
+def valid_marks(rows, marks):
+    """Whether every row's mark is the crc32 of its bytes, with the low bit set (0 = not written)."""
+    rows, marks = np.ascontiguousarray(rows).reshape(-1, rows.shape[-1]), marks.reshape(-1)
+    return all(mark == zlib.crc32(row) | 1 for row, mark in zip(rows, marks))
+
+
+def assert_same_weights(out_a, out_b):
+    (a, params_a), (b, params_b) = student_params(out_a), student_params(out_b)
+    assert a['step'] == b['step']
+    for k in params_a:
+        assert torch.equal(params_a[k], params_b[k]), k
+    assert torch.equal(a['student']['head.1.running_mean'], b['student']['head.1.running_mean'])
+
+
+def test_a_teacher_cache_replays_bit_identically_and_a_partial_one_is_completed(cache_runs, tmp_path):
+    runs = cache_runs
+    root = runs.root
+    assert '0 steps stored' in runs.first.stdout and '3 steps stored' in runs.completed.stdout
+    # the completing run replayed steps 0-2 (and the held-out set) and loaded the teacher only for step 3
+    loads = [l for l in runs.completed.stdout.splitlines() if 'loading the teacher' in l]
+    assert loads == ['loading the teacher: step 3 is not all in teacher_cache']
+    rows, marks = cache_files(runs.cache)
+    assert valid_marks(rows[:6], marks[:6]) and not marks[6:].any()
+    assert_same_weights(root / 'plain', root / 'completed')  # float32: the cache changes nothing
+
+    # a full cache: the teacher is never loaded, every step replayed, the same weights to the bit
+    replay = run_distill(str(tmp_path / 'replay'), *runs.common, '--max_iters=6', f'--teacher_cache={runs.cache}')
+    assert 'loading the teacher' not in replay.stdout and '6 steps stored, 0 B to write' in replay.stdout
+    assert [r['teacher_computed'] for r in log_rows(tmp_path / 'replay') if 'loss' in r] == [0.0] * 6
+    assert_same_weights(root / 'plain', tmp_path / 'replay')
+
+
+def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_runs, tmp_path):
+    runs = cache_runs
+    shared = tmp_path / 'cache'
+    shutil.copytree(runs.partial, shared)
+    # a row clobbered after its mark was written (row 3 of step 1: rank 1's) must be recomputed, not replayed
+    rows, _ = cache_files(shared, 'r+')
+    rows[1, 3] += 1
+    rows.flush()
+    two = str(tmp_path / 'two')
+    proc = run_distill(two, *runs.common, '--grad_accum=1', '--max_iters=6', f'--teacher_cache={shared}', nproc=2)
+    assert '1 teacher_cache rows of step 1 fail their checksum' in proc.stderr
+    assert 'rank 1: loading the teacher: step 1 is not all in teacher_cache' in proc.stdout
+    assert 'rank 0: loading the teacher: step 3 is not all in teacher_cache' in proc.stdout
+    # what the two processes wrote (steps 3-5, and the repaired row) is what one process wrote
+    (rows, marks), (one_rows, one_marks) = cache_files(shared), cache_files(runs.cache)
+    assert np.array_equal(rows[:6], one_rows[:6]) and np.array_equal(marks[:6], one_marks[:6])
+    # and they trained like one process on the same global batch (as in the DDP test above)
+    (_, a), (_, b) = student_params(two), student_params(runs.root / 'plain')
+    del a['backbone.norm.bias'], b['backbone.norm.bias']
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+def test_a_teacher_only_fill_killed_mid_write_is_resumed_by_two_processes_and_matches(cache_runs, tmp_path):
+    runs = cache_runs
+    cache, out = str(tmp_path / 'cache'), str(tmp_path / 'fill')
+    fill = [*runs.common, '--max_iters=6', '--teacher_only=True', f'--teacher_cache={cache}']
+    # killed after writing step 3's rows and before their marks: the torn write of a kill -9
+    killed = run_distill(out, *fill, '--debug_kill_write=3', check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    rows, marks = cache_files(cache, 'r+')
+    assert valid_marks(rows[:3], marks[:3]) and not marks[3:].any()
+    assert np.abs(rows[3]).sum() > 0  # written, but unmarked: it must not count
+    rows[3] = 1e6
+    rows.flush()
+    # resumed by two processes sharing the missing steps (global batch 4 = 2 x 1 x 2)
+    resumed = run_distill(out, *fill, '--grad_accum=1', nproc=2)
+    assert '3 steps stored, ' in resumed.stdout and '6 of 6 steps stored' in resumed.stdout
+    assert not os.path.exists(out)  # the teacher alone ran: no student, no checkpoint
+    (rows, marks), (one_rows, _) = cache_files(cache), cache_files(runs.cache)
+    assert valid_marks(rows[:6], marks[:6])
+    # the fill embeds several steps per forward (fill_batch_size); the training step embedded 2 tiles at
+    # a time. Equal on this CPU (its float32 forward does not depend on the batch); a GPU may round apart
+    np.testing.assert_allclose(rows[:6], one_rows[:6], rtol=0, atol=1e-6)
+    held_out = [np.load(next(Path(folder).glob('held_out_*.npy'))) for folder in (cache, runs.cache)]
+    assert np.array_equal(*held_out)
+
+
+@pytest.fixture
+def in_process_distill(monkeypatch):
+    """distill.main() in this process, for errors raised before any training; its settings restored after."""
+    saved = distill.effective_config()
+
+    def error_of(*args):
+        vars(distill).update(saved)
+        monkeypatch.setattr(sys, 'argv', ['distill.py', *TINY, *args])
+        with pytest.raises(SystemExit) as stop:
+            distill.main()
+        return str(stop.value)
+    yield error_of
+    vars(distill).update(saved)
+
+
+def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(cache_runs, demo_tiles,
+                                                                              in_process_distill, tmp_path):
+    from safetensors.torch import load_file, save_file
+    runs = cache_runs
+    same = [*runs.common, '--max_iters=6', f'--teacher_cache={runs.cache}', f'--out_dir={tmp_path / "out"}']
+    # the weights are known by their content: a copy elsewhere is the same teacher (the run gets as far
+    # as the disk check), and the copy rewritten in place with other values is another one
+    weights = str(tmp_path / 'teacher.safetensors')
+    shutil.copy(runs.weights, weights)
+    assert 'more steps but' in in_process_distill(*same, f'--teacher_weights={weights}', f'--max_iters={10 ** 12}')
+    state = load_file(weights)
+    state['norm.weight'] += 1e-3
+    save_file(state, weights)
+    other_tiles = tmp_path / 'tiles'
+    shutil.copytree(demo_tiles, other_tiles)
+    npz = sorted(other_tiles.glob('*.npz'))[0]
+    fields = dict(np.load(npz))
+    fields['coords'] = fields['coords'][:-1]  # one tile fewer
+    np.savez(npz, **fields)
+    errors = {
+        '--seed=7': 'another seed: 1337 there, 7 here',
+        '--batch_size=4': 'another global batch (batch_size x grad_accum x processes): 4 there, 8 here',
+        f'--teacher_weights={weights}': 'another teacher weights (sha256 of the file): sha256:',
+        f'--data_dir={other_tiles}': 'another tiles in data_dir (slides and coordinates)',
+        '--patch_weight=0.5': 'patch_weight > 0 needs its patch tokens',
+        f'--max_iters={10 ** 12}': 'needs 1.55 PB for 999999999994 more steps but',
+    }
+    for arg, expected in errors.items():
+        message = in_process_distill(*same, arg)
+        assert expected in message and message.startswith('error: ') and '\n' not in message, (arg, message)
+    # nothing was written over: the key still says how the cache was made
+    assert json.load(open(os.path.join(runs.cache, 'key.json')))['seed'] == 1337
 
 
 # ==================================================================================================

@@ -25,3 +25,7 @@ grad_clip = 1.0  # ours
 early_stop = True  # the paper's stopping rule
 num_workers = 10
 resume = True  # a requeued job continues from out_dir/ckpt.pt
+# The teacher is 55% of the FLOPs of a step. To pay it once for a whole sweep, fill a teacher
+# cache ahead (~47 GB for 60K steps x 256 tiles; see the README) and rerun with it:
+#   torchrun --standalone --nproc_per_node=8 distill.py config/g2l_brca.py \
+#       --teacher_cache=/scratch/brca_hopt0 --teacher_only=True
