@@ -872,42 +872,200 @@ def _stain_textures(size=1024):
     return pyramid
 
 
+# The demo's tissue classes differ in the shape, size and arrangement of their nuclei, not in
+# colour: nuclei cover 18-30% of every class, so a tile's mean colour says nothing of its class and
+# an encoder must see morphology to tell them apart (a random encoder barely can). Sizes follow
+# textbook H&E histology: lymphocytes have small round nuclei (~5 µm across), carcinoma cells
+# large pleomorphic ones (10-16 µm), the fibroblasts of stroma spindles 16-24 µm long, 2-3 µm wide.
+# name: (long semi-axis range in µm, short/long axis ratio range, spread of the orientation in
+# radians: None for any, a number for spindles that run roughly parallel, as fibres do)
+TISSUES = {
+    'tumour': ((5.0, 8.0), (0.6, 1.0), None),
+    'lymphocytes': ((2.0, 3.0), (0.85, 1.0), None),
+    'stroma': ((8.0, 12.0), (0.1, 0.15), 0.25),
+}
+# fraction of a tissue's area drawn as nuclei, drawn per texture: one range for every class
+NUCLEI_COVER = (0.18, 0.30)
+# eosin and haematoxylin RGB of each synthetic centre: every site stains its own way (TCGA's do)
+CENTRE_STAINS = [((232, 150, 196), (92, 52, 142)), ((214, 160, 180), (70, 62, 128))]
+# each slide's stain also varies a little around its centre's: RGB standard deviation
+SLIDE_STAIN_JITTER = 6.0
+# tissue is drawn at 40x and box-averaged to coarser pixels, as a scanner's pyramid is
+RENDER_MPP = 0.25
+
+
+def nucleus_outlines(rng, tissue, n, size, direction):
+    """x and y (n, 24) of n nuclei of `tissue` as 24-point ellipses, anywhere in a size px square
+    at RENDER_MPP µm/px."""
+    (long_low, long_high), (ratio_low, ratio_high), spread = TISSUES[tissue]
+    long_px = rng.uniform(long_low, long_high, (n, 1)) / RENDER_MPP
+    short_px = long_px * rng.uniform(ratio_low, ratio_high, (n, 1))
+    if spread is None:
+        angle = rng.uniform(0, math.pi, (n, 1))
+    else:
+        angle = direction + rng.normal(0, spread, (n, 1))
+    x, y = rng.uniform(0, size, (2, n, 1))
+    t = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+    along, across = long_px * np.cos(t), short_px * np.sin(t)
+    xs = x + along * np.cos(angle) - across * np.sin(angle)
+    ys = y + along * np.sin(angle) + across * np.cos(angle)
+    return xs, ys
+
+
+def nuclei_map(rng, tissue, size, seamless=False):
+    """Haematoxylin fraction in [0, 1] of a size px square of `tissue` at RENDER_MPP µm/px.
+    seamless: a nucleus over an edge comes back on the other side, so the square tiles."""
+    (long_low, long_high), (ratio_low, ratio_high), _ = TISSUES[tissue]
+    cover = rng.uniform(*NUCLEI_COVER)
+    direction = rng.uniform(0, math.pi)
+    # as many nuclei as cover that fraction on average (overlaps hide a little, in every class)
+    mean_long_px = (long_low + long_high) / 2 / RENDER_MPP
+    mean_area = math.pi * mean_long_px ** 2 * (ratio_low + ratio_high) / 2
+    n = round(cover * size * size / mean_area)
+    xs, ys = nucleus_outlines(rng, tissue, n, size, direction)
+    canvas = Image.new('L', (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    shifts = [-size, 0, size] if seamless else [0]
+    for dx in shifts:
+        for dy in shifts:
+            # a shifted copy is drawn only where it reaches into the square
+            reaches = ((xs.max(1) + dx > 0) & (xs.min(1) + dx < size) &
+                       (ys.max(1) + dy > 0) & (ys.min(1) + dy < size))
+            for px, py in zip(xs[reaches] + dx, ys[reaches] + dy):
+                draw.polygon(list(zip(px.tolist(), py.tolist())), fill=255)
+    return np.asarray(canvas, np.float32) / 255
+
+
+def slide_stain(rng, centre):
+    """(eosin, haematoxylin) RGB of one slide of `centre`: the centre's stain plus the slide's."""
+    eosin, haematoxylin = (np.array(c, np.float32) for c in CENTRE_STAINS[centre])
+    jitter = rng.normal(0, SLIDE_STAIN_JITTER, 3).astype(np.float32)
+    # haematoxylin is the darker stain, and varies less in RGB
+    return eosin + jitter, haematoxylin + jitter / 2
+
+
+def stain_nuclei(nuclei, stain, noise):
+    """RGB float of a nuclei map in a (eosin, haematoxylin) stain, plus the scanner's noise."""
+    eosin, haematoxylin = stain
+    haematoxylin_fraction = nuclei[..., None]
+    return eosin * (1 - haematoxylin_fraction) + haematoxylin * haematoxylin_fraction + noise
+
+
+def render_patch(rng, tissue, size, mpp, stain):
+    """A uint8 (size, size, 3) RGB patch of new cells of `tissue` at `mpp` µm/px (a multiple of
+    RENDER_MPP): drawn at RENDER_MPP and box-averaged, exactly as a synthetic slide's level is."""
+    factor = round(mpp / RENDER_MPP)
+    nuclei = nuclei_map(rng, tissue, size * factor)
+    nuclei = nuclei.reshape(size, factor, size, factor).mean((1, 3))
+    # the scanner's noise at this pixel size, from anywhere in the shared noise texture
+    noise = noise_pyramid()[round(math.log2(factor))]
+    y, x = rng.integers(0, len(noise) - size, 2)
+    rgb = stain_nuclei(nuclei, stain, noise[y:y + size, x:x + size])
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def box_pyramid(image):
+    """image and its 2 × 2 box-averaged copies down to 1 px, finest first; copies smaller than a
+    tile are repeated up to 256 px so a tile is always a plain slice."""
+    size = len(image)
+    pyramid = []
+    while size >= 1:
+        repeats = (max(1, 256 // size),) * 2 + (1,) * (image.ndim - 2)
+        pyramid.append(np.tile(image, repeats))
+        size //= 2
+        if size:
+            image = image.reshape(size, 2, size, 2, *image.shape[2:]).mean((1, 3))
+    return pyramid
+
+
+@functools.lru_cache(maxsize=12)
+def nuclei_pyramid(tissue, variant, size=2048):
+    """Box pyramid of a seamless 512 µm square of `tissue`'s nuclei map at RENDER_MPP, as uint8
+    (255 = all haematoxylin). Four variants a tissue give the slides of one tissue other cells."""
+    rng = np.random.default_rng([list(TISSUES).index(tissue), variant])
+    nuclei = nuclei_map(rng, tissue, size, seamless=True)
+    return [np.round(copy * 255).astype(np.uint8) for copy in box_pyramid(nuclei)]
+
+
+@functools.lru_cache(maxsize=1)
+def noise_pyramid(size=2048):
+    """Box pyramid of the scanner's noise over a 512 µm square, shared by every tissue texture."""
+    rng = np.random.default_rng(0)
+    return box_pyramid(8 * rng.standard_normal((size, size, 3), np.float32))
+
+
+def tissue_textures(blob_tissues, variant, stain, copy):
+    """Each blob's tissue as packed RGBX at pyramid copy `copy` (0 = RENDER_MPP), in the stain."""
+    noise = noise_pyramid()
+    packed = {}
+    for tissue in set(blob_tissues):
+        nuclei = nuclei_pyramid(tissue, variant)
+        nuclei = nuclei[min(copy, len(nuclei) - 1)].astype(np.float32) / 255
+        rgb = stain_nuclei(nuclei, stain, noise[min(copy, len(noise) - 1)])
+        packed[tissue] = pack_rgbx(rgb)
+    return [packed[tissue] for tissue in blob_tissues]
+
+
 def synthetic_masks(layout, u, v):
-    """Tissue and pen-stroke masks at pixel centres u, v (slide fractions) of a synthetic slide."""
+    """Tissue and pen-stroke masks at pixel centres u, v (slide fractions) of a synthetic slide,
+    and the blob each pixel belongs to: the one whose Gaussian is the largest there."""
     inside = (u < 1) & (v < 1) & (not layout['blank'])
     # tissue where the blobs' Gaussians add up to more than 0.5, or everywhere
     field = np.float32(layout['full_tissue'])
-    for cx, cy, sx, sy in layout['blobs']:
-        field = field + np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
+    largest, blob = 0, 0
+    for i, (cx, cy, sx, sy) in enumerate(layout['blobs']):
+        gaussian = np.exp(-0.5 * ((v - cy) / sy) ** 2) * np.exp(-0.5 * ((u - cx) / sx) ** 2)
+        field = field + gaussian
+        blob = np.where(gaussian > largest, i, blob)
+        largest = np.maximum(gaussian, largest)
     tissue = (field > 0.5) & inside
     # the pen stroke: a ring around the pen circle's centre, d2 in µm²
     width_um, height_um = layout['physical']
     pen_x, pen_y, radius, half_width = layout['pen']
     d2 = (u * width_um - pen_x) ** 2 + (v * height_um - pen_y) ** 2
     ring = (d2 > (radius - half_width) ** 2) & (d2 < (radius + half_width) ** 2) & inside
-    return tissue, ring
+    return tissue, ring, blob
+
+
+def texture_window(tx, ty, period):
+    """The 256 px slice of a seamless texture of `period` px under the tile at (tx, ty)."""
+    return np.s_[ty % period:ty % period + 256, tx % period:tx % period + 256]
 
 
 def synthetic_level(layout, w, h, tissue_px=None):
     """The 256 px RGB tiles of a w × h level of the synthetic slide, in the order tifffile writes
-    them; appends each tile's tissue pixel count (pen excluded) to tissue_px when given."""
+    them; appends each tile's tissue pixel count (pen excluded) per blob to tissue_px when given."""
     textures = _stain_textures()
     # this level's pixel in 0.25 µm units picks the texture copy
     scale = layout['mpp'] / 0.25 * layout['width'] / w
-    stain, glass = textures[min(len(textures) - 1, max(0, round(math.log2(scale))))]
+    copy = max(0, round(math.log2(scale)))
+    stain, glass = textures[min(len(textures) - 1, copy)]
+    # with tissue classes, each blob shows its own tissue's texture, all of one period
+    blob_textures = []
+    if layout['blob_tissues']:
+        blob_textures = tissue_textures(layout['blob_tissues'], layout['variant'],
+                                        layout['stain'], copy)
     period = len(stain)
     pen_rgbx = np.array([40, 90, 180, 0], np.uint8).view(np.uint32)[0]
+    n_blobs = len(layout['blobs'])
     for ty in range(0, h, 256):
         for tx in range(0, w, 256):
             # pixel centres, in slide fractions
             u = ((tx + np.arange(256, dtype=np.float32) + 0.5) / w)[None, :]
             v = ((ty + np.arange(256, dtype=np.float32) + 0.5) / h)[:, None]
-            tissue, ring = synthetic_masks(layout, u, v)
-            window = np.s_[ty % period:ty % period + 256, tx % period:tx % period + 256]
-            rgbx = np.where(tissue, stain[window], glass[window])
+            tissue, ring, blob = synthetic_masks(layout, u, v)
+            window = texture_window(tx, ty, period)
+            if blob_textures:
+                blob_window = texture_window(tx, ty, len(blob_textures[0]))
+                tissue_rgbx = np.choose(blob, [texture[blob_window] for texture in blob_textures])
+            else:
+                tissue_rgbx = stain[window]
+            rgbx = np.where(tissue, tissue_rgbx, glass[window])
             rgbx[ring] = pen_rgbx
             if tissue_px is not None:
-                tissue_px.append(int((tissue & ~ring).sum()))
+                counted = tissue & ~ring
+                tissue_px.append(np.bincount(np.broadcast_to(blob, counted.shape)[counted],
+                                             minlength=n_blobs))
             yield rgbx.view(np.uint8).reshape(256, 256, 4)[..., :3]
 
 
@@ -928,12 +1086,22 @@ def synthetic_layout(width, height, mpp, seed=0, blank=False, full_tissue=False)
 
 
 def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
-                          blank=False, full_tissue=False):
+                          blank=False, full_tissue=False, tissues=(), centre=0):
     """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
     white glass (or tissue filling the scan: full_tissue) and a blue pen circle, level 0 at `mpp`
     µm/px. Returns {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size',
-    'levels', 'pen', 'layout'}."""
+    'levels', 'pen', 'layout'}.
+
+    tissues: () draws every blob in one generic texture; names of TISSUES give blob i the tissue
+    tissues[i % len(tissues)] in the stain of centre `centre` of CENTRE_STAINS (plus the slide's
+    own), and add 'tissue_fractions' {tissue: exact level-0 fraction of the slide}."""
     layout = synthetic_layout(width, height, mpp, seed, blank, full_tissue)
+    n_blobs = len(layout['blobs'])
+    blob_tissues = [tissues[i % len(tissues)] for i in range(n_blobs)] if tissues else []
+    layout['blob_tissues'] = blob_tissues
+    # the stain is drawn from its own stream: a seed's layout is the same with or without tissues
+    layout['stain'] = slide_stain(np.random.default_rng([seed, 1]), centre)
+    layout['variant'] = seed % 4
     # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
@@ -957,9 +1125,67 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
                       subfiletype=1 if level else 0,
                       description=description if level == 0 else None, metadata=None,
                       **resolution)
-    return {'tissue_fraction': sum(tissue_px) / (width * height), 'mpp': mpp,
-            'size': (width, height), 'levels': sizes,
-            'pen': tuple(p / mpp for p in layout['pen']), 'layout': layout}
+    blob_px = np.sum(tissue_px, axis=0)
+    result = {'tissue_fraction': blob_px.sum() / (width * height), 'mpp': mpp,
+              'size': (width, height), 'levels': sizes,
+              'pen': tuple(p / mpp for p in layout['pen']), 'layout': layout}
+    if tissues:
+        fractions = dict.fromkeys(tissues, 0.0)
+        for tissue, px in zip(blob_tissues, blob_px):
+            fractions[tissue] += px / (width * height)
+        result['tissue_fractions'] = fractions
+    return result
+
+
+def synthetic_crops(n, size=224, mpp=0.5, seed=0):
+    """n random crops of the tissue textures synthetic slides are drawn from, each in a slide stain
+    of a random centre: uint8 (n, size, size, 3), tissue index into TISSUES (n,), centre (n,)."""
+    # cheap (slices, no drawing): what the demo teacher is trained on, as a giga model is
+    # pretrained on slides of the kind it will be distilled on
+    rng = np.random.default_rng(seed)
+    copy = round(math.log2(mpp / RENDER_MPP))
+    noise = noise_pyramid()[copy]
+    tissue_index = rng.integers(0, len(TISSUES), n)
+    centres = rng.integers(0, len(CENTRE_STAINS), n)
+    crops = np.empty((n, size, size, 3), np.uint8)
+    for i, (tissue, centre) in enumerate(zip(tissue_index, centres)):
+        nuclei = nuclei_pyramid(list(TISSUES)[tissue], int(rng.integers(4)))[copy]
+        y, x = rng.integers(0, len(nuclei) - size, 2)
+        window = np.s_[y:y + size, x:x + size]
+        stain = slide_stain(rng, centre)
+        rgb = stain_nuclei(nuclei[window].astype(np.float32) / 255, stain, noise[window])
+        crops[i] = np.clip(rgb, 0, 255).astype(np.uint8)
+    return crops, tissue_index, centres
+
+
+def write_synthetic_patches(root, slides_per_split=(6, 2, 4), patches_per_slide=8, size=224,
+                            mpp=0.5, seed=0):
+    """A labelled patch set of the synthetic tissues: root/<split>/<tissue>/<slide>_<i>.png and
+    root/labels.csv (path,label,split,center,slide), a slide per tissue, split and index, its
+    centre alternating. Every patch is drawn anew, never seen by a model trained on slides or
+    synthetic_crops. Returns the CSV's path."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for tissue in TISSUES:
+        for split, n_slides in zip(('train', 'val', 'test'), slides_per_split):
+            os.makedirs(os.path.join(root, split, tissue), exist_ok=True)
+            for i in range(n_slides):
+                slide, centre = f'{tissue}-{split}-{i}', i % len(CENTRE_STAINS)
+                # the patches of one slide share its stain, as the tiles of a real slide do
+                stain = slide_stain(rng, centre)
+                for j in range(patches_per_slide):
+                    path = os.path.join(split, tissue, f'{slide}_{j}.png')
+                    patch = render_patch(rng, tissue, size, mpp, stain)
+                    Image.fromarray(patch).save(os.path.join(root, path))
+                    rows.append(dict(path=path, label=tissue, split=split,
+                                     center=f'centre{centre}', slide=slide))
+    labels = os.path.join(root, 'labels.csv')
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ['path', 'label', 'split', 'center', 'slide'])
+    writer.writeheader()
+    writer.writerows(rows)
+    save_atomic(labels, lambda f: f.write(text.getvalue().encode()))
+    return labels
 
 
 def demo(out):
