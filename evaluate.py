@@ -1,8 +1,8 @@
 r"""
 Evaluate frozen encoders side by side, the way G2L (arXiv 2510.11176) compares the giga teacher
 (H-optimus-0) with the student before (Hibou-L) and after distillation: linear probe and kNN on
-tile and slide tasks, linear CKA to the teacher, and the robustness index across medical centres
-(de Jong et al. 2025). One row per model, teacher first.
+tiles, ABMIL and mean-pooled probes on whole slides, linear CKA to the teacher, and the robustness
+index across medical centres (de Jong et al. 2025). One row per model, teacher first.
 
 CPU demo (random tiny models; 72 generated 64 px tiles: 3 classes, 2 centres, 18 slides; < 1 min):
     python -c "import evaluate; evaluate.write_demo_data('data/eval-demo')"
@@ -10,18 +10,30 @@ CPU demo (random tiny models; 72 generated 64 px tiles: 3 classes, 2 centres, 18
         --out out/eval-demo --device cpu
 Single GPU (bf16; NAME=PATH loads local weights; a distilled folder needs no NAME):
     python evaluate.py --data brca_patches/ \
-        --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca
+        --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca \
+        --names "teacher,student before,student after"
     python evaluate.py config/eval_brca.py     # the same, with the settings in a config file
+Slide level: every tile of each slide into OUT/features/<model>/<stem>.h5 (TRIDENT's layout),
+then ABMIL and mean-pooled probes on the slides' labels:
+    python tile.py /data/TCGA-BRCA --out tiles/brca
+    python evaluate.py --slides brca_slides.csv --tiles tiles/brca \
+        --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca
+Is extraction bound by slide reading or by the model? Tiles/s of each, on 512 tiles:
+    python evaluate.py --bench=512 --tiles tiles/brca --models H-optimus-0=/data/hf/H-optimus-0
 No torchrun line: extraction is one forward pass per image. For several GPUs run one process per
-model with the same --out (the cache is shared, written atomically), then one run with all models
-finds them cached.
+model with the same --out (caches and feature files are per model, written atomically), then one
+run with all models finds them done.
 
 --data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV
 path,label,split[,center][,slide] (paths relative to the CSV).
-Writes OUT/results.json, results.md, results.png; embeddings in OUT/cache/.
+--slides: a CSV slide,label,split[,center] with --tiles, the folder tile.py wrote; slide is a stem
+tile.py wrote, or the slide's path (relative to the CSV) or file name. Both --data and --slides
+may be given; --slides then is the slide level.
+Writes OUT/results.json, results.md, results.png; tile embeddings in OUT/cache/.
 --models: one row per entry, named by its model name, or by the whole entry when entries share a
 name: --models Hibou-L,Hibou-L=out/g2l/student.safetensors is the student before and after
-distillation.
+distillation. --names renames the rows (one name per entry, in order); --baseline names the row
+before distillation, from which "closes X% of the gap to the teacher" is measured.
 """
 import csv
 import hashlib
@@ -30,12 +42,16 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
+import zlib
 from contextlib import nullcontext
 from functools import partial
 
+import h5py
 import numpy as np
+import openslide
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -47,17 +63,26 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
+from tile import SlideError, TileDataset, open_slide
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
 # (model.configure checks keys and types)
 data = None                          # ImageFolder root or CSV path,label,split[,center][,slide]
+slides = None                        # CSV slide,label,split[,center]: the slide level
+tiles = None                         # the tiles folder tile.py wrote for --slides (and --bench)
 # comma-separated, one row each: model.py names, NAME=WEIGHTS, distilled folders
 models = 'tiny-teacher,tiny-student'
 # the reference row (CKA is measured to it): a name or entry of models, or one more entry;
 # None = the first of models
 teacher = None
-out = 'out/eval'                     # results.* here, embeddings in out/cache/
+# display names of the rows, comma-separated, one per entry of models in its order; '' = the
+# model names
+names = ''
+# the row before distillation (a name or entry) for "closes X% of the gap to the teacher";
+# '' = the second row when there are three (teacher, before, after), else no gap lines
+baseline = ''
+out = 'out/eval'                     # results.* here, embeddings in out/cache/ and out/features/
 batch_size = 64                      # images per forward pass
 # image decoding and resizing run in DataLoader workers
 num_workers = min(8, os.cpu_count() or 1)
@@ -70,7 +95,20 @@ knn_k = 20                           # the headline kNN (G2L and DINO report k=2
 knn_k_max = 50                       # and kNN at the k in 1..knn_k_max best on val (THUNDER)
 ri_k = [3, 5, 10, 20]                # the k at which G2L reports the robustness index (on TIGER)
 bootstrap = 1000                     # test-set resamples for the 95% confidence intervals
-seed = 0                             # the probe's fits, its CV folds and the bootstrap resamples
+seed = 0                             # probe fits, CV folds, resamples, ABMIL, tile subsets
+# at most this many tiles per slide are embedded, drawn at random (seeded), for quick runs;
+# 0 = every tile
+max_tiles = 0
+# ABMIL as Patho-Bench trains it: AdamW, cosine schedule, class-balanced loss, one bag a step
+abmil_epochs = 20
+abmil_lr = 3e-4
+abmil_weight_decay = 1e-5
+abmil_bag = 2048                     # tiles sampled per slide per training step; all at test
+abmil_hidden = 512                   # width, never more than the features' own
+abmil_dropout = 0.25
+abmil_seeds = 5                      # trainings per model (eva runs 5); their metrics averaged
+cka_tiles = 4096                     # test slides' tiles sampled for the slide-level CKA
+bench = 0                            # > 0: tiles/s of reading, model, extraction on this many
 # -----------------------------------------------------------------------------
 # every plain value above is a config key
 config_types = (int, float, str, list, type(None))
@@ -87,6 +125,14 @@ METRICS = {'balanced_accuracy': 'bal. acc',
            'accuracy': 'acc'}
 # bump when load_images or the cache layout changes: old caches then miss
 CACHE_VERSION = 'v2 shorter side, centre crop'
+# bump when the slide feature files change: old files then are re-extracted
+FEATURES_VERSION = 'v1 TRIDENT layout, centre crop'
+# the compact table of each level: (protocol, metric) per column; the first column is the one
+# "closes X% of the gap" is measured on. CKA has no metric: it is an entry of its own.
+HEADLINE = {'tile': [('linear', 'balanced_accuracy'), ('knn', 'balanced_accuracy'),
+                     ('linear', 'auroc'), ('cka', None)],
+            'slide': [('abmil', 'balanced_accuracy'), ('abmil', 'auroc'),
+                      ('linear', 'balanced_accuracy'), ('cka', None)]}
 
 # -----------------------------------------------------------------------------
 # data
@@ -116,16 +162,16 @@ def read_dataset(source):
     return dataset
 
 
-def check_splits(source, split, labels, classes):
-    """Train and test must have images, and every class must have train images."""
+def check_splits(source, split, labels, classes, unit='images'):
+    """Train and test must have samples, and every class must have train samples."""
     for s in ('train', 'test'):
         if not (split == s).any():
-            raise SystemExit(f'error: {source}: the {s} split is empty; '
+            raise SystemExit(f'error: {source}: the {s} split has no {unit}; '
                              'train and test are required, val is optional')
     trained_classes = set(labels[split == 'train'])
     untrained = sorted(set(range(len(classes))) - trained_classes)
     if untrained:
-        raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train images, '
+        raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train {unit}, '
                          'so no probe can learn it')
 
 
@@ -181,18 +227,24 @@ def read_imagefolder(root):
 
 def read_csv(path):
     """Rows of the CSV, with each path made absolute."""
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    missing = {'path', 'label', 'split'} - set(reader.fieldnames or [])
-    if missing or not rows:
-        what = ', '.join(sorted(missing)) or 'rows'
-        raise SystemExit(f'error: {path} needs a header path,label,split[,center][,slide] and at '
-                         f'least one row (missing: {what})')
+    rows = read_table(path, ('path', 'label', 'split'), 'path,label,split[,center][,slide]')
     # paths are relative to the CSV's folder; absolute paths pass through
     base = os.path.dirname(os.path.abspath(path))
     for r in rows:
         r['path'] = os.path.join(base, r['path'])
+    return rows
+
+
+def read_table(path, columns, header):
+    """Rows of a CSV that has the columns and at least one row; header: what to ask for when not."""
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = set(columns) - set(reader.fieldnames or [])
+    if missing or not rows:
+        what = ', '.join(sorted(missing)) or 'rows'
+        raise SystemExit(f'error: {path} needs a header {header} and at least one row '
+                         f'(missing: {what})')
     return rows
 
 
@@ -225,37 +277,196 @@ def write_atomic(path, payload):
     os.replace(temporary, path)
 
 # -----------------------------------------------------------------------------
-# embeddings, extracted once per (model, dataset)
+# slides: a CSV of labelled slides, each found in the tiles folder tile.py wrote
 
-def cache_path(name, net, spec, dataset):
-    """OUT/cache/<name>-<key>.npz; the key changes with the weights, preprocessing or any image."""
+def read_cohort(source, tiles_dir):
+    """slides.csv resolved against the tiles folder: a dict of its source, its usable rows (slide,
+    label, split, and the slide's 'tiles' from slide_tiles), one TileDataset of them, and the
+    slides that cannot be used with their one-line reasons, printed as they are found."""
+    rows = read_slide_csv(source)
+    if tiles_dir is None:
+        raise SystemExit('error: --slides needs --tiles, the folder tile.py wrote for the slides')
+    tiled = tiled_slides(tiles_dir)
+    index = slide_index(tiled)
+    base = os.path.dirname(os.path.abspath(source))
+    usable, failed = [], {}
+    for r in rows:
+        # a missing or damaged slide is one line, and the others go on
+        try:
+            stem = match_slide(r['slide'], base, tiled, index, tiles_dir)
+            r['tiles'] = slide_tiles(os.path.join(tiles_dir, stem + '.npz'), stem)
+            usable.append(r)
+        except SlideError as e:
+            failed[r['slide']] = str(e)
+            print(f"error: slide {r['slide']}: {e}")
+    if not usable:
+        raise SystemExit(f'error: none of the {len(rows)} slides of {source} can be used: '
+                         'see the reasons above')
+    stems = [r['tiles']['stem'] for r in usable]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        listed = [r['slide'] for r in usable if r['tiles']['stem'] == twice[0]]
+        raise SystemExit(f"error: {source} lists slide {twice[0]} twice ({', '.join(listed)}): "
+                         'one row per slide')
+    tile_sizes = sorted({r['tiles']['tile_size'] for r in usable})
+    if len(tile_sizes) > 1:
+        raise SystemExit(f'error: {tiles_dir} mixes tile sizes {tile_sizes}: tile each size into '
+                         'its own folder')
+    cohort = dict(source=source, tiles=tiles_dir, rows=usable, failed=failed)
+    cohort['tileset'] = cohort_tiles(cohort)
+    return cohort
+
+
+def read_slide_csv(path):
+    """Rows of slides.csv: slide, label, split[, center]; each slide once, each split known."""
+    if path is None or not os.path.isfile(path):
+        raise SystemExit(f'error: --slides {path} not found: give a CSV slide,label,split[,center] '
+                         '(slide: a stem tile.py wrote, or the slide path)')
+    rows = read_table(path, ('slide', 'label', 'split'), 'slide,label,split[,center]')
+    listed = [r['slide'] for r in rows]
+    twice = sorted({s for s in listed if listed.count(s) > 1})
+    if twice:
+        raise SystemExit(f'error: {path} lists slide {twice[0]} twice: one row per slide')
+    for r in rows:
+        if r['split'] not in SPLITS:
+            raise SystemExit(f"error: {path}: slide {r['slide']}: split {r['split']!r} is not one "
+                             f"of {', '.join(SPLITS)}")
+    return rows
+
+
+def tiled_slides(tiles_dir):
+    """{stem: slide path} of every slide in a tiles folder (tile.py's <stem>.npz files)."""
+    is_folder = tiles_dir is not None and os.path.isdir(tiles_dir)
+    files = sorted(os.listdir(tiles_dir)) if is_folder else []
+    stems = [f[:-4] for f in files if f.endswith('.npz') and not f.startswith('.')]
+    if not stems:
+        raise SystemExit(f'error: --tiles {tiles_dir} holds no tiles: run '
+                         f'`python tile.py SLIDES --out {tiles_dir}` first')
+    tiled = {}
+    for stem in stems:
+        with np.load(os.path.join(tiles_dir, stem + '.npz')) as npz:
+            tiled[stem] = str(npz['slide_path'])
+    return tiled
+
+
+def slide_index(tiled):
+    """{kind: {key: stems}}: each tiled slide by its real path, file name and file name without
+    suffix, so slides.csv may name a slide any of these ways."""
+    index = {'path': {}, 'file name': {}, 'file stem': {}}
+    for stem, path in tiled.items():
+        name = os.path.basename(path)
+        index['path'].setdefault(os.path.realpath(path), []).append(stem)
+        index['file name'].setdefault(name, []).append(stem)
+        index['file stem'].setdefault(os.path.splitext(name)[0], []).append(stem)
+    return index
+
+
+def match_slide(value, base, tiled, index, tiles_dir):
+    """The stem of a slides.csv entry: itself when it is a stem, else the one slide with that
+    path (relative to the CSV's folder), file name or file stem. SlideError when none or several."""
+    if value in tiled:
+        return value
+    keys = {'path': os.path.realpath(os.path.join(base, value)),
+            'file name': value,
+            'file stem': value}
+    for kind, key in keys.items():
+        stems = index[kind].get(key, [])
+        if len(stems) == 1:
+            return stems[0]
+        if stems:
+            raise SlideError(f"its {kind} fits {len(stems)} tiled slides ({', '.join(stems[:3])}): "
+                             'give the stem')
+    raise SlideError(f'not in {tiles_dir}: tile it first (python tile.py SLIDE --out {tiles_dir})')
+
+
+def slide_tiles(npz_path, stem):
+    """What extraction needs of one slide: the rows of its .npz that are embedded (all, unless
+    max_tiles caps them), their coordinates, its pyramid level, sizes, mpp and level-0 size. The
+    slide is opened and its first and last tiles read: a missing or damaged slide fails here, with
+    one line (SlideError), not in the middle of a batch."""
+    with np.load(npz_path) as npz:
+        coords = npz['coords'].reshape(-1, 2)
+        slide = {k: npz[k].item() for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_mpp')}
+        slide_path = str(npz['slide_path'])
+    if not len(coords):
+        raise SlideError(f'no tiles: tile.py found no tissue on it (see {stem}.jpg)')
+    if not os.path.exists(slide_path):
+        raise SlideError(f'{slide_path} is gone: put it back, or tile it again from where it is')
+    rows = np.arange(len(coords))
+    if 0 < max_tiles < len(coords):
+        # a random subset, the same on every run and for every model: seeded by the slide's stem
+        rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
+        rows = np.sort(rng.choice(len(coords), max_tiles, replace=False))
+    size = slide['read_size']
+    handle = open_slide(slide_path)
+    try:
+        for x, y in coords[[0, -1]]:
+            handle.read_region((int(x), int(y)), slide['level'], (size, size))
+        downsample = handle.level_downsamples[slide['level']]
+        width, height = handle.dimensions
+    except openslide.OpenSlideError as e:
+        raise SlideError(f'unreadable (OpenSlideError: {e}): damaged or truncated') from None
+    finally:
+        handle.close()
+    return slide | dict(stem=stem, slide_path=slide_path, rows=rows, coords=coords[rows],
+                        n_tiled=len(coords), level0_width=width, level0_height=height,
+                        patch_size_level0=round(size * downsample))
+
+
+def cohort_tiles(cohort):
+    """One TileDataset of the cohort's usable slides, whatever else the tiles folder holds."""
+    # TileDataset reads a whole folder: here a temporary one of links to these slides' .npz,
+    # gone once it has read them
+    with tempfile.TemporaryDirectory(prefix='g2l-slides-') as folder:
+        for r in cohort['rows']:
+            name = r['tiles']['stem'] + '.npz'
+            target = os.path.abspath(os.path.join(cohort['tiles'], name))
+            os.symlink(target, os.path.join(folder, name))
+        # read_cohort checked what TileDataset refuses: gone slides, mixed tile sizes
+        return TileDataset(folder)
+
+# -----------------------------------------------------------------------------
+# tile embeddings, extracted once per (model, dataset)
+
+def autocast():
+    """The one precision context: bf16 autocast on CUDA, float32 on CPU (bf16 is 3-4x slower
+    there)."""
+    if device.startswith('cuda'):
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def weights_digest(net):
+    """A hash of the weights themselves, not of their file name: a student re-trained into the
+    same folder must miss (hashing a ViT-g takes a few seconds)."""
     key = hashlib.blake2b(digest_size=8)
-    # the weights themselves, not their file name: a student re-trained into the same folder must
-    # miss (hashing a ViT-g takes a few seconds)
     for param_name, tensor in net.state_dict().items():
         key.update(param_name.encode())
         raw_bytes = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         key.update(raw_bytes.numpy())
-    # the preprocessing, and every image's path, size and mtime
+    return key.hexdigest()
+
+
+def cache_path(name, net, spec, dataset):
+    """OUT/cache/<name>-<key>.npz; the key changes with the weights, preprocessing or any image."""
+    # the weights, the preprocessing, and every image's path, size and mtime
     preprocess = {k: spec.get(k) for k in ('img_size', 'resize', 'mean', 'std', 'pool', 'dim')}
-    inputs = [CACHE_VERSION, preprocess, dataset['stamps']]
-    key.update(json.dumps(inputs, sort_keys=True).encode())
+    inputs = [CACHE_VERSION, weights_digest(net), preprocess, dataset['stamps']]
+    key = hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=8)
     slug = re.sub(r'[^A-Za-z0-9._-]+', '_', name.strip('/'))[-60:]
     return os.path.join(out, 'cache', f'{slug}-{key.hexdigest()}.npz')
 
 
-def embeddings(name, weights, dataset):
+def embeddings(entry, net, spec, dataset):
     """Pooled embeddings (N, dim) of every image, float32, from the cache while model and data are
-    unchanged; and a dict of dim, params, cache (its path), cached, seconds."""
+    unchanged; and a dict of cache (its path), cached, seconds."""
     start = time.time()
-    net, spec = create(name, weights or None, device=device)
-    path = cache_path(name, net, spec, dataset)
-    n_params = sum(p.numel() for p in net.parameters())
-    info = dict(dim=spec['dim'], params=n_params, cache=path, cached=os.path.exists(path))
+    path = cache_path(entry, net, spec, dataset)
+    info = dict(cache=path, cached=os.path.exists(path))
     if info['cached']:
         with np.load(path) as cached:
             return cached['embeddings'], info | dict(seconds=time.time() - start)
-    emb = extract(name, net, spec, dataset['paths'])
+    emb = extract(entry, net, spec, dataset['paths'])
     # the image paths beside the embeddings: the file stands alone
     buffer = io.BytesIO()
     np.savez(buffer, embeddings=emb, paths=np.array(dataset['paths']))
@@ -268,14 +479,9 @@ def extract(name, net, spec, paths):
     loader = torch.utils.data.DataLoader(paths, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=partial(load_images, spec=spec),
                                          pin_memory=device.startswith('cuda'))
-    # precision lives here: bf16 autocast on CUDA, float32 on CPU (bf16 is 3-4x slower there)
-    if device.startswith('cuda'):
-        autocast = torch.autocast('cuda', dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext()
     progress = tqdm(total=len(paths), unit='img', desc=f'embed {name}')
     chunks = []
-    with torch.inference_mode(), autocast, progress:
+    with torch.inference_mode(), autocast(), progress:
         for images, error in loader:
             if error:
                 raise SystemExit(error)
@@ -283,6 +489,221 @@ def extract(name, net, spec, paths):
             chunks.append(pooled.float().cpu().numpy())
             progress.update(len(images))
     return np.concatenate(chunks)
+
+# -----------------------------------------------------------------------------
+# slide features: every tile of each slide, one TRIDENT-layout .h5 per slide
+
+def features_folder(entry):
+    """OUT/features/<entry>: a folder per --models entry (TRIDENT's features_<encoder>/)."""
+    slug = re.sub(r'[^A-Za-z0-9._-]+', '_', entry).strip('_')[-60:]
+    # an entry that is not already a plain name gets a hash of itself: Hibou-L and
+    # Hibou-L=out/g2l/student.safetensors never share a folder, nor do a/b and a_b
+    if slug != entry:
+        slug += '-' + hashlib.blake2b(entry.encode(), digest_size=4).hexdigest()
+    return os.path.join(out, 'features', slug)
+
+
+def tile_crop(spec, tile_size):
+    """The model's preprocessing of tiles: tiles at least its input size are centre-cropped, never
+    resized, so they keep the um/px tile.py cut them at (G2L crops 224 px of 256 at 0.5 um/px);
+    smaller ones are resized up (model.resize_crop's shorter-side rule)."""
+    return dict(spec, resize=max(tile_size, spec['img_size']))
+
+
+def slide_key(digest, crop, slide):
+    """What one slide's features depend on: the weights, the preprocessing, the tiles embedded
+    and the slide file itself (size and mtime)."""
+    preprocess = {k: crop.get(k) for k in ('img_size', 'resize', 'mean', 'std', 'pool', 'dim')}
+    tiling = {k: slide[k] for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_path')}
+    stat = os.stat(slide['slide_path'])
+    inputs = [FEATURES_VERSION, digest, preprocess, tiling, stat.st_size, stat.st_mtime_ns]
+    key = hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=8)
+    key.update(slide['coords'].tobytes())
+    return key.hexdigest()
+
+
+def stored_key(path):
+    """The key a feature file was written with; None when there is no readable file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with h5py.File(path, 'r') as f:
+            return f.attrs.get('key')
+    except OSError:
+        return None
+
+
+def write_features(path, features, slide, encoder, key):
+    """<stem>.h5 in TRIDENT's layout, written under a temporary name, then renamed: a killed run
+    never leaves a file that looks complete."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f'{path}.tmp{os.getpid()}'
+    with h5py.File(temporary, 'w') as f:
+        f.create_dataset('features', data=features.astype(np.float32))
+        f['features'].attrs['encoder'] = encoder
+        coords = f.create_dataset('coords', data=slide['coords'].astype(np.int64))
+        # what TRIDENT writes beside level-0 top-left corners, so TRIDENT, CLAM and Patho-Bench
+        # read the file unchanged; magnification from mpp, 10 um/px over it (0.25 um/px: 40x)
+        coords.attrs['patch_size'] = slide['tile_size']
+        coords.attrs['patch_size_level0'] = slide['patch_size_level0']
+        coords.attrs['level0_magnification'] = round(10 / slide['slide_mpp'])
+        coords.attrs['target_magnification'] = round(10 / slide['mpp'])
+        # tile.py lays a grid of non-overlapping tiles
+        coords.attrs['overlap'] = 0
+        coords.attrs['level0_width'] = slide['level0_width']
+        coords.attrs['level0_height'] = slide['level0_height']
+        # ours: the exact mpp, the tiles the slide has, and the key checked before reuse
+        f.attrs['slide_path'] = slide['slide_path']
+        f.attrs['mpp'] = slide['mpp']
+        f.attrs['slide_mpp'] = slide['slide_mpp']
+        f.attrs['tiles_in_slide'] = slide['n_tiled']
+        f.attrs['key'] = key
+    os.replace(temporary, path)
+
+
+def read_features(path):
+    """features (N, D) float32 and coords (N, 2) int64 of a TRIDENT-layout .h5."""
+    with h5py.File(path, 'r') as f:
+        return f['features'][:], f['coords'][:]
+
+
+def extract_slides(name, entry, net, spec, cohort, folder):
+    """Every tile of each usable slide of the cohort embedded by the --models entry into
+    folder/<stem>.h5, but for slides whose file is up to date; returns {slide: reason} of those
+    that failed."""
+    digest = weights_digest(net)
+    crop = tile_crop(spec, cohort['tileset'].tile_size)
+    todo, stale = [], 0
+    for r in cohort['rows']:
+        slide = r['tiles']
+        key = slide_key(digest, crop, slide)
+        path = os.path.join(folder, slide['stem'] + '.h5')
+        stored = stored_key(path)
+        if stored == key:
+            continue
+        # made from other weights, tiles or slide file: never reused, embedded again
+        stale += stored is not None
+        todo.append((r['slide'], slide, key, path))
+    done = len(cohort['rows']) - len(todo)
+    note = f' ({stale} stale: other weights, tiles or slide file)' if stale else ''
+    print(f'{name}: {done} slides up to date in {folder}, {len(todo)} to embed{note}')
+    if not todo:
+        return {}
+    return embed_slides(name, entry, net, crop, cohort['tileset'], todo)
+
+
+def embed_slides(name, entry, net, crop, tileset, todo):
+    """Embed the tiles of the slides in todo as one stream of batches, so no slide waits for the
+    readers to start again, and write each slide's file once its last tile is embedded; returns
+    {slide: reason} of slides with unreadable tiles."""
+    first_tile = np.searchsorted(tileset.slide_index, np.arange(len(tileset.stems)))
+    position = dict(zip(tileset.stems, first_tile))
+    indices = [position[slide['stem']] + slide['rows'] for _, slide, _, _ in todo]
+    counts = [len(i) for i in indices]
+    loader = tile_loader(tileset, np.concatenate(indices))
+    progress = tqdm(total=sum(counts), unit='tile', desc=f'embed {name}')
+    failed = {}
+    done = 0
+    parts, flags = [], []
+    with torch.inference_mode(), autocast(), progress:
+        for images, replaced in loader:
+            pooled, _ = embed(net, crop, images.to(device, non_blocking=True))
+            parts.append(pooled.float().cpu().numpy())
+            flags.append(replaced.numpy())
+            progress.update(len(images))
+            # every slide whose last tile is in is written now
+            while done < len(todo) and sum(map(len, parts)) >= counts[done]:
+                features, unreadable = np.concatenate(parts), np.concatenate(flags)
+                n = counts[done]
+                value, slide, key, path = todo[done]
+                bad = int(unreadable[:n].sum())
+                if bad:
+                    # TileDataset read other tiles in their place: features of this slide only,
+                    # or none
+                    failed[value] = (f'{bad} of {n} tiles unreadable (see the warnings): damaged; '
+                                     'scan or convert it again')
+                    tqdm.write(f'error: slide {value}: {failed[value]}')
+                else:
+                    write_features(path, features[:n], slide, entry, key)
+                parts, flags = [features[n:]], [unreadable[n:]]
+                done += 1
+    return failed
+
+
+def tile_loader(tileset, indices):
+    """Batches of (uint8 tiles, which were unreadable) of TileDataset indices, in order, read in
+    DataLoader workers."""
+    return torch.utils.data.DataLoader(indices, batch_size=batch_size, num_workers=num_workers,
+                                       collate_fn=partial(read_tiles, tileset=tileset),
+                                       pin_memory=device.startswith('cuda'))
+
+
+def read_tiles(indices, tileset):
+    """DataLoader collate_fn, so slides are read in the workers: TileDataset indices -> (uint8
+    (B, 3, T, T) tiles, (B,) bool: unreadable, another tile read in its place)."""
+    images, replaced = [], []
+    for i in indices:
+        # TileDataset counts each tile it had to replace in its bad_reads
+        bad_reads = tileset.bad_reads
+        images.append(tileset[int(i)])
+        replaced.append(tileset.bad_reads != bad_reads)
+    return torch.stack(images), torch.tensor(replaced)
+
+
+def bench_extraction(rows):
+    """Tiles/s of slide reading alone (TileDataset through the same DataLoader), of the model alone
+    and of extraction, on the first `bench` tiles of --tiles: which one bounds extraction?"""
+    if tiles is None or not os.path.isdir(tiles):
+        raise SystemExit(f'error: --bench needs --tiles, a folder tile.py wrote (got {tiles})')
+    try:
+        tileset = TileDataset(tiles)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    indices = np.arange(min(bench, len(tileset)))
+    rates = {}
+    for name, entry in rows.items():
+        model_name, _, weights = entry.partition('=')
+        net, spec = create(model_name, weights or None, device=device)
+        crop = tile_crop(spec, tileset.tile_size)
+        reading = tiles_per_second(tileset, indices)
+        model_alone = model_tiles_per_second(net, crop, tileset, indices[:batch_size])
+        extraction = tiles_per_second(tileset, indices, net, crop)
+        bound = 'reading' if reading < model_alone else 'the model'
+        print(f'{name}: batch {batch_size}, {num_workers} workers, {device}: reading '
+              f'{reading:.1f} tiles/s, model alone {model_alone:.1f}, extraction '
+              f'{extraction:.1f}: bound by {bound}')
+        rates[name] = dict(reading=reading, model=model_alone, extraction=extraction)
+        del net
+    return rates
+
+
+def tiles_per_second(tileset, indices, net=None, crop=None):
+    """Tiles/s through tile_loader, reading alone or reading and embedding; timed from the first
+    batch's arrival, so worker start-up and the model's first call are not counted."""
+    start, timed = None, 0
+    with torch.inference_mode(), autocast():
+        for images, _ in tile_loader(tileset, indices):
+            if net is not None:
+                pooled, _ = embed(net, crop, images.to(device, non_blocking=True))
+                # the copy to the host waits for the device
+                pooled.float().cpu()
+            if start is None:
+                start = time.perf_counter()
+                continue
+            timed += len(images)
+    return timed / (time.perf_counter() - start) if timed else float('nan')
+
+
+def model_tiles_per_second(net, crop, tileset, indices, repeats=3):
+    """Tiles/s of the model alone: one batch of real tiles, already on the device, embedded
+    `repeats` times after a first, untimed call."""
+    images = torch.stack([tileset[int(i)] for i in indices]).to(device)
+    with torch.inference_mode(), autocast():
+        embed(net, crop, images)[0].float().cpu()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            embed(net, crop, images)[0].float().cpu()
+    return repeats * len(images) / (time.perf_counter() - start)
 
 # -----------------------------------------------------------------------------
 # metrics, with bootstrap confidence intervals
@@ -333,29 +754,104 @@ def auroc(positive, score, weights):
     return (pos * beaten).sum(1) / (pos.sum(1) * neg.sum(1))
 
 
-def with_ci(y, scores):
-    """Each metric on the test set with its 95% CI over `bootstrap` resamples:
-    {metric: {'value', 'ci': [2.5th, 97.5th percentile]}}."""
-    point = metrics(y, scores)
-    # the same resamples for every model, so the CIs are paired across rows
+def bootstrap_weights(n):
+    """The `bootstrap` resamples of n test samples as rows of multiplicities, 100 at a time (which
+    bounds the (100, N) weight matrices). Seeded: the same resamples for every model, protocol and
+    CKA, so the CIs are paired across rows."""
     rng = np.random.default_rng(seed)
-    draws = {m: [np.full(1, np.nan)] for m in METRICS}
-    # 100 resamples at a time bounds the (100, N) weight matrix
     for start in range(0, bootstrap, 100):
         n_resamples = min(100, bootstrap - start)
-        picks = rng.integers(0, len(y), (n_resamples, len(y)))
-        multiplicities = [np.bincount(p, minlength=len(y)) for p in picks]
-        weights = np.stack(multiplicities).astype(np.float64)
-        for m, values in metrics(y, scores, weights).items():
+        picks = rng.integers(0, n, (n_resamples, n))
+        multiplicities = [np.bincount(p, minlength=n) for p in picks]
+        yield np.stack(multiplicities).astype(np.float64)
+
+
+def with_ci(y, scores):
+    """Each metric on the test set with its 95% CI over the bootstrap resamples:
+    {metric: {'value', 'ci': [2.5th, 97.5th percentile]}}. scores: (N, C), or (S, N, C) for S
+    trainings with different seeds: each metric then is the mean of the S trainings' metrics, on
+    the test set and on each resample (what one training run is expected to score)."""
+    runs = scores if scores.ndim == 3 else scores[None]
+    point = mean_metrics(y, runs)
+    draws = {m: [np.full(1, np.nan)] for m in METRICS}
+    for weights in bootstrap_weights(len(y)):
+        for m, values in mean_metrics(y, runs, weights).items():
             draws[m].append(values)
-    results = {}
+    return {m: ci_entry(point[m][0], np.concatenate(draws[m])) for m in METRICS}
+
+
+def mean_metrics(y, runs, weights=None):
+    """metrics() of each of runs (S, N, C), class scores of the same samples, averaged."""
+    per_run = [metrics(y, scores, weights) for scores in runs]
+    return {m: np.mean([r[m] for r in per_run], 0) for m in METRICS}
+
+
+def ci_entry(value, draws):
+    """{'value', 'ci': [2.5th, 97.5th percentile of the resamples' values]}."""
     with warnings.catch_warnings():
         # all-NaN: no resamples, or a test set of one class
         warnings.simplefilter('ignore', RuntimeWarning)
-        for m in METRICS:
-            ci = np.nanpercentile(np.concatenate(draws[m]), [2.5, 97.5])
-            results[m] = dict(value=float(point[m][0]), ci=ci.tolist())
-    return results
+        ci = np.nanpercentile(draws, [2.5, 97.5])
+    return dict(value=float(value), ci=ci.tolist())
+
+
+def weighted_cka(x, y, weights):
+    """Linear CKA (Kornblith et al. 2019) of x (N, D1) and y (N, D2), the same samples embedded by
+    two models, under each row of sample weights (B, N): (B,) values. A bootstrap resample is a row
+    of multiplicities, as in metrics(); a row of ones is plain linear CKA."""
+    # CKA = ||Xc^T W Yc||^2 / (||Xc^T W Xc|| ||Yc^T W Yc||) (Frobenius norms), with Xc centred on
+    # the weighted mean mx = X^T w / s. With the Gram matrices K = X X^T and L = Y Y^T,
+    #   ||Xc^T W Yc||^2 = w^T (K o L) w - 2 s sum_i w_i (X mx)_i (Y my)_i + s^2 |mx|^2 |my|^2,
+    # so B resamples cost about B N^2 multiply-adds, whatever the widths (a ViT-g's 1536)
+    x = torch.as_tensor(x, dtype=torch.float64, device=device)
+    y = torch.as_tensor(y, dtype=torch.float64, device=device)
+    # centred on the plain mean first: CKA ignores shifts, and small values keep the sums exact
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    w = torch.as_tensor(weights, dtype=torch.float64, device=device)
+    # w^T (K o K) w, w^T (L o L) w and w^T (K o L) w, from Gram rows a block at a time (~32 MB)
+    quadratic = torch.zeros(3, len(w), dtype=torch.float64, device=device)
+    step = max(1, 2 ** 22 // len(x))
+    for start in range(0, len(x), step):
+        block = slice(start, start + step)
+        k = x[block] @ x.T
+        l = y[block] @ y.T
+        for i, gram in enumerate((k * k, l * l, k * l)):
+            quadratic[i] += ((w[:, block] @ gram) * w).sum(1)
+    total = w.sum(1)
+    mean_x = w @ x / total[:, None]
+    mean_y = w @ y / total[:, None]
+    terms_x = (mean_x @ x.T, (mean_x ** 2).sum(1))
+    terms_y = (mean_y @ y.T, (mean_y ** 2).sum(1))
+    pairs = ((terms_x, terms_x), (terms_y, terms_y), (terms_x, terms_y))
+    hsic = []
+    for q, ((proj_a, norm_a), (proj_b, norm_b)) in zip(quadratic, pairs):
+        cross = (w * proj_a * proj_b).sum(1)
+        hsic.append(q - 2 * total * cross + total ** 2 * norm_a * norm_b)
+    cka = hsic[2] / torch.sqrt(hsic[0] * hsic[1])
+    return cka.cpu().numpy()
+
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al. 2019) between two embeddings (N, D1) and (N, D2) of the same
+    samples: 1 for the same features up to rotation and isotropic scale."""
+    # G2L reports 0.76 between Hibou-L and H-optimus-0, 0.97 after distillation
+    return float(weighted_cka(x, y, np.ones((1, len(x))))[0])
+
+
+def cka_with_ci(x, y, groups=None):
+    """Linear CKA of x and y with its 95% CI over with_ci's resamples: of the rows (test samples),
+    or, with groups (each row's test slide, 0..S-1, every one present), of the S test slides, each
+    drawn slide bringing all its rows."""
+    n_samples = len(x) if groups is None else int(groups.max()) + 1
+    chunks = list(bootstrap_weights(n_samples))
+    if not chunks:
+        return ci_entry(linear_cka(x, y), np.full(1, np.nan))
+    weights = np.concatenate(chunks)
+    if groups is not None:
+        weights = weights[:, groups]
+    draws = weighted_cka(x, y, np.concatenate([np.ones((1, len(x))), weights]))
+    return ci_entry(draws[0], draws[1:])
 
 # -----------------------------------------------------------------------------
 # protocols on frozen embeddings
@@ -416,15 +912,22 @@ def cv_score(C, train_x, train_y, folds):
 
 
 def held_out_score(C, x, y, held_x, held_y):
-    """(balanced accuracy, mean log-likelihood) on held-out samples of a probe fitted with C."""
+    """selection_score on held-out samples of a probe fitted with C, as an array."""
     probs = fit_probe(x, y, C).predict_proba(held_x)
-    balanced_accuracy = metrics(held_y, probs)['balanced_accuracy'][0]
+    return np.array(selection_score(held_y, probs))
+
+
+def selection_score(y, probs):
+    """(balanced accuracy, mean log-likelihood) of held-out class probabilities: how a probe's C
+    and an ABMIL's epoch are chosen on val (a higher tuple wins)."""
+    balanced_accuracy = metrics(y, probs)['balanced_accuracy'][0]
     # ties in balanced accuracy (common on small val sets) go to the lower cross-entropy: among
     # equally accurate C, the best-fitting one, not the strongest regulariser with near-uniform
-    # probabilities
-    true_class_probs = probs[np.arange(len(held_y)), held_y]
-    log_likelihood = np.log(true_class_probs).mean()
-    return np.array([balanced_accuracy, log_likelihood])
+    # probabilities. Clipped as scikit-learn's log_loss clips: a confident mistake costs much,
+    # not infinitely (log(0) was -inf, with a divide-by-zero warning)
+    true_class_probs = np.clip(probs[np.arange(len(y)), y], 1e-15, 1)
+    log_likelihood = float(np.log(true_class_probs).mean())
+    return balanced_accuracy, log_likelihood
 
 
 def neighbours(query, bank, k, groups=None):
@@ -477,7 +980,7 @@ def run_probes(emb, labels, split, n_classes):
     test_x, test_y = emb[test], labels[test]
     val_x = emb[val] if has_val else None
     probs, C = linear_probe(train_x, train_y, val_x, labels[val], test_x)
-    results = dict(linear=with_ci(test_y, probs) | dict(C=C))
+    results = dict(n_test=len(test_y), linear=with_ci(test_y, probs) | dict(C=C))
     # kNN can look no further than the train set
     k_max = min(max(knn_k, knn_k_max), int(train.sum()))
     k = min(knn_k, k_max)
@@ -500,17 +1003,6 @@ def best_k(val_x, val_y, train_x, train_y, k_max, n_classes):
         scores = knn_scores(sims, idx, train_y, k, n_classes)
         on_val.append(metrics(val_y, scores)['balanced_accuracy'][0])
     return 1 + int(np.argmax(on_val))
-
-
-def linear_cka(x, y):
-    """Linear CKA (Kornblith et al. 2019) between two embeddings (N, D1) and (N, D2) of the same
-    samples: 1 for the same features up to rotation and isotropic scale."""
-    # ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) on centred features. G2L reports 0.76
-    # between Hibou-L and H-optimus-0, 0.97 after distillation.
-    x = x.astype(np.float64) - x.mean(0)
-    y = y.astype(np.float64) - y.mean(0)
-    cross = np.linalg.norm(y.T @ x) ** 2
-    return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
 def robustness_index(emb, labels, centers, slides, ks):
@@ -543,72 +1035,304 @@ def robustness_index(emb, labels, centers, slides, ks):
                          'SO/(SO+OS)': so / (so + os_) if so + os_ else float('nan')}
     return index
 
+# -----------------------------------------------------------------------------
+# slide-level protocols on bags of tile embeddings, one bag per slide
 
-def pool_slides(emb, dataset):
-    """Mean of each slide's tile embeddings, with each slide's label and split."""
-    # the simplest slide encoder, a baseline every MIL model must beat
-    slide_names = dataset['slide']
-    _, first_tile, slide_of_tile = np.unique(slide_names, return_index=True, return_inverse=True)
+def slide_bags(emb, dataset):
+    """The tile embeddings of each slide of a --data set (its slide column), and each slide's label
+    and split."""
+    _, first_tile, slide_of_tile = np.unique(dataset['slide'], return_index=True,
+                                             return_inverse=True)
     order = np.argsort(slide_of_tile, kind='stable')
-    tiles_per_slide = np.bincount(slide_of_tile)
-    slide_starts = np.r_[0, np.cumsum(tiles_per_slide)[:-1]]
-    summed = np.add.reduceat(emb[order], slide_starts, axis=0)
-    pooled = summed / tiles_per_slide[:, None]
+    slide_ends = np.cumsum(np.bincount(slide_of_tile))[:-1]
+    bags = np.split(emb[order], slide_ends)
     # read_dataset checked one label and one split per slide: its first tile's are the slide's
-    labels = dataset['labels'][first_tile]
-    split = dataset['split'][first_tile]
-    return pooled.astype(np.float32), labels, split
+    return bags, dataset['labels'][first_tile], dataset['split'][first_tile]
+
+
+def slide_inputs(bags, split):
+    """What the slide protocols need of one model's bags (an iterable of (N, D) float32 arrays, one
+    per slide, used one at a time): the mean-pooled slides (S, D), the bags for ABMIL, and the CKA
+    sample: about cka_tiles tiles of the test slides, with the test slide of each."""
+    n_test = int((split == 'test').sum())
+    per_slide = -(-cka_tiles // max(1, n_test))
+    pooled, kept, sample, groups = [], [], [], []
+    for i, bag in enumerate(bags):
+        # the mean pool, in float64: a float32 running sum over 10K tiles loses digits
+        pooled.append(bag.mean(0, dtype=np.float64))
+        # float16 halves what ABMIL holds (1K slides of 10K tiles of 1536 numbers: 31 GB)
+        kept.append(torch.from_numpy(bag.astype(np.float16)))
+        if split[i] != 'test':
+            continue
+        # the same tiles for every model: drawn from the slide's position and size only
+        rng = np.random.default_rng([seed, i])
+        rows = np.sort(rng.choice(len(bag), min(len(bag), per_slide), replace=False))
+        groups.append(np.full(len(rows), len(sample)))
+        sample.append(bag[rows])
+    return dict(pooled=np.stack(pooled).astype(np.float32), bags=kept,
+                sample=np.concatenate(sample), groups=np.concatenate(groups))
+
+
+def run_slide_protocols(inputs, labels, split, n_classes, teacher_sample):
+    """Every slide-level protocol on one model's slide_inputs: linear probe and kNN on mean-pooled
+    slides, ABMIL, and CKA to the teacher on the test slides' tiles, resampled by slide."""
+    results = run_probes(inputs['pooled'], labels, split, n_classes)
+    results['abmil'] = run_abmil(inputs['bags'], labels, split, n_classes)
+    results['cka'] = cka_with_ci(inputs['sample'], teacher_sample, inputs['groups'])
+    return results
+
+
+class ABMIL(torch.nn.Module):
+    """Gated attention-based MIL (Ilse et al. 2018): a slide is the attention-weighted mean of its
+    projected tiles, and a linear layer classifies it."""
+
+    def __init__(self, dim, n_classes):
+        super().__init__()
+        # Patho-Bench: 512 wide, dropout 0.25; at most 4x the features' width (a ViT MLP's
+        # expansion), so tiny models' heads stay cheap
+        width = min(abmil_hidden, 4 * dim)
+        # the gate's width: half, as CLAM's and TRIDENT's 512 -> 256
+        gate_width = max(1, width // 2)
+        self.project = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.ReLU(),
+                                           torch.nn.Dropout(abmil_dropout))
+        self.attention_v = torch.nn.Linear(width, gate_width)
+        self.attention_u = torch.nn.Linear(width, gate_width)
+        self.attention_w = torch.nn.Linear(gate_width, 1)
+        self.classify = torch.nn.Linear(width, n_classes)
+
+    def forward(self, bag):
+        """Class logits (C,) of one slide's tiles (N, dim)."""
+        h = self.project(bag)
+        # Ilse et al., eq. 9: w^T (tanh(V h) * sigm(U h)), a softmax over the slide's tiles
+        gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        attention = torch.softmax(self.attention_w(gate), dim=0)
+        slide = (attention * h).sum(0)
+        return self.classify(slide)
+
+
+def run_abmil(bags, labels, split, n_classes):
+    """ABMIL trained abmil_seeds times (seeds seed, seed + 1, ...) on the train slides, each kept at
+    its best val epoch (its last without val), scored on test with CIs: each metric is the mean of
+    the seeds' metrics. Also each seed's metrics and chosen epoch."""
+    train, val, test = (np.flatnonzero(split == s) for s in SPLITS)
+    # standardised with the train tiles' statistics: one learning rate fits every model's scale
+    statistics = tile_statistics([bags[i] for i in train])
+    # small problems on one CPU thread: thread hand-offs cost more than the maths (measured on 2
+    # busy cores: 1 ms a step instead of 10-25)
+    step_size = max(min(len(bags[i]), abmil_bag) for i in train) * len(statistics[0])
+    threads = 1 if device == 'cpu' and step_size < 10 ** 6 else None
+    with threadpool_limits(threads):
+        trained = [train_abmil(bags, labels, train, val, n_classes, seed + s, statistics)
+                   for s in range(abmil_seeds)]
+        probs = np.stack([predict(net, bags, test, statistics) for net, _ in trained])
+    test_y = labels[test]
+    per_seed = {m: [float(metrics(test_y, p)[m][0]) for p in probs] for m in METRICS}
+    chosen = [epoch for _, epoch in trained]
+    return with_ci(test_y, probs) | dict(per_seed=per_seed, epochs=chosen)
+
+
+def tile_statistics(bags):
+    """Mean and standard deviation (D,) of every tile of the bags, on `device`."""
+    count = sum(len(b) for b in bags)
+    mean = sum(b.double().sum(0) for b in bags) / count
+    variance = sum(((b.double() - mean) ** 2).sum(0) for b in bags) / count
+    std = variance.sqrt().clamp_min(1e-6)
+    return mean.float().to(device), std.float().to(device)
+
+
+def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
+    """One ABMIL trained with Patho-Bench's recipe: AdamW, cosine schedule over every step, a
+    class-balanced loss, one slide a step of at most abmil_bag sampled tiles. Returns it at its
+    best val epoch (by selection_score), or at its last without val, and that epoch."""
+    # its own random streams: the caller's are left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run_seed)
+        rng = np.random.default_rng(run_seed)
+        net = ABMIL(len(statistics[0]), n_classes).to(device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=abmil_lr,
+                                      weight_decay=abmil_weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, abmil_epochs * len(train))
+        # each class weighs as much as the others in all (scikit-learn's 'balanced')
+        counts = np.bincount(labels[train], minlength=n_classes)
+        class_weight = (len(train) / (n_classes * np.maximum(counts, 1))).tolist()
+        best, best_epoch = None, abmil_epochs
+        for epoch in range(1, abmil_epochs + 1):
+            net.train()
+            for i in rng.permutation(train):
+                bag = sample_bag(bags[i], rng)
+                logits = net(standardise(bag, statistics))
+                target = torch.tensor(labels[i], device=device)
+                loss = class_weight[labels[i]] * F.cross_entropy(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            if not len(val):
+                continue
+            score = selection_score(labels[val], predict(net, bags, val, statistics))
+            # the first of equally good epochs: the earliest stop
+            if best is None or score > best[0]:
+                state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best, best_epoch = (score, state), epoch
+    if best is not None:
+        net.load_state_dict(best[1])
+    return net, best_epoch
+
+
+def sample_bag(bag, rng):
+    """At most abmil_bag tiles of a bag, drawn without replacement (all when it is smaller)."""
+    if len(bag) <= abmil_bag:
+        return bag
+    rows = rng.choice(len(bag), abmil_bag, replace=False)
+    return bag[torch.from_numpy(rows)]
+
+
+def standardise(bag, statistics):
+    """A bag on `device`, float32, standardised by the train tiles' mean and std."""
+    mean, std = statistics
+    return (bag.to(device).float() - mean) / std
+
+
+def predict(net, bags, indices, statistics):
+    """Class probabilities (len(indices), C) of the bags at indices: every tile, no dropout."""
+    net.eval()
+    with torch.inference_mode():
+        logits = torch.stack([net(standardise(bags[i], statistics)) for i in indices])
+    return torch.softmax(logits.float(), 1).cpu().numpy().astype(np.float64)
 
 # -----------------------------------------------------------------------------
-# outputs
+# outputs: a compact table per level first, then every number
 
 def table(header, rows):
-    """Markdown lines of a table: a header and rows of cell strings."""
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    return lines + ['| ' + ' | '.join(cells) + ' |' for cells in rows]
+    """Markdown lines of a table, a header and rows of cell strings, each column padded to its
+    widest cell so that the table reads in a terminal too."""
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
+    padded = [[cell.ljust(w) for cell, w in zip(cells, widths)] for cells in [header] + rows]
+    lines = ['| ' + ' | '.join(cells) + ' |' for cells in padded]
+    rule = '|' + '|'.join('-' * (w + 2) for w in widths) + '|'
+    return lines[:1] + [rule] + lines[1:]
+
+
+def headline_title(protocol, metric):
+    """A compact table's column title, e.g. 'kNN@20 bal. acc'."""
+    if protocol == 'cka':
+        return 'CKA to teacher'
+    protocol_names = {'linear': 'linear', 'knn': f'kNN@{knn_k}', 'abmil': 'ABMIL'}
+    return f'{protocol_names[protocol]} {METRICS[metric]}'
+
+
+def headline_entry(level_results, protocol, metric):
+    """A compact table cell's {'value', 'ci'}: a protocol's metric, or the level's CKA."""
+    entry = level_results[protocol]
+    return entry if metric is None else entry[metric]
+
+
+def short_ci_cell(entry):
+    """'0.83 [0.70, 0.95]': a compact table cell, narrow enough for four a row in 100 columns."""
+    low, high = entry['ci']
+    return f"{entry['value']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def headline_lines(results):
+    """Each level's compact table, what its columns are, and its gap lines: what a run prints at
+    its end (in 100 columns)."""
+    rows = results['models']
+    first = next(iter(rows.values()))
+    notes = {'tile': [f'linear: logistic regression, C chosen on val; kNN@{knn_k}: vote of the '
+                      'nearest train tiles'],
+             'slide': [f'ABMIL: gated attention (Ilse et al. 2018), mean of {abmil_seeds} seeds; '
+                       "linear: on each slide's mean tile"]}
+    lines = []
+    for level, columns in HEADLINE.items():
+        if level not in first:
+            continue
+        header = ['model'] + [headline_title(p, m) for p, m in columns]
+        body = [[name] + [short_ci_cell(headline_entry(r[level], p, m)) for p, m in columns]
+                for name, r in rows.items()]
+        title = f"## {level} level: {first[level]['n_test']} test {level}s"
+        lines += ['', title, ''] + table(header, body) + [''] + notes[level]
+        lines += gap_lines(results, level)
+    return lines
+
+
+def gap_lines(results, level):
+    """'<row> closes X% of the gap to the teacher on <metric>: <before> -> <row> (teacher t)', a
+    line per row but the teacher and the baseline, on the level's first headline column."""
+    gaps = results['gap'].get(level, {})
+    if not gaps:
+        return []
+    protocol, metric = HEADLINE[level][0]
+    title = headline_title(protocol, metric)
+    value = {name: r[level][protocol][metric]['value'] for name, r in results['models'].items()}
+    before, teacher_value = value[results['baseline']], value[results['teacher']]
+    lines = ['']
+    for name, closed in gaps.items():
+        if closed is None:
+            lines.append(f"{name}: no gap to close on {title}: {results['baseline']} scores as "
+                         'the teacher does')
+            continue
+        lines.append(f'{name} closes {closed:.0%} of the gap to the teacher on {title}: '
+                     f'{before:.3f} -> {value[name]:.3f} (teacher {teacher_value:.3f})')
+    return lines
 
 
 def write_markdown(results, path):
-    """results.md: a table per level (tile, slide), then the robustness index; returns the text."""
+    """results.md: the compact tables with their gap lines, then every metric of every protocol,
+    the robustness index and the slides not scored. Returns the compact part, which runs print."""
+    rows = results['models']
+    sources = [results[k]['source'] for k in ('data', 'slides') if k in results]
+    intro = [f"# {', '.join(rows)} on {' and '.join(sources)}", '',
+             f"The teacher, the first row and the reference of CKA: {results['teacher']}. The "
+             f'test split, with 95% bootstrap CIs ({bootstrap} resamples of the test tiles or '
+             'slides, the same for every row).']
+    headline = headline_lines(results)
+    text = '\n'.join(intro + headline + detail_lines(results))
+    write_atomic(path, (text + '\n').encode())
+    return '\n'.join(headline)
+
+
+def detail_lines(results):
+    """Markdown lines of every number: each level's metrics for each protocol, the robustness
+    index, the slides that could not be scored."""
     rows = results['models']
     first = next(iter(rows.values()))
-    lines = [f"# {', '.join(rows)} on {results['data']['source']}", '',
-             f"Teacher {results['teacher']}. "
-             f"Test split, 95% bootstrap CIs ({bootstrap} resamples). "
-             f"kNN@{knn_k}: majority vote of the k nearest training samples (cosine); "
-             "best-k: k chosen on val."]
-    for level in ('tile', 'slide'):
+    lines = ['', '## every metric', '',
+             f'kNN@{knn_k}: majority vote of the k nearest training samples (cosine); best-k: k '
+             'chosen on val. Slide level: linear and kNN on mean-pooled slides; CKA on up to '
+             f'{cka_tiles} tiles of the test slides, resampled by slide.']
+    for level in HEADLINE:
         if level in first:
             lines += level_section(rows, level)
     if 'robustness_index' in first:
         lines += robustness_section(rows)
-    text = '\n'.join(lines)
-    write_atomic(path, (text + '\n').encode())
-    return text
+    failed = results.get('slides', {}).get('failed', {})
+    if failed:
+        lines += ['', f'### slides not scored ({len(failed)})', '']
+        lines += [f'- {slide}: {reason}' for slide, reason in failed.items()]
+    return lines
 
 
 def level_section(rows, level):
-    """Markdown lines of one level: every metric of every protocol with its CI, a row per model,
-    then the C and k each model's probes chose."""
+    """Markdown lines of one level: every metric of every protocol with its CI, and CKA to the
+    teacher, a row per model; then what each model's probes chose."""
     first = next(iter(rows.values()))
-    titles = {'linear': 'linear', 'knn': f'kNN@{knn_k}', 'knn_best': 'kNN best-k'}
+    titles = {'linear': 'linear', 'knn': f'kNN@{knn_k}', 'knn_best': 'kNN best-k',
+              'abmil': 'ABMIL'}
     protocols = [p for p in titles if p in first[level]]
-    # CKA to the teacher is measured on tile embeddings: a column of the tile table only
-    with_cka = level == 'tile'
     header = ['model', 'params']
     for p in protocols:
         header += [f'{titles[p]} {label}' for label in METRICS.values()]
-    header += ['CKA to teacher'] * with_cka
+    header.append('CKA to teacher')
     body = []
     for name, r in rows.items():
         cells = [name, f"{r['params'] / 1e6:.1f}M"]
         for p in protocols:
             cells += [ci_cell(r[level][p][m]) for m in METRICS]
-        cells += [f"{r['cka_to_teacher']:.3f}"] * with_cka
+        cells.append(ci_cell(r[level]['cka']))
         body.append(cells)
     chosen = [chosen_settings(name, r[level]) for name, r in rows.items()]
     chosen_line = 'Chosen on val (or by CV on train): ' + '; '.join(chosen)
-    return ['', f'## {level} level', ''] + table(header, body) + ['', chosen_line]
+    return ['', f'### {level} level', ''] + table(header, body) + ['', chosen_line]
 
 
 def ci_cell(entry):
@@ -618,10 +1342,14 @@ def ci_cell(entry):
 
 
 def chosen_settings(name, level_results):
-    """'name C=..., k=...': the probe's C and, with a val split, the best k."""
+    """'name C=..., k=..., ABMIL epochs ...': the probe's C and, with a val split, the best k and
+    the epoch each ABMIL seed was kept at."""
     chosen = f"{name} C={level_results['linear']['C']:g}"
     if 'knn_best' in level_results:
         chosen += f", k={level_results['knn_best']['k']}"
+    if 'abmil' in level_results:
+        epochs = '/'.join(map(str, level_results['abmil']['epochs']))
+        chosen += f', ABMIL epochs {epochs}'
     return chosen
 
 
@@ -635,28 +1363,29 @@ def robustness_section(rows):
     for name, r in rows.items():
         index = r['robustness_index']
         body.append([name] + [f'{index[k][form]:.3f}' for form in forms for k in ks])
-    title = ('## robustness index (de Jong et al. 2025): SO/OS > 1 and SO/(SO+OS) > 0.5 mean '
+    title = ('### robustness index (de Jong et al. 2025): SO/OS > 1 and SO/(SO+OS) > 0.5 mean '
              'biology dominates the centre')
     return ['', title, ''] + table(header, body)
 
 
 def plot(results, path):
-    """results.png: a panel per metric, CKA to the teacher, and the robustness index against k."""
+    """results.png: each level's compact table at a glance, a group of bars per column and a bar
+    per row with its CI; and the robustness index against k."""
     # imported here, with a backend that needs no display
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = results['models']
     first = next(iter(rows.values()))
-    # a group of bars per level and protocol
-    levels = [level for level in ('tile', 'slide') if level in first]
-    groups = [(level, p) for level in levels for p in ('linear', 'knn')]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    for ax, (metric, label) in zip(axes.flat, METRICS.items()):
-        plot_metric(ax, rows, groups, metric, label)
-    axes[0, 0].legend(fontsize=8)
-    plot_cka(axes[1, 1], rows, results['teacher'])
-    plot_robustness(axes[1, 2], rows)
+    levels = [level for level in HEADLINE if level in first]
+    with_index = 'robustness_index' in first
+    n_panels = len(levels) + with_index
+    fig, axes = plt.subplots(1, n_panels, figsize=(4 + 5 * n_panels, 4.5), squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        plot_headline(ax, rows, level)
+    axes[0, 0].legend(fontsize=8, loc='lower left')
+    if with_index:
+        plot_robustness(axes[0, -1], rows)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100)
@@ -664,36 +1393,26 @@ def plot(results, path):
     write_atomic(path, buffer.getvalue())
 
 
-def plot_metric(ax, rows, groups, metric, label):
-    """Bars of one metric: a group per (level, protocol), a bar per model, CI error bars."""
+def plot_headline(ax, rows, level):
+    """Bars of one level's compact table: a group per column, a bar per row, CI error bars."""
+    columns = HEADLINE[level]
     width = 0.8 / len(rows)
-    positions = np.arange(len(groups))
+    positions = np.arange(len(columns))
     for i, (name, r) in enumerate(rows.items()):
-        value = np.array([r[level][p][metric]['value'] for level, p in groups])
-        ci = np.array([r[level][p][metric]['ci'] for level, p in groups]).T
+        entries = [headline_entry(r[level], p, m) for p, m in columns]
+        value = np.array([e['value'] for e in entries])
+        ci = np.array([e['ci'] for e in entries]).T
         # error bars are distances below and above the value; none where the CI is NaN
         error = np.nan_to_num(np.abs(ci - value))
         ax.bar(positions + i * width, value, width, yerr=error, capsize=3, label=name)
-    protocol_names = {'linear': 'linear', 'knn': f'kNN@{knn_k}'}
-    group_names = [f'{level} {protocol_names[p]}' for level, p in groups]
-    ax.set_xticks(positions + width * (len(rows) - 1) / 2, group_names)
-    ax.set(title=f'{label} (test, 95% CI)', ylim=(0, 1.05))
-
-
-def plot_cka(ax, rows, teacher):
-    """A bar per model: its linear CKA to the teacher."""
-    colours = [f'C{i}' for i in range(len(rows))]
-    ax.bar(list(rows), [r['cka_to_teacher'] for r in rows.values()], color=colours)
-    ax.set(title=f'linear CKA to {teacher} (test)', ylim=(0, 1.05))
-    ax.tick_params(axis='x', labelrotation=15)
+    titles = [headline_title(p, m) for p, m in columns]
+    ax.set_xticks(positions + width * (len(rows) - 1) / 2, titles, fontsize=9)
+    ax.set(title=f'{level} level (test, 95% CI)', ylim=(0, 1.05))
 
 
 def plot_robustness(ax, rows):
-    """A line per model: SO/OS against k; only a title when the data has no centres."""
-    ax.set_title('robustness index: needs a center column')
+    """A line per model: SO/OS against k."""
     first = next(iter(rows.values()))
-    if 'robustness_index' not in first:
-        return
     ks = [int(k) for k in first['robustness_index']]
     for name, r in rows.items():
         index = r['robustness_index']
@@ -701,7 +1420,6 @@ def plot_robustness(ax, rows):
     ax.axhline(1, color='gray', ls='--', lw=1)
     ax.set(title='robustness index SO/OS (> 1: biology dominates)', xlabel='k', xticks=ks)
     ax.legend(fontsize=8)
-
 
 def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64, seed=0):
     """Small PNG tiles of 3 colour/texture classes from 2 centres, written as an ImageFolder under
@@ -760,17 +1478,50 @@ def row_names(entries):
     return rows
 
 
-def ordered_rows(entries, reference=None):
-    """{row name: entry} with the teacher first, as in G2L's tables. reference: a row name, an
-    entry, or one more entry to add; None is the first entry."""
+def display_names(entries, listing):
+    """{entry: display name} from --names, one name per --models entry in its order; {} without."""
+    given = [n.strip() for n in listing.split(',')] if listing else []
+    if given and len(given) != len(entries):
+        raise SystemExit(f'error: --names gives {len(given)} names for {len(entries)} --models '
+                         'entries: one name per entry, in the same order')
+    if '' in given or len(set(given)) < len(given):
+        raise SystemExit(f'error: --names {listing}: every row needs a name of its own')
+    return dict(zip(entries, given))
+
+
+def ordered_rows(entries, reference=None, listing=''):
+    """{row name: entry} with the teacher first, as in G2L's tables, then the others in the order
+    given. reference: a row name, an entry, or one more entry to add; None is the first entry.
+    listing: --names, display names for the entries."""
+    display = display_names(entries, listing)
     named = reference or entries[0]
     # a row name stands for its entry; anything else is an entry itself
-    first = row_names(entries).get(named, named)
+    by_name = row_names(entries) | {name: entry for entry, name in display.items()}
+    first = by_name.get(named, named)
     if first not in entries and first in [e.partition('=')[0] for e in entries]:
         raise SystemExit(f'error: --teacher {first} is the name of several --models entries: '
                          'give the whole entry')
     others = [e for e in entries if e != first]
-    return row_names([first] + others)
+    rows = {display.get(entry, name): entry for name, entry in row_names([first] + others).items()}
+    if len(rows) <= len(others):
+        raise SystemExit(f'error: --names {listing}: the teacher {first} would share a row name '
+                         'with another row; rename it')
+    return rows
+
+
+def baseline_row(rows, listing):
+    """The row "closes X% of the gap to the teacher" is measured from: --baseline (a row name or
+    entry), or the second of exactly three rows (teacher, student before, student after); None
+    when there is neither (then there are no gap lines)."""
+    names_of_rows = list(rows)
+    if not listing:
+        return names_of_rows[1] if len(rows) == 3 else None
+    by_entry = {entry: name for name, entry in rows.items()}
+    name = listing if listing in rows else by_entry.get(listing)
+    if name is None or name == names_of_rows[0]:
+        raise SystemExit(f'error: --baseline {listing} is not one of the student rows '
+                         f"({', '.join(names_of_rows[1:])})")
+    return name
 
 # -----------------------------------------------------------------------------
 # the run
@@ -792,27 +1543,107 @@ def describe(dataset):
     return dict(source=dataset['source'], classes=dataset['classes'], images=counts,
                 n_centers=n_centers, n_slides=distinct(dataset['slide']))
 
+def describe_cohort(cohort):
+    """Print what the slide CSV holds; returns the summary results.json keeps."""
+    rows = cohort['rows']
+    counts = {s: sum(r['split'] == s for r in rows) for s in SPLITS}
+    n_tiles = sum(len(r['tiles']['rows']) for r in rows)
+    print(f"slides: {cohort['source']}: {len(rows)} slides {counts} tiled in {cohort['tiles']}, "
+          f"{n_tiles} tiles; {len(cohort['failed'])} slides cannot be used")
+    return dict(source=cohort['source'], tiles=cohort['tiles'], slides=counts, n_tiles=n_tiles)
 
-def run_protocols(emb, dataset, teacher_test):
-    """Every protocol on one model's tile embeddings: tile probes and CKA to the teacher; with
-    a slide column, probes on mean-pooled slides; with two centres or more, the robustness index."""
+
+def run_protocols(emb, dataset, reference, with_slides):
+    """Every protocol on one model's tile embeddings: tile probes and CKA to the teacher; with a
+    slide column (and with_slides), the slide protocols on its slides; with two centres or more,
+    the robustness index. reference: the teacher's CKA inputs, set by its row (the first)."""
     labels, split = dataset['labels'], dataset['split']
     n_classes = len(dataset['classes'])
     test = split == 'test'
-    row = dict(tile=run_probes(emb, labels, split, n_classes),
-               cka_to_teacher=linear_cka(emb[test], teacher_test))
-    if dataset['slide'] is not None:
-        slide_emb, slide_labels, slide_split = pool_slides(emb, dataset)
-        row['slide'] = run_probes(slide_emb, slide_labels, slide_split, n_classes)
+    reference.setdefault('tile', emb[test])
+    row = dict(tile=run_probes(emb, labels, split, n_classes))
+    row['tile']['cka'] = cka_with_ci(emb[test], reference['tile'])
+    # the tile level's CKA where scripts that read results.json find it
+    row['cka_to_teacher'] = row['tile']['cka']['value']
+    if dataset['slide'] is not None and with_slides:
+        bags, slide_labels, slide_split = slide_bags(emb, dataset)
+        inputs = slide_inputs(bags, slide_split)
+        reference.setdefault('slide', inputs['sample'])
+        row['slide'] = run_slide_protocols(inputs, slide_labels, slide_split, n_classes,
+                                           reference['slide'])
     # the robustness index needs neighbours from other centres
     if (distinct(dataset['center']) or 0) >= 2:
-        centers, slides = dataset['center'], dataset['slide']
-        row['robustness_index'] = robustness_index(emb, labels, centers, slides, ri_k)
+        centers, slide_names = dataset['center'], dataset['slide']
+        row['robustness_index'] = robustness_index(emb, labels, centers, slide_names, ri_k)
     return row
 
 
+def evaluate_model(name, entry, dataset, cohort, reference):
+    """One row: the model built once, its tile embeddings and their protocols (--data), and its
+    slides' feature files (--slides)."""
+    model_name, _, weights = entry.partition('=')
+    net, spec = create(model_name, weights or None, device=device)
+    n_params = sum(p.numel() for p in net.parameters())
+    row = dict(entry=entry, dim=spec['dim'], params=n_params)
+    if dataset is not None:
+        emb, info = embeddings(entry, net, spec, dataset)
+        how = 'from cache' if info['cached'] else 'extracted'
+        print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {how} "
+              f"in {info['seconds']:.1f} s ({info['cache']})")
+        row |= info | run_protocols(emb, dataset, reference, with_slides=cohort is None)
+    if cohort is not None:
+        row['features'] = features_folder(entry)
+        cohort['failed'] |= extract_slides(name, entry, net, spec, cohort, row['features'])
+    return row
+
+
+def score_cohort(results, cohort):
+    """The slide level of every row, on the slides every model embedded: the same slides for
+    every row."""
+    scored = [r for r in cohort['rows'] if r['slide'] not in cohort['failed']]
+    classes = sorted({r['label'] for r in scored})
+    labels = np.array([classes.index(r['label']) for r in scored], dtype=int)
+    split = np.array([r['split'] for r in scored])
+    check_splits(cohort['source'], split, labels, classes, unit='slides')
+    counts = {s: int((split == s).sum()) for s in SPLITS}
+    results['slides'] |= dict(classes=classes, scored=counts, failed=cohort['failed'])
+    if cohort['failed']:
+        print(f"{len(cohort['failed'])} slides not scored (listed above and in results.md)")
+    reference = None
+    for name, row in results['models'].items():
+        paths = [os.path.join(row['features'], r['tiles']['stem'] + '.h5') for r in scored]
+        # read one file at a time: only the bags in float16 are kept
+        inputs = slide_inputs((read_features(path)[0] for path in paths), split)
+        # the teacher's row comes first: its CKA sample is every row's reference
+        reference = inputs['sample'] if reference is None else reference
+        row['slide'] = run_slide_protocols(inputs, labels, split, len(classes), reference)
+
+
+def gaps(results):
+    """{level: {row: share of the gap closed}}: (row - baseline) / (teacher - baseline) on the
+    level's first compact column, for each row but the teacher and the baseline; None where the
+    baseline scores as the teacher does."""
+    rows, before = results['models'], results['baseline']
+    if before is None:
+        return {}
+    gap = {}
+    for level, columns in HEADLINE.items():
+        if level not in rows[before]:
+            continue
+        protocol, metric = columns[0]
+        value = {name: r[level][protocol][metric]['value'] for name, r in rows.items()}
+        span = value[results['teacher']] - value[before]
+        others = [name for name in rows if name not in (results['teacher'], before)]
+        if abs(span) < 1e-9:
+            gap[level] = dict.fromkeys(others)
+            continue
+        # + 0.0: no '-0%' where nothing moved
+        gap[level] = {name: (value[name] - value[before]) / span + 0.0 for name in others}
+    return gap
+
+
 def write_results(results):
-    """OUT/results.json, results.md (printed too) and results.png."""
+    """OUT/results.json, results.md and results.png; prints the compact tables."""
     # JSON has no NaN or Infinity (SO/OS is inf when no neighbour is OS; a CI is NaN on a
     # one-class test set): they are written as null
     strict = json.loads(json.dumps(results), parse_constant=lambda _: None)
@@ -831,29 +1662,37 @@ def main(argv=None):
     config = {k: globals()[k] for k in config_keys}
     print('config:', json.dumps(config))
 
-    # which rows, the teacher first
-    rows = ordered_rows(model_entries(models), teacher)
-    reference = next(iter(rows))
+    # which rows, named how, the teacher first
+    rows = ordered_rows(model_entries(models), teacher, names)
+    if bench:
+        return dict(config=config, bench=bench_extraction(rows))
+    results = dict(config=config, teacher=next(iter(rows)), baseline=baseline_row(rows, baseline),
+                   models={})
 
-    # data
-    dataset = read_dataset(data)
-    results = dict(config=config, teacher=reference, models={}, data=describe(dataset))
+    # data: labelled images (--data), labelled slides (--slides with --tiles), or both
+    if data is None and slides is None:
+        raise SystemExit('error: give --data (labelled tiles or images), or --slides with --tiles '
+                         '(labelled slides), or both')
+    dataset = cohort = None
+    if data is not None:
+        dataset = read_dataset(data)
+        results['data'] = describe(dataset)
+    if slides is not None:
+        cohort = read_cohort(slides, tiles)
+        results['slides'] = describe_cohort(cohort)
 
-    # per model its embeddings, then every protocol on them. One model in memory at a time: a ViT-g
-    # and a ViT-L need not share the GPU.
-    test = dataset['split'] == 'test'
+    # per model its embeddings, the protocols on them and its slides' feature files. One model in
+    # memory at a time: a ViT-g and a ViT-L need not share the GPU. The teacher's row comes first:
+    # its test embeddings are there for every row's CKA
+    reference = {}
     for name, entry in rows.items():
-        model_name, _, weights = entry.partition('=')
-        emb, info = embeddings(model_name, weights, dataset)
-        how = 'from cache' if info['cached'] else 'extracted'
-        print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {how} "
-              f"in {info['seconds']:.1f} s ({info['cache']})")
-        # the teacher's row comes first: its test embeddings are there for every row's CKA
-        if name == reference:
-            teacher_test = emb[test]
-        results['models'][name] = info | run_protocols(emb, dataset, teacher_test)
+        results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference)
+    # the slide level once every model has embedded every slide, so all rows score the same slides
+    if cohort is not None:
+        score_cohort(results, cohort)
 
     # outputs
+    results['gap'] = gaps(results)
     write_results(results)
     return results
 

@@ -22,6 +22,7 @@ import numpy as np
 import openslide
 import ctypes
 import faulthandler
+import h5py
 import pytest
 import tifffile
 import timm
@@ -1246,7 +1247,7 @@ def test_robustness_index_is_far_above_one_when_class_dominates_and_below_one_wh
 
 def run(tmp_path, data, *extra, models='tiny-teacher,tiny-student'):
     return evaluate.main(['--data', str(data), '--models', models, '--out', str(tmp_path / 'out'),
-                          '--device', 'cpu', '--num_workers', '2', '--bootstrap', '200', *extra])
+                          '--device', 'cpu', '--num_workers', '2', '--bootstrap', '200', '--abmil_seeds', '1', *extra])
 
 
 def test_imagefolder_end_to_end_then_second_run_uses_the_cache(tmp_path, monkeypatch):
@@ -1273,8 +1274,12 @@ def test_imagefolder_end_to_end_then_second_run_uses_the_cache(tmp_path, monkeyp
         assert 'slide' not in row and 'robustness_index' not in row  # ImageFolder has no centres or slides
     table = (out / 'results.md').read_text().splitlines()
     rows = [line for line in table if line.startswith('| tiny-')]
-    assert [r.split(' | ')[0] for r in rows] == ['| tiny-teacher', '| tiny-student']
-    assert len(rows[0].split(' | ')) == len(next(line for line in table if line.startswith('| model')).split(' | '))
+    # the compact table, then the one with every metric: the teacher first in both
+    assert [r.split('|')[1].strip() for r in rows] == ['tiny-teacher', 'tiny-student'] * 2
+    headers = [line for line in table if line.startswith('| model')]
+    assert [h.count('|') for h in headers] == [rows[0].count('|'), rows[2].count('|')]
+    assert [c.strip() for c in headers[0].split('|')[1:-1]] == [
+        'model', 'linear bal. acc', 'kNN@20 bal. acc', 'linear AUROC', 'CKA to teacher']
     with Image.open(out / 'results.png') as png:
         assert png.format == 'PNG' and png.width > 800
 
@@ -1353,7 +1358,8 @@ def test_csv_with_center_and_slide_adds_slide_level_probes_and_the_robustness_in
             assert counts['SO'] + counts['OS'] <= 36 * int(k)
             assert counts['SO/(SO+OS)'] == pytest.approx(counts['SO'] / (counts['SO'] + counts['OS']))
     saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert saved['models']['tiny-student']['robustness_index']['20']['SO'] == results['models']['tiny-student']['robustness_index']['20']['SO']
+    saved_index, index = (r['models']['tiny-student']['robustness_index'] for r in (saved, results))
+    assert saved_index['20']['SO'] == index['20']['SO']
     assert '## slide level' in (tmp_path / 'out' / 'results.md').read_text()
 
 
@@ -1400,7 +1406,277 @@ def test_two_rows_of_the_same_model_are_both_kept_and_named_by_their_entries(tmp
                                     '--teacher', 'tiny-teacher'])
     assert list(results['models']) == ['tiny-teacher', 'tiny-student', 'tiny-student=random']
     assert '| tiny-student=random |' in (tmp_path / 'out' / 'results.md').read_text()
+    assert results['baseline'] == 'tiny-student' and list(results['gap']['tile']) == ['tiny-student=random']
     with pytest.raises(SystemExit, match='lists tiny-student twice'):
         evaluate.main(args + ['--models', 'tiny-student,tiny-teacher,tiny-student'])
     with pytest.raises(SystemExit, match='--teacher tiny-student is the name of several --models entries'):
         evaluate.main(args + ['--models', 'tiny-student=random,tiny-student=x', '--teacher', 'tiny-student'])
+
+
+def cka_by_hand(x, y):
+    """Linear CKA from its definition (Kornblith et al. 2019): centred features, no weights."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_cka_of_a_bootstrap_resample_is_the_cka_of_the_resampled_rows_and_slides_resample_whole(monkeypatch):
+    monkeypatch.setattr(evaluate, 'bootstrap', 40)
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(60, 12)) + 5  # far from centred: the weighted centring has work to do
+    y = x @ rng.normal(size=(12, 7)) + rng.normal(size=(60, 7))
+    picks = rng.integers(0, 60, (4, 60))
+    weights = np.stack([np.bincount(p, minlength=60) for p in picks]).astype(float)
+    for value, rows in zip(evaluate.weighted_cka(x, y, weights), picks):
+        assert value == pytest.approx(cka_by_hand(x[rows], y[rows]), abs=1e-9)
+    # at slide level a resample draws test slides (the same draws as the metrics'), each with all its tiles
+    groups = np.repeat(np.arange(6), 10)
+    draws = np.concatenate(list(evaluate.bootstrap_weights(6)))
+    by_hand = [cka_by_hand(x[rows], y[rows]) for rows in
+               (np.concatenate([np.tile(np.flatnonzero(groups == s), int(m)) for s, m in enumerate(d)]) for d in draws)]
+    result = evaluate.cka_with_ci(x, y, groups)
+    assert result['value'] == pytest.approx(cka_by_hand(x, y), abs=1e-9)
+    assert result['ci'] == pytest.approx(np.percentile(by_hand, [2.5, 97.5]).tolist(), abs=1e-9)
+    assert result['ci'][0] < result['value'] < result['ci'][1]
+
+
+# slide level: synthetic slides -> tile.py -> one TRIDENT-layout .h5 per slide and model -> ABMIL
+
+def run_slides(root, out, models, *extra):
+    return evaluate.main(['--slides', str(root / 'slides.csv'), '--tiles', str(root / 'tiles'), '--models', models,
+                          '--out', str(out), '--device', 'cpu', '--num_workers', '2', '--bootstrap', '50',
+                          '--abmil_seeds', '1', *extra])
+
+
+def counting_embed(monkeypatch):
+    """Make evaluate.embed count the tiles it embeds; returns the list of batch sizes."""
+    calls, real_embed = [], evaluate.embed
+    monkeypatch.setattr(evaluate, 'embed', lambda *a: calls.append(len(a[2])) or real_embed(*a))
+    return calls
+
+
+@pytest.fixture(scope='module')
+def slide_cohort(small_slides, tmp_path_factory):
+    """Eight slides (copies of the three small 20x glasses) tiled by tile.py, a slides.csv (4 train, 2 val, 2 test,
+    two classes; the last slide given by its path), and one uninterrupted run of three rows on them."""
+    root = tmp_path_factory.mktemp('cohort')
+    (root / 'slides').mkdir()
+    for i in range(8):
+        shutil.copy(small_slides / f's{i % 3 + 1}.tif', root / 'slides' / f'slide{i}.tif')
+    tile.tile_slides(root / 'slides', root / 'tiles')
+    splits = ['train'] * 4 + ['val'] * 2 + ['test'] * 2
+    listed = [f'slide{i}' for i in range(7)] + ['slides/slide7.tif']
+    lines = ['slide,label,split'] + [f'{s},{"ab"[i % 2]},{split}' for i, (s, split) in enumerate(zip(listed, splits))]
+    (root / 'slides.csv').write_text('\n'.join(lines) + '\n')
+    with pytest.MonkeyPatch.context() as patch:
+        calls = counting_embed(patch)
+        results = run_slides(root, root / 'out', 'tiny-teacher,tiny-student,tiny-student=random')
+    return dict(root=root, results=results, calls=sum(calls))
+
+
+def test_every_tile_of_each_slide_is_embedded_into_a_trident_h5_and_a_rerun_embeds_nothing(slide_cohort, monkeypatch,
+                                                                                           capsys, recwarn):
+    root, results = slide_cohort['root'], slide_cohort['results']
+    npz = {f'slide{i}': np.load(root / 'tiles' / f'slide{i}.npz') for i in range(8)}
+    n_tiles = sum(len(z['coords']) for z in npz.values())
+    assert n_tiles > 60 and slide_cohort['calls'] == 3 * n_tiles  # each tile through each model, once
+    folders = [Path(row['features']) for row in results['models'].values()]
+    assert [f.name for f in folders[:2]] == ['tiny-teacher', 'tiny-student']
+    assert folders[2].name.startswith('tiny-student_random-')  # same model name, other weights: its own folder
+    for folder, dim, entry in zip(folders, (96, 64, 64), ('tiny-teacher', 'tiny-student', 'tiny-student=random')):
+        assert sorted(os.listdir(folder)) == sorted(f'{stem}.h5' for stem in npz)  # no temporary file left
+        for stem, z in npz.items():
+            with h5py.File(folder / f'{stem}.h5', 'r') as f:
+                assert f['features'].dtype == np.float32 and f['features'].shape == (len(z['coords']), dim)
+                assert f['coords'].dtype == np.int64
+                np.testing.assert_array_equal(f['coords'][:], z['coords'])  # level-0 top-left corners, in order
+                # 256 px tiles at 0.5 um/px of 2048 x 1536 px slides scanned at 0.5 um/px (20x)
+                assert dict(f['coords'].attrs) == dict(patch_size=256, patch_size_level0=256, level0_magnification=20,
+                                                       target_magnification=20, overlap=0, level0_width=2048,
+                                                       level0_height=1536)
+                assert f['features'].attrs['encoder'] == entry
+    # a row is the model's embedding of the centre 224 px of the tile at its coordinates (um/px kept, not resized)
+    net, spec = model.create('tiny-teacher')
+    features, coords = evaluate.read_features(folders[0] / 'slide0.h5')
+    region = openslide_tile(root / 'slides' / 'slide0.tif', coords[1])
+    centre = torch.from_numpy(region[16:240, 16:240].copy()).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(model.embed(net, spec, centre)[0][0].numpy(), features[1], atol=1e-4)
+    assert results['slides']['scored'] == {'train': 4, 'val': 2, 'test': 2} and results['slides']['failed'] == {}
+    for row in results['models'].values():
+        assert row['slide']['n_test'] == 2 and {'linear', 'knn', 'abmil', 'cka'} <= set(row['slide'])
+
+    files = sorted(root.glob('out/features/*/*.h5'))
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    calls = counting_embed(monkeypatch)
+    again = run_slides(root, root / 'out', 'tiny-teacher,tiny-student,tiny-student=random')
+    assert calls == [] and [p.stat().st_mtime_ns for p in files] == mtimes  # nothing embedded, nothing rewritten
+    assert [str(w.message) for w in recwarn] == []
+    for name, row in again['models'].items():
+        assert row['slide'] == results['models'][name]['slide']
+    # files made from other tiles are never reused: capped at 4 random tiles a slide, each slide is embedded again
+    capsys.readouterr()
+    run_slides(root, root / 'out', 'tiny-student', '--max_tiles=4')
+    assert '0 slides up to date' in capsys.readouterr().out and sum(calls) == 8 * 4
+    for stem, z in npz.items():
+        capped = evaluate.read_features(folders[1] / f'{stem}.h5')[1]
+        assert len(capped) == 4 and {tuple(c) for c in capped} <= {tuple(c) for c in z['coords']}
+
+
+def test_a_killed_extraction_resumes_and_ends_with_the_files_of_an_uninterrupted_run(slide_cohort, tmp_path,
+                                                                                   monkeypatch):
+    root = slide_cohort['root']
+    real_write, written = evaluate.write_features, []
+
+    def killed_after_three_slides(path, *args):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or a pre-emption, in the middle of a batch
+        written.append(os.path.basename(path))
+        real_write(path, *args)
+
+    monkeypatch.setattr(evaluate, 'write_features', killed_after_three_slides)
+    with pytest.raises(KeyboardInterrupt):
+        run_slides(root, tmp_path / 'out', 'tiny-teacher')
+    folder = tmp_path / 'out' / 'features' / 'tiny-teacher'
+    assert sorted(os.listdir(folder)) == sorted(written)  # three whole files and nothing else
+    monkeypatch.setattr(evaluate, 'write_features', real_write)
+    calls = counting_embed(monkeypatch)
+    run_slides(root, tmp_path / 'out', 'tiny-teacher')
+    left = [stem for stem in (f'slide{i}' for i in range(8)) if f'{stem}.h5' not in written]
+    assert sum(calls) == sum(len(np.load(root / 'tiles' / f'{stem}.npz')['coords']) for stem in left)
+    uninterrupted = root / 'out' / 'features' / 'tiny-teacher'
+    for i in range(8):
+        features, coords = evaluate.read_features(folder / f'slide{i}.h5')
+        expected_features, expected_coords = evaluate.read_features(uninterrupted / f'slide{i}.h5')
+        np.testing.assert_array_equal(coords, expected_coords)
+        np.testing.assert_allclose(features, expected_features, atol=1e-5)  # other batches: float rounding only
+
+
+def zero_tiff_tile_under(path, xy):
+    """Zero the bytes of the level-0 JPEG tile of a synthetic slide under level-0 point xy (256 px TIFF tiles)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        k = (xy[1] // 256) * -(-page.imagewidth // 256) + xy[0] // 256
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    data = bytearray(Path(path).read_bytes())
+    data[offset:offset + count] = bytes(count)
+    Path(path).write_bytes(data)
+
+
+def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_scored(slide_cohort, small_slides,
+                                                                                      tmp_path, capsys):
+    root = slide_cohort['root']
+    tiles = tmp_path / 'tiles'
+    shutil.copytree(root / 'tiles', tiles)  # the eight good slides, already tiled
+    bad = [tmp_path / f'{name}.tif' for name in ('gone', 'garbage', 'damaged')]
+    for path in bad:
+        shutil.copy(small_slides / 's1.tif', path)
+    tile.tile_slides(bad, tiles)
+    bad[0].unlink()  # moved away after tiling
+    bad[1].write_bytes(np.random.default_rng(0).bytes(50_000))  # overwritten: not a slide any more
+    zero_tiff_tile_under(bad[2], tuple(map(int, np.load(tiles / 'damaged.npz')['coords'][1])))  # one tile of many
+    csv_path = tmp_path / 'slides.csv'
+    extra = ['gone,a,train', 'garbage,b,train', 'damaged,a,test', 'untiled,b,train']
+    csv_path.write_text((root / 'slides.csv').read_text().replace('slides/slide7', str(root / 'slides' / 'slide7'))
+                        + '\n'.join(extra) + '\n')
+    # the good slides' feature files are there already: only the damaged slide is embedded
+    shutil.copytree(root / 'out' / 'features' / 'tiny-teacher', tmp_path / 'out' / 'features' / 'tiny-teacher')
+    # labelled tiles in the same run: the tile level from them, the slide level from the slides
+    tile_csv = evaluate.write_demo_data(tmp_path / 'patches', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    capsys.readouterr()
+    results = evaluate.main(['--slides', str(csv_path), '--tiles', str(tiles), '--data', str(tile_csv),
+                             '--models', 'tiny-teacher', '--out', str(tmp_path / 'out'), '--device', 'cpu',
+                             '--num_workers', '2', '--bootstrap', '50', '--abmil_seeds', '1'])
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith('error: slide')]
+    reasons = {line.split()[2].rstrip(':'): line for line in errors}
+    assert len(errors) == 4 and set(reasons) == {'gone', 'garbage', 'damaged', 'untiled'}  # one line each
+    assert 'is gone' in reasons['gone'] and 'cannot open' in reasons['garbage']
+    assert '1 of' in reasons['damaged'] and 'tiles unreadable' in reasons['damaged']
+    assert 'tile it first' in reasons['untiled']
+    assert set(results['slides']['failed']) == set(reasons)
+    assert results['slides']['scored'] == {'train': 4, 'val': 2, 'test': 2}  # the others are scored
+    row = results['models']['tiny-teacher']
+    assert row['tile']['n_test'] == 3 and row['slide']['n_test'] == 2 and 'abmil' in row['slide']
+    assert not (tmp_path / 'out' / 'features' / 'tiny-teacher' / 'damaged.h5').exists()  # no half-true file
+    assert '### slides not scored (4)' in (tmp_path / 'out' / 'results.md').read_text()
+
+
+def test_bench_reports_reading_model_and_extraction_rates(slide_cohort, capsys):
+    rates = evaluate.main(['--bench=48', '--tiles', str(slide_cohort['root'] / 'tiles'), '--models', 'tiny-student',
+                           '--device=cpu', '--num_workers=2', '--batch_size=16'])['bench']['tiny-student']
+    assert all(rates[k] > 0 for k in ('reading', 'model', 'extraction'))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith('tiny-student: batch 16, 2 workers, cpu: reading') and 'bound by' in line
+
+
+
+def write_trident_h5(path, features, coords):
+    """A feature file as TRIDENT writes one: features, level-0 coords and the attributes beside them."""
+    with h5py.File(path, 'w') as f:
+        f['features'] = features
+        f['features'].attrs['encoder'] = 'planted'
+        f['coords'] = coords
+        f['coords'].attrs.update(patch_size=256, patch_size_level0=512, level0_magnification=40,
+                                 target_magnification=20, overlap=0, level0_width=5120, level0_height=10240)
+
+
+def planted_cohort(folder, rng, n_slides=60, dim=32, fraction=0.05, distance=8.0):
+    """Feature files of slides with a planted slide-level signal, and their labels and splits. Every slide is two
+    kinds of normal tissue, A and B, in proportions that vary from slide to slide (0-60% B); positive slides also
+    have `fraction` of their tiles of a distinct tissue, `distance` out along the direction B lies 0.3 of the way
+    on. A slide's mean cannot tell a little more B from a few distinct tiles; attention to single tiles can."""
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    labels = (np.arange(n_slides) // 6 + np.arange(n_slides)) % 2  # both classes in every split
+    split = np.array((['train'] * 3 + ['val'] + ['test'] * 2) * (n_slides // 6))
+    paths = []
+    for i, positive in enumerate(labels):
+        n = int(rng.integers(80, 200))
+        features = rng.normal(size=(n, dim)).astype(np.float32)
+        features[:rng.binomial(n, rng.uniform(0, 0.6))] += 0.3 * distance * direction
+        if positive:
+            features[n - round(fraction * n):] += distance * direction
+        coords = np.stack([np.arange(n) % 10, np.arange(n) // 10], 1).astype(np.int64) * 512
+        paths.append(folder / f'slide{i}.h5')
+        write_trident_h5(paths[-1], features, coords)
+    return paths, labels, split
+
+
+def test_abmil_finds_a_few_tiles_of_a_distinct_tissue_that_mean_pooling_misses(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, 'bootstrap', 200)
+    monkeypatch.setattr(evaluate, 'abmil_seeds', 3)
+    paths, labels, split = planted_cohort(tmp_path, np.random.default_rng(0))
+    bags = (evaluate.read_features(path)[0] for path in paths)
+    inputs = evaluate.slide_inputs(bags, split)
+    slide = evaluate.run_slide_protocols(inputs, labels, split, 2, inputs['sample'])
+    abmil, mean_pooled = slide['abmil']['auroc']['value'], slide['linear']['auroc']['value']
+    print(f'\nplanted signal, test AUROC: ABMIL {abmil:.3f} (seeds {slide["abmil"]["per_seed"]["auroc"]}), '
+          f'linear probe on mean-pooled slides {mean_pooled:.3f}')
+    # measured on 10 such cohorts (rng 0-9) with 5 seeds each: 49 of the 50 ABMIL trainings reach a test AUROC of
+    # 1.00 (one 0.36, so a mean of 3 seeds >= 0.87); the linear probe on mean-pooled slides 0.39-0.89, median 0.73
+    assert abmil >= 0.9
+    assert mean_pooled <= abmil - 0.1
+
+
+def test_named_rows_come_teacher_first_and_say_how_much_of_the_gap_each_student_closes(tmp_path, capfd, recwarn):
+    csv_path = evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 2 centres, 18 slides
+    args = ['--data', str(csv_path), '--out', str(tmp_path / 'out'), '--device=cpu', '--num_workers=2',
+            '--bootstrap=100', '--abmil_seeds=1', '--models=tiny-student,tiny-teacher,tiny-student=random',
+            '--teacher=tiny-teacher', '--names=student before,teacher,student after']
+    results = evaluate.main(args)
+    assert [str(w.message) for w in recwarn] == []  # a normal run warns about nothing
+    assert list(results['models']) == ['teacher', 'student before', 'student after']
+    assert results['baseline'] == 'student before'
+    for level, protocol in (('tile', 'linear'), ('slide', 'abmil')):
+        value = {name: row[level][protocol]['balanced_accuracy']['value'] for name, row in results['models'].items()}
+        closed = (value['student after'] - value['student before']) / (value['teacher'] - value['student before'])
+        assert results['gap'][level] == {'student after': pytest.approx(closed)}
+    printed = capfd.readouterr()
+    assert 'Warning' not in printed.err
+    summary = printed.out[printed.out.index('## tile level'):printed.out.index('wrote ')].splitlines()
+    assert max(map(len, summary)) <= 100  # the compact tables and gap lines fit a 100-column terminal
+    assert sum(line.startswith('student after closes ') for line in summary) == 2  # tile and slide level
+    markdown = (tmp_path / 'out' / 'results.md').read_text()
+    assert markdown.index('## tile level') < markdown.index('## slide level') < markdown.index('## every metric')
+    assert markdown.index('## every metric') < markdown.index('### robustness index')
+    with Image.open(tmp_path / 'out' / 'results.png') as png:
+        assert png.width >= 1900  # a panel per level and one for the robustness index

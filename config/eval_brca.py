@@ -12,3 +12,13 @@ teacher = 'H-optimus-0'
 out = 'out/eval_brca'
 batch_size = 256  # a ViT-g forward in bf16 fits easily on one 80 GB GPU at 224 px
 num_workers = 16
+# the row names, one per entry of models, teacher first; "closes X% of the gap" is measured from
+# the second (the student before distillation) to the teacher
+names = 'H-optimus-0,Hibou-L,Hibou-L distilled'
+# Slide level: a CSV slide,label,split[,center] (e.g. each TCGA-BRCA slide's PAM50 subtype or TP53
+# status; slide = the stem tile.py wrote, or the slide's path) and the tiles folder tile.py wrote.
+# Every tile of each slide is embedded once into out/eval_brca/features/<model>/<stem>.h5
+# (TRIDENT's layout; reruns skip finished slides), then ABMIL and mean-pooled probes are scored.
+# With slides set, the slide level is theirs: the patches' slide column then goes unused.
+slides = 'data/brca_slides.csv'
+tiles = 'tiles/brca'
