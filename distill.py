@@ -57,7 +57,13 @@ import tile
 # I/O
 out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student
 data_dir = 'tiles'  # a tiles folder written by tile.py
-synthetic_slides = 0  # demo only: if data_dir is missing, write and tile this many synthetic slides
+# after the export, evaluate.py on [teacher, student before, student after]: a labels CSV
+# path,label,split[,center][,slide] or an ImageFolder root; results in out_dir/eval/
+eval_data = ''
+# demo only (config/demo.py): what is missing of the demo's material is made on first use
+synthetic_slides = 0  # write and tile this many synthetic slides into data_dir
+synthetic_patches = 8  # labelled patches a slide of the patch set written for eval_data
+demo_teacher_steps = 300  # train tiny-teacher this long on the tissue labels into teacher_weights
 resume = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG)
 log_interval = 10  # steps between log lines
 eval_interval = 250  # steps between held-out teacher-student cosine measurements
@@ -297,12 +303,12 @@ def patch_distance(s_patches, t_patches):
 # -----------------------------------------------------------------------------
 # the schedules and the order of the tiles
 
-def schedule(step, start, end, warmup=0):
+def schedule(step, start, end, warmup=0, total=None):
     """Linear warm-up to `start` over `warmup` steps, then a cosine from `start` to `end` that
-    ends at lr_decay_iters (or max_iters) and stays there."""
+    ends at step `total` (default lr_decay_iters, or max_iters) and stays there."""
     if step < warmup:
         return start * (step + 1) / warmup
-    total = lr_decay_iters or max_iters
+    total = total or lr_decay_iters or max_iters
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return end + 0.5 * (1 + math.cos(math.pi * t)) * (start - end)
 
@@ -348,6 +354,11 @@ def main():
               f'x {env.world} processes')
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     check_run_mode(ckpt_path)
+
+    # the demo's material, made once (config/demo.py): synthetic slides, tiled; a labelled patch
+    # set; a teacher that knows their tissues
+    if synthetic_slides and not bench:
+        make_demo_material(env)
 
     # data: this run's training tiles and the held-out ones (--bench reads none)
     if not bench:
@@ -397,6 +408,11 @@ def main():
     finish(env.ddp)
     if why.startswith(f'{max_nonfinite} non-finite'):
         raise SystemExit(f'error: {why}')
+    # G2L's evidence, once the processes are done (an evaluation outlasts any collective's
+    # timeout): the models trained here are freed first, evaluate.py loads its own
+    if env.master and eval_data and not preempted_by:
+        del nets, raw_student, t_model, optimizer
+        evaluate_g2l(env)
     # not finished: a non-zero status (128 + signal, the shell's convention) says so
     if preempted_by:
         raise SystemExit(128 + preempted_by)
@@ -459,11 +475,6 @@ def start_processes():
 
 def split_tiles(global_batch, env):
     """The tiles folder, its training tile indices and the held-out tile indices measured."""
-    if env.master and synthetic_slides and not os.path.isdir(data_dir):
-        make_demo_data()
-    if env.ddp:
-        # other ranks wait for the demo tiles
-        dist.barrier()
     tiles = tile.TileDataset(data_dir)
     if crop_size > tiles.tile_size:
         raise SystemExit(f'error: crop_size {crop_size} is larger than the {tiles.tile_size} px '
@@ -1413,20 +1424,97 @@ def plot_loss(log_path, png_path):
     tile.save_atomic(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
-def make_demo_data():
-    """The demo's data: small synthetic H&E-like slides (tile.py writes them), then tiled."""
+def evaluate_g2l(env):
+    """evaluate.py on the teacher, the student before distillation and after, in that order, on
+    eval_data: out_dir/eval/results.{json,md,png}, and the headline printed."""
+    import evaluate
+    # each model as evaluate.py names it: a model name, NAME=WEIGHTS, or this run's export
+    teacher_entry = f'{teacher}={teacher_weights}' if teacher_weights else teacher
+    before_entry = f'{student}={student_weights}' if student_weights else student
+    print(f'evaluating the G2L effect on {eval_data}: {teacher_entry}, {before_entry}, {out_dir}')
+    results = evaluate.main([
+        f'--data={eval_data}',
+        f'--models={teacher_entry},{before_entry},{out_dir}',
+        '--names=teacher,student before,student after',
+        f'--out={os.path.join(out_dir, "eval")}',
+        f'--device={env.device.type}',
+        f'--num_workers={num_workers}',
+    ])
+    return results
+
+
+def make_demo_material(env):
+    """What the demo needs and lacks: its slides tiled, its labelled patches, its teacher."""
+    if env.master and not os.path.isdir(data_dir):
+        make_demo_tiles()
+    if env.master and eval_data and not os.path.exists(eval_data):
+        patches_dir = os.path.dirname(eval_data)
+        tile.write_synthetic_patches(patches_dir, patches_per_slide=synthetic_patches, seed=seed)
+    # the demo teacher is a tiny-teacher trained into teacher_weights; any other is the user's
+    demo_teacher = teacher == 'tiny-teacher' and teacher_weights.endswith('.safetensors')
+    if env.master and demo_teacher and not os.path.exists(teacher_weights):
+        train_demo_teacher(teacher_weights)
+    # other ranks wait for all of it
+    if env.ddp:
+        dist.barrier()
+
+
+def make_demo_tiles():
+    """The demo's slides: synthetic H&E with three tissues that differ in their nuclei, not in
+    colour (tile.TISSUES), from two centres that stain differently; tiled at 0.5 µm/px."""
     slides_dir = os.path.join(os.path.dirname(os.path.abspath(data_dir)), 'slides')
     os.makedirs(slides_dir, exist_ok=True)
     paths = []
     for i in range(synthetic_slides):
         paths.append(os.path.join(slides_dir, f'synthetic_{i}.tiff'))
-        if not os.path.exists(paths[-1]):
-            tile.write_synthetic_slide(paths[-1], width=3072, height=2048, mpp=0.5, seed=i)
+        if os.path.exists(paths[-1]):
+            continue
+        tile.write_synthetic_slide(paths[-1], width=4096, height=3072, mpp=0.5, seed=i,
+                                   tissues=tuple(tile.TISSUES), centre=i % 2)
     rows = tile.tile_slides(paths, data_dir + '.tmp', mpp=0.5, tile_size=256, min_tissue=0.5)
     if any(r['status'] != 'ok' for r in rows):
         raise SystemExit(f'error: tiling the demo slides failed: {rows}')
     # the folder appears only once complete
     os.replace(data_dir + '.tmp', data_dir)
+
+
+def train_demo_teacher(path):
+    """Train tiny-teacher to tell the demo's tissues apart, and save its weights to `path`.
+
+    A stand-in for a giga model's pretraining, which the demo cannot afford: H-optimus-0 learnt
+    from >500K slides what a tissue looks like; this teacher learns the three synthetic tissues
+    from their labels in a few hundred steps. Distillation then has something to transfer: the
+    random student cannot tell these tissues apart, the teacher can (README: the demo's table).
+    """
+    from safetensors.torch import save
+    vit, spec = zoo.create('tiny-teacher')
+    vit.train()
+    # a linear classifier on the pooled embedding, the one distillation will copy
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = nn.Linear(spec['dim'], len(tile.TISSUES))
+    params = list(vit.parameters()) + list(classifier.parameters())
+    # measured on the demo's tissues: 2e-3 with 30 warm-up steps learns them in ~150 steps
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
+    print(f'training the demo teacher ({demo_teacher_steps} steps) into {path}')
+    for step in tqdm(range(demo_teacher_steps), desc='demo teacher', unit='step'):
+        # fresh crops of the slides' tissue textures every step, each in a random slide's stain
+        crops, tissues, _ = tile.synthetic_crops(32, seed=[seed, step])
+        images = torch.from_numpy(crops).permute(0, 3, 1, 2)
+        if step % 2:
+            images = images.flip(3)
+        for group in optimizer.param_groups:
+            group['lr'] = schedule(step, 2e-3, 0.0, warmup=30, total=demo_teacher_steps)
+        pooled, _ = zoo.embed(vit, spec, images)
+        logits = classifier(pooled)
+        loss = F.cross_entropy(logits, torch.from_numpy(tissues), label_smoothing=0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tile.save_atomic(path, lambda f: f.write(save(state)))
 
 
 if __name__ == '__main__':
