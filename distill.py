@@ -359,6 +359,8 @@ def main():
     # set; a teacher that knows their tissues
     if synthetic_slides and not bench:
         make_demo_material(env)
+    if eval_data and not bench and not teacher_only:
+        check_eval_data()
 
     # data: this run's training tiles and the held-out ones (--bench reads none)
     if not bench:
@@ -1422,6 +1424,17 @@ def plot_loss(log_path, png_path):
     ax[1].set(xlabel='step', ylabel='cosine', title='held-out teacher-student cosine')
     fig.tight_layout()
     tile.save_atomic(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
+
+
+def check_eval_data():
+    """eval_data's labelled patches, read as evaluate.py will: a one-line error now, not after
+    hours of training."""
+    import evaluate
+    try:
+        evaluate.read_dataset(eval_data)
+    except SystemExit as e:
+        reason = str(e).removeprefix('error: ')
+        raise SystemExit(f'error: eval_data={eval_data}: {reason}') from None
 
 
 def evaluate_g2l(env):

@@ -1717,6 +1717,18 @@ def test_distilling_a_teacher_that_knows_the_tissues_closes_the_gap_and_raises_c
     assert cka['student after'] - cka['student before'] >= 0.3
 
 
+def test_a_run_with_unusable_eval_data_stops_before_training_in_one_line(demo_tiles, in_process_distill, tmp_path):
+    missing = tmp_path / 'nowhere.csv'
+    message = in_process_distill(f'--data_dir={demo_tiles}', f'--out_dir={tmp_path / "out"}', f'--eval_data={missing}')
+    assert message.startswith(f'error: eval_data={missing}: ') and 'not found' in message and '\n' not in message
+    no_test = tmp_path / 'labels.csv'
+    no_test.write_text('path,label,split\na.png,tumour,train\n')
+    (tmp_path / 'a.png').write_bytes(b'')
+    message = in_process_distill(f'--data_dir={demo_tiles}', f'--out_dir={tmp_path / "out"}', f'--eval_data={no_test}')
+    assert 'the test split has no images' in message
+    assert not (tmp_path / 'out').exists()  # nothing trained, nothing written
+
+
 def test_distill_ends_with_the_g2l_table_teacher_student_before_after(g2l_demo):
     root, stdout = g2l_demo
     results = json.loads((root / 'out' / 'eval' / 'results.json').read_text())
