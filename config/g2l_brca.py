@@ -29,3 +29,10 @@ resume = True  # a requeued job continues from out_dir/ckpt.pt
 # cache ahead (~47 GB for 60K steps x 256 tiles; see the README) and rerun with it:
 #   torchrun --standalone --nproc_per_node=8 distill.py config/g2l_brca.py \
 #       --teacher_cache=/scratch/brca_hopt0 --teacher_only=True
+# The run ends with the G2L table (out_dir/eval/results.md): H-optimus-0, Hibou-L before and after
+# distillation, side by side on your own labelled patches of this cancer, e.g. TCGA-BRCA tiles
+# labelled by tissue or TIL status: a CSV path,label,split[,center][,slide] (a center column adds
+# the robustness index, a slide column the slide level) or an ImageFolder root. Checked at the
+# start, so a wrong path stops the run before training. '' skips it:
+#   eval_data = '/data/brca_patches/labels.csv'
+eval_data = ''
