@@ -60,8 +60,8 @@ MPP_SLACK = 0.05
 SNAP = 0.02
 # thumbnail px per tile side where tissue is found: a tile's tissue fraction is then in 1/64s
 SEG_TILE_PX = 8
-# never segment coarser than this µm/px (CLAM segments 40x scans at downsample 64, 16 µm/px): a pen
-# stroke, a hole or a speck is still several thumbnail px wide
+# never segment coarser than this µm/px (CLAM segments 40x scans at downsample 64, 16 µm/px):
+# a pen stroke, a hole or a speck is still several thumbnail px wide
 SEG_MPP = 16.0
 # Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
 # so a blank slide (where Otsu splits noise) finds nothing
@@ -876,7 +876,8 @@ def _stain_textures(size=1024):
 # colour: nuclei cover 18-30% of every class, so a tile's mean colour says nothing of its class and
 # an encoder must see morphology to tell them apart (a random encoder barely can). Sizes follow
 # textbook H&E histology: lymphocytes have small round nuclei (~5 µm across), carcinoma cells
-# large pleomorphic ones (10-16 µm), the fibroblasts of stroma spindles 16-24 µm long, 2-3 µm wide.
+# large pleomorphic ones (10-16 µm), the fibroblasts of stroma spindles 16-24 µm long and 2-3 µm
+# wide.
 # name: (long semi-axis range in µm, short/long axis ratio range, spread of the orientation in
 # radians: None for any, a number for spindles that run roughly parallel, as fibres do)
 TISSUES = {
