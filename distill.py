@@ -1474,7 +1474,7 @@ def make_demo_material(env):
 
 def make_demo_tiles():
     """The demo's slides: synthetic H&E with three tissues that differ in their nuclei, not in
-    colour (tile.TISSUES), from two centres that stain differently; tiled at 0.5 µm/px."""
+    colour (tile.DEMO_TISSUES), from two centres that stain differently; tiled at 0.5 µm/px."""
     slides_dir = os.path.join(os.path.dirname(os.path.abspath(data_dir)), 'slides')
     os.makedirs(slides_dir, exist_ok=True)
     paths = []
@@ -1483,7 +1483,7 @@ def make_demo_tiles():
         if os.path.exists(paths[-1]):
             continue
         tile.write_synthetic_slide(paths[-1], width=4096, height=3072, mpp=0.5, seed=i,
-                                   tissues=tuple(tile.TISSUES), centre=i % 2)
+                                   tissues=tile.DEMO_TISSUES, centre=i % 2)
     rows = tile.tile_slides(paths, data_dir + '.tmp', mpp=0.5, tile_size=256, min_tissue=0.5)
     if any(r['status'] != 'ok' for r in rows):
         raise SystemExit(f'error: tiling the demo slides failed: {rows}')
@@ -1505,7 +1505,7 @@ def train_demo_teacher(path):
     # a linear classifier on the pooled embedding, the one distillation will copy
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        classifier = nn.Linear(spec['dim'], len(tile.TISSUES))
+        classifier = nn.Linear(spec['dim'], len(tile.DEMO_TISSUES))
     params = list(vit.parameters()) + list(classifier.parameters())
     # measured on the demo's tissues: 2e-3 with 30 warm-up steps learns them in ~150 steps
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)

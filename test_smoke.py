@@ -370,7 +370,8 @@ def test_a_slide_with_the_same_name_from_another_folder_is_tiled_not_taken_as_do
     assert str(np.load(out / f"{second['stem']}.npz")['slide_path']) == str(tmp_path / 'b' / 'S.tif')
     # both folders at once: each slide keeps the stem it got, nothing is tiled twice
     again = {r['path']: r for r in tile.tile_slides([tmp_path / 'a', tmp_path / 'b'], out)}
-    assert [(r['stem'], r['status'], r['seconds']) for r in again.values()] == [('S', 'ok', 0), (second['stem'], 'ok', 0)]
+    stems_statuses = [(r['stem'], r['status'], r['seconds']) for r in again.values()]
+    assert stems_statuses == [('S', 'ok', 0), (second['stem'], 'ok', 0)]
     assert len(tile.TileDataset(out).stems) == 2
     # another --min-tissue is another setting: refused, as another mpp or tile size is
     other, = tile.tile_slides(tmp_path / 'a', out, min_tissue=0.9)
@@ -1657,6 +1658,40 @@ def test_abmil_finds_a_few_tiles_of_a_distinct_tissue_that_mean_pooling_misses(t
     assert mean_pooled <= abmil - 0.1
 
 
+def test_abmil_finds_necrosis_planted_in_the_positive_slides_from_slide_files_to_h5(tmp_path):
+    """The whole slide-level chain on slide files: synthetic slides -> tile.py -> tiny model -> TRIDENT .h5 ->
+    ABMIL. Every slide is stroma in six tissue blobs; in the positive ones one blob is necrosis (10-27% of the
+    tissue), which differs in colour too, so even a random tiny encoder sees its tiles."""
+    (tmp_path / 'slides').mkdir()
+    lines = ['slide,label,split,center']
+    # no val split: ABMIL's fixed schedule (its last epoch), the path a small cohort takes
+    splits = ['train'] * 32 + ['test'] * 8
+    for i, split in enumerate(splits):
+        positive = i % 2
+        tissues = ('stroma',) * 5 + (('necrosis',) if positive else ('stroma',))
+        # the centre is not the label: slides 0, 1 of centre 0, 2, 3 of centre 1, ...
+        centre = i // 2 % 2
+        tile.write_synthetic_slide(tmp_path / 'slides' / f'slide{i}.tif', 1536, 1024, mpp=0.5, seed=100 + i,
+                                   tissues=tissues, centre=centre)
+        lines.append(f'slide{i},{"necrosis" if positive else "none"},{split},centre{centre}')
+    (tmp_path / 'slides.csv').write_text('\n'.join(lines) + '\n')
+    # 128 px tiles (64 um), ~27 a slide; resized to the model's 224 px input
+    tile.tile_slides(tmp_path / 'slides', tmp_path / 'tiles', mpp=0.5, tile_size=128)
+    results = evaluate.main(['--slides', str(tmp_path / 'slides.csv'), '--tiles', str(tmp_path / 'tiles'),
+                             '--models', 'tiny-teacher', '--out', str(tmp_path / 'out'), '--device', 'cpu',
+                             '--num_workers', '0', '--bootstrap', '100', '--abmil_seeds', '3'])
+    slide = results['models']['tiny-teacher']['slide']
+    assert results['slides']['scored'] == {'train': 32, 'val': 0, 'test': 8}
+    for h5 in (tmp_path / 'out' / 'features' / 'tiny-teacher').glob('*.h5'):
+        with h5py.File(h5, 'r') as f:
+            assert f['features'].shape[1] == 96 and len(f['coords']) == len(f['features']) > 10
+    print(f"\nnecrosis planted in slides, test AUROC: ABMIL {slide['abmil']['auroc']['value']:.3f} "
+          f"(seeds {slide['abmil']['per_seed']['auroc']}), mean-pooled linear {slide['linear']['auroc']['value']:.3f}")
+    # measured on 5 such cohorts (slide seeds from 100, 200, ..., 500): ABMIL 1.00 on every one (3 seeds each),
+    # the linear probe on mean-pooled slides 0.81-1.00. With 8 or 20 train slides ABMIL reached only 0.67-1.00
+    assert slide['abmil']['auroc']['value'] >= 0.9
+
+
 def test_named_rows_come_teacher_first_and_say_how_much_of_the_gap_each_student_closes(tmp_path, capfd, recwarn):
     csv_path = evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 2 centres, 18 slides
     args = ['--data', str(csv_path), '--out', str(tmp_path / 'out'), '--device=cpu', '--num_workers=2',
@@ -1693,12 +1728,15 @@ def g2l_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp('g2l')
     data = root / 'data'
     cmd = [sys.executable, os.path.join(HERE, 'distill.py'), os.path.join(HERE, 'config', 'demo.py'),
-           f'--out_dir={root / "out"}', f'--data_dir={data / "tiles"}', f'--eval_data={data / "patches" / "labels.csv"}',
-           f'--teacher_weights={data / "teacher.safetensors"}', '--synthetic_slides=4', '--synthetic_patches=4',
-           '--demo_teacher_steps=100', '--max_iters=150', '--val_fraction=0.25', '--num_workers=0']
+           f'--out_dir={root / "out"}', f'--data_dir={data / "tiles"}',
+           f'--eval_data={data / "patches" / "labels.csv"}', f'--teacher_weights={data / "teacher.safetensors"}',
+           '--synthetic_slides=4', '--synthetic_patches=4', '--demo_teacher_steps=100', '--max_iters=150',
+           '--val_fraction=0.25', '--num_workers=0']
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a normal run warns about nothing (tqdm's bars are on stderr, warnings would be too)
+    assert 'Warning' not in proc.stderr, proc.stderr[-3000:]
     return root, proc.stdout
 
 
@@ -1709,10 +1747,11 @@ def test_distilling_a_teacher_that_knows_the_tissues_closes_the_gap_and_raises_c
     probe = {name: row['tile']['linear']['balanced_accuracy']['value'] for name, row in rows.items()}
     cka = {name: row['cka_to_teacher'] for name, row in rows.items()}
     closed = (probe['student after'] - probe['student before']) / (probe['teacher'] - probe['student before'])
-    # measured over seeds 1-4 of this smaller run: teacher 0.88-1.00, random student 0.27-0.60 (below the
-    # teacher by 0.35-0.71), distilled student 0.71-0.88; gap closed 62-100%; CKA 0.09-0.12 -> 0.65-0.95
+    # measured with this smaller run's seed (1337, config/demo.py's) and seeds 1-4: teacher 0.77-1.00, random
+    # student 0.27-0.60 (below the teacher by 0.35-0.71), distilled student 0.71-0.88; gap closed 62-100% (86% at
+    # 1337); CKA 0.05-0.12 -> 0.65-0.95 (0.05 -> 0.86 at 1337)
     assert probe['teacher'] - probe['student before'] >= 0.15  # else the tissues do not discriminate
-    assert closed >= 0.4
+    assert closed >= 0.5
     assert results['gap']['tile']['student after'] == pytest.approx(closed)
     assert cka['student after'] - cka['student before'] >= 0.3
 

@@ -877,16 +877,20 @@ def _stain_textures(size=1024):
 # an encoder must see morphology to tell them apart (a random encoder barely can). Sizes follow
 # textbook H&E histology: lymphocytes have small round nuclei (~5 µm across), carcinoma cells
 # large pleomorphic ones (10-16 µm), the fibroblasts of stroma spindles 16-24 µm long and 2-3 µm
-# wide.
+# wide. Necrosis is the odd one out, for the tests' slide-level signal: the debris of dead nuclei
+# (karyorrhexis, 1.5-3 µm fragments) over a few per cent of pink cytoplasm, so it differs in
+# colour too and even a random encoder sees it.
 # name: (long semi-axis range in µm, short/long axis ratio range, spread of the orientation in
-# radians: None for any, a number for spindles that run roughly parallel, as fibres do)
+# radians: None for any, a number for spindles that run roughly parallel, as fibres do; range of
+# the fraction of the area drawn as nuclei, drawn per texture)
 TISSUES = {
-    'tumour': ((5.0, 8.0), (0.6, 1.0), None),
-    'lymphocytes': ((2.0, 3.0), (0.85, 1.0), None),
-    'stroma': ((8.0, 12.0), (0.1, 0.15), 0.25),
+    'tumour': ((5.0, 8.0), (0.6, 1.0), None, (0.18, 0.30)),
+    'lymphocytes': ((2.0, 3.0), (0.85, 1.0), None, (0.18, 0.30)),
+    'stroma': ((8.0, 12.0), (0.1, 0.15), 0.25, (0.18, 0.30)),
+    'necrosis': ((0.75, 1.5), (0.5, 1.0), None, (0.03, 0.06)),
 }
-# fraction of a tissue's area drawn as nuclei, drawn per texture: one range for every class
-NUCLEI_COVER = (0.18, 0.30)
+# the demo's classes: the tissues of equal nuclear cover, told apart by morphology alone
+DEMO_TISSUES = ('tumour', 'lymphocytes', 'stroma')
 # eosin and haematoxylin RGB of each synthetic centre: every site stains its own way (TCGA's do)
 CENTRE_STAINS = [((232, 150, 196), (92, 52, 142)), ((214, 160, 180), (70, 62, 128))]
 # each slide's stain also varies a little around its centre's: RGB standard deviation
@@ -898,7 +902,7 @@ RENDER_MPP = 0.25
 def nucleus_outlines(rng, tissue, n, size, direction):
     """x and y (n, 24) of n nuclei of `tissue` as 24-point ellipses, anywhere in a size px square
     at RENDER_MPP µm/px."""
-    (long_low, long_high), (ratio_low, ratio_high), spread = TISSUES[tissue]
+    (long_low, long_high), (ratio_low, ratio_high), spread, _ = TISSUES[tissue]
     long_px = rng.uniform(long_low, long_high, (n, 1)) / RENDER_MPP
     short_px = long_px * rng.uniform(ratio_low, ratio_high, (n, 1))
     if spread is None:
@@ -916,8 +920,8 @@ def nucleus_outlines(rng, tissue, n, size, direction):
 def nuclei_map(rng, tissue, size, seamless=False):
     """Haematoxylin fraction in [0, 1] of a size px square of `tissue` at RENDER_MPP µm/px.
     seamless: a nucleus over an edge comes back on the other side, so the square tiles."""
-    (long_low, long_high), (ratio_low, ratio_high), _ = TISSUES[tissue]
-    cover = rng.uniform(*NUCLEI_COVER)
+    (long_low, long_high), (ratio_low, ratio_high), _, cover_range = TISSUES[tissue]
+    cover = rng.uniform(*cover_range)
     direction = rng.uniform(0, math.pi)
     # as many nuclei as cover that fraction on average (overlaps hide a little, in every class)
     mean_long_px = (long_low + long_high) / 2 / RENDER_MPP
@@ -1138,19 +1142,19 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
     return result
 
 
-def synthetic_crops(n, size=224, mpp=0.5, seed=0):
-    """n random crops of the tissue textures synthetic slides are drawn from, each in a slide stain
-    of a random centre: uint8 (n, size, size, 3), tissue index into TISSUES (n,), centre (n,)."""
+def synthetic_crops(n, size=224, mpp=0.5, seed=0, tissues=DEMO_TISSUES):
+    """n random crops of the textures synthetic slides draw `tissues` from, each in a slide stain
+    of a random centre: uint8 (n, size, size, 3), tissue index into `tissues` (n,), centre (n,)."""
     # cheap (slices, no drawing): what the demo teacher is trained on, as a giga model is
     # pretrained on slides of the kind it will be distilled on
     rng = np.random.default_rng(seed)
     copy = round(math.log2(mpp / RENDER_MPP))
     noise = noise_pyramid()[copy]
-    tissue_index = rng.integers(0, len(TISSUES), n)
+    tissue_index = rng.integers(0, len(tissues), n)
     centres = rng.integers(0, len(CENTRE_STAINS), n)
     crops = np.empty((n, size, size, 3), np.uint8)
     for i, (tissue, centre) in enumerate(zip(tissue_index, centres)):
-        nuclei = nuclei_pyramid(list(TISSUES)[tissue], int(rng.integers(4)))[copy]
+        nuclei = nuclei_pyramid(tissues[tissue], int(rng.integers(4)))[copy]
         y, x = rng.integers(0, len(nuclei) - size, 2)
         window = np.s_[y:y + size, x:x + size]
         stain = slide_stain(rng, centre)
@@ -1160,14 +1164,14 @@ def synthetic_crops(n, size=224, mpp=0.5, seed=0):
 
 
 def write_synthetic_patches(root, slides_per_split=(6, 2, 4), patches_per_slide=8, size=224,
-                            mpp=0.5, seed=0):
-    """A labelled patch set of the synthetic tissues: root/<split>/<tissue>/<slide>_<i>.png and
+                            mpp=0.5, seed=0, tissues=DEMO_TISSUES):
+    """A labelled patch set of synthetic tissues: root/<split>/<tissue>/<slide>_<i>.png and
     root/labels.csv (path,label,split,center,slide), a slide per tissue, split and index, its
     centre alternating. Every patch is drawn anew, never seen by a model trained on slides or
     synthetic_crops. Returns the CSV's path."""
     rng = np.random.default_rng(seed)
     rows = []
-    for tissue in TISSUES:
+    for tissue in tissues:
         for split, n_slides in zip(('train', 'val', 'test'), slides_per_split):
             os.makedirs(os.path.join(root, split, tissue), exist_ok=True)
             for i in range(n_slides):
