@@ -353,9 +353,27 @@ def test_an_unreadable_tile_is_replaced_with_a_warning_and_training_goes_on(smal
     assert ds.bad_reads == 1
     np.testing.assert_array_equal(ds.read(bad), substitute)  # the same substitute every time (resume-safe)...
     assert ds.bad_reads == 1 and capsys.readouterr().err == ''  # ...warned about once
+    assert ds.replaced == 2  # but counted each time it stands in for tile `bad`
     for i in range(len(ds)):  # the handle that failed was closed: the slide's other tiles still read exactly
         if i != bad:
             np.testing.assert_array_equal(ds.read(i), good[i])
+
+
+def test_a_damaged_slide_is_refused_on_every_pass_not_only_the_first(small_slides, tmp_path):
+    slide = tmp_path / 'damaged.tif'
+    shutil.copy(small_slides / 's2.tif', slide)
+    tile.tile_slides(slide, tmp_path / 'tiles')
+    bad = 1
+    zero_tiff_tile_under(slide, tuple(map(int, np.load(tmp_path / 'tiles' / 'damaged.npz')['coords'][bad])))
+    ds = tile.TileDataset(tmp_path / 'tiles')
+    indices = np.arange(len(ds))
+    # with --num_workers 0 one TileDataset reads the slide for every model: the second pass finds tile `bad` already
+    # known bad and replaces it without a read, and must flag it all the same
+    for model_pass in range(2):
+        tiles, replaced = evaluate.read_tiles(indices, ds)  # evaluate.py's collate_fn: it refuses flagged slides
+        assert tiles.shape == (len(ds), 3, 256, 256)
+        assert replaced.tolist() == [i == bad for i in indices], model_pass
+    assert (ds.bad_reads, ds.replaced) == (1, 2)
 
 
 def test_a_slide_with_the_same_name_from_another_folder_is_tiled_not_taken_as_done(small_slides, tmp_path):

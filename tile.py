@@ -725,7 +725,9 @@ class TileDataset:
         self.coords = np.concatenate(coords).reshape(-1, 2)
         # the slide of each tile, an index into stems, slide_paths, levels and read_sizes
         self.slide_index = np.repeat(np.arange(len(files)), [len(c) for c in coords])
-        self._pid, self.bad_reads = None, 0
+        # bad_reads: tiles found unreadable in this process; replaced: reads that returned another
+        # tile in their place, counted every time (a known bad tile is replaced without a read)
+        self._pid, self.bad_reads, self.replaced = None, 0, 0
 
     def __len__(self):
         return len(self.coords)
@@ -733,7 +735,8 @@ class TileDataset:
     # each process opens its own OpenSlide handles: never one shared across DataLoader workers
     # (they are dropped when pickled, or after a fork)
     def __getstate__(self):
-        return {**self.__dict__, '_pid': None, '_handles': None, '_cache': None, 'bad_reads': 0}
+        reset = dict(_pid=None, _handles=None, _cache=None, bad_reads=0, replaced=0)
+        return {**self.__dict__, **reset}
 
     def _handle(self, s):
         """The OpenSlide handle of slide s; at most MAX_OPEN_SLIDES stay open, with one cache."""
@@ -772,6 +775,7 @@ class TileDataset:
             # tiles found unreadable in this process, never tried again
             self._bad = set()
             self.bad_reads = 0
+            self.replaced = 0
             self._cache = openslide.OpenSlideCache(SLIDE_CACHE_MB << 20)
         # an unreadable tile (corrupt JPEG data, a file gone bad) is replaced by one drawn with seed
         # i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it. A
@@ -782,6 +786,9 @@ class TileDataset:
                 continue
             region = self._read_region(j)
             if region is not None:
+                # counted on every read, not once per bad tile: evaluate.py refuses a slide's
+                # features when any of its tiles came back as another (review item 1)
+                self.replaced += j != i
                 return to_tile(region, self.tile_size)
         raise RuntimeError(f'tile {i} and the 99 tiles tried in its place are unreadable; '
                            'see the warnings above')
