@@ -139,8 +139,8 @@ def test_a_slide_that_is_all_tissue_keeps_its_tiles(tile_slides_dir, tmp_path):
         saturation = np.asarray(Image.fromarray(rgb).convert('HSV'))[..., 1]
         thresholds[name] = (tile.otsu(np.bincount(saturation.ravel(), minlength=256)),
                             tile.saturation_threshold(saturation))
-    assert tile.MIN_SATURATION < thresholds['glass'][0] == thresholds['glass'][1] < 90
-    assert thresholds['crop'][0] > 90 and thresholds['crop'][1] == tile.MIN_SATURATION
+    assert tile.OTSU_FLOOR < thresholds['glass'][0] == thresholds['glass'][1] < 90
+    assert thresholds['crop'][0] > 90 and thresholds['crop'][1] == tile.FIXED_SATURATION
 
 
 def test_the_qc_caption_stays_inside_a_small_slides_picture(small_slides, tmp_path):

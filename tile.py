@@ -63,9 +63,13 @@ SEG_TILE_PX = 8
 # never segment coarser than this µm/px (CLAM segments 40x scans at downsample 64, 16 µm/px):
 # a pen stroke, a hole or a speck is still several thumbnail px wide
 SEG_MPP = 16.0
-# Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
+# Otsu's floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
 # so a blank slide (where Otsu splits noise) finds nothing
-MIN_SATURATION = 20
+OTSU_FLOOR = 20
+# the fixed threshold when there is no glass to split off (a crop, a resection filling the scan),
+# as in CLAM's presets (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv); 20 keeps the
+# floor's margin above glass, so the lumen and holes of an all-tissue scan stay background
+FIXED_SATURATION = 20
 # the class below Otsu's threshold is glass only if its mean saturation is below this (midway
 # between glass, S < 10, and pale stroma, S > 40); above it, there is no glass to find
 GLASS_SATURATION = 25
@@ -226,18 +230,17 @@ def otsu(hist):
 
 def saturation_threshold(saturation):
     """The saturation above which a pixel is stained: Otsu's split of glass from tissue, or
-    MIN_SATURATION when there is no glass to split off."""
+    FIXED_SATURATION when there is no glass to split off."""
     hist = np.bincount(saturation.ravel(), minlength=256)
     threshold = otsu(hist)
     below = hist[:threshold + 1]
     below_mean = (below * np.arange(threshold + 1)).sum() / max(below.sum(), 1)
     # a slide that is all tissue (a crop, a resection filling the scan) has no glass mode: Otsu
     # splits eosin from haematoxylin and drops the eosin (0 of 144 tiles kept, issue 10). When the
-    # class below the split is stained too, a fixed threshold takes over, as in CLAM's presets
-    # (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv)
+    # class below the split is stained too, the fixed threshold takes over
     if below_mean > GLASS_SATURATION:
-        return MIN_SATURATION
-    return max(threshold, MIN_SATURATION)
+        return FIXED_SATURATION
+    return max(threshold, OTSU_FLOOR)
 
 
 def tissue_mask(rgb, seg_mpp):
