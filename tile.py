@@ -867,19 +867,9 @@ def _stain_textures(size=1024):
             draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=(92, 52, 142))
     tissue = np.asarray(image, np.float32) + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
     glass = 245 + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
-    pyramid = []
-    while size >= 1:
-        # packed as RGBX in uint32: one np.where per tile instead of three
-        packed = [pack_rgbx(tissue), pack_rgbx(glass)]
-        # copies smaller than a tile are repeated up to 256 px so a tile is always a plain slice
-        repeats = (max(1, 256 // size),) * 2
-        pyramid.append([np.tile(p, repeats) for p in packed])
-        size //= 2
-        if size:
-            # the next copy: 2 × 2 box averages
-            tissue = tissue.reshape(size, 2, size, 2, 3).mean((1, 3))
-            glass = glass.reshape(size, 2, size, 2, 3).mean((1, 3))
-    return pyramid
+    # packed as RGBX in uint32: one np.where per tile instead of three
+    pairs = zip(box_pyramid(tissue), box_pyramid(glass))
+    return [[pack_rgbx(stain), pack_rgbx(bare)] for stain, bare in pairs]
 
 
 # The demo's tissue classes differ in the shape, size and arrangement of their nuclei, not in
