@@ -122,24 +122,41 @@ def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
     assert row['error'].startswith('no tissue: 0 of 12 grid tiles')
     assert len(np.load(tmp_path / 'blank.npz')['coords']) == 0  # finished (not retried), with a QC picture to look at
     assert os.path.exists(tmp_path / 'blank.jpg')
+    # yellowish glass (S 42, as saturated as pale eosin) is still glass: it lets the green through
+    tile.write_synthetic_slide(tmp_path / 'yellow.tif', 2048, 1536, mpp=0.25, blank=True, glass_rgb=YELLOW_GLASS)
+    row, = tile.tile_slides(tmp_path / 'yellow.tif', tmp_path)
+    assert row['error'].startswith('no tissue: 0 of 12 grid tiles')
 
 
-def test_a_slide_that_is_all_tissue_keeps_its_tiles(tile_slides_dir, tmp_path):
-    root, _ = tile_slides_dir
-    info = tile.write_synthetic_slide(tmp_path / 'crop.tif', 2048, 1536, mpp=0.5, seed=1, full_tissue=True)
-    assert info['tissue_fraction'] > 0.97  # all tissue but the pen stroke
+# aged mounting medium: 240, 234, 200 is HSV saturation 42 of 255, white glass 245 is 0
+YELLOW_GLASS = (240, 234, 200)
+
+
+def test_a_slide_that_is_all_tissue_keeps_its_tiles_and_tinted_glass_stays_glass(tile_slides_dir, tmp_path):
+    root, info = tile_slides_dir
+    crop = tile.write_synthetic_slide(tmp_path / 'crop.tif', 2048, 1536, mpp=0.5, seed=1, full_tissue=True)
+    assert crop['tissue_fraction'] > 0.97  # all tissue but the pen stroke
     row, = tile.tile_slides(tmp_path / 'crop.tif', tmp_path / 'tiles')
     assert row['status'] == 'ok' and row['n_tiles'] >= 0.95 * 8 * 6
-    # with glass, Otsu splits glass from tissue; with none, it splits the stain itself (class means S 91 and 119 here)
-    # and keep 0 of these 48 tiles: the fixed floor takes over
+    # g20's glass (seed 1) on yellowish glass: only the glass differs
+    tinted = tile.write_synthetic_slide(tmp_path / 'tinted.tif', 2048, 1536, mpp=0.5, seed=1, glass_rgb=YELLOW_GLASS)
+    assert tinted['tissue_fraction'] == info['g20']['tissue_fraction']
+    row, = tile.tile_slides(tmp_path / 'tinted.tif', tmp_path / 'tiles', tile_size=128)  # 64 um tiles: a 16 x 12 grid
+    expected = tinted['tissue_fraction'] * 16 * 12
+    assert row['status'] == 'ok' and abs(row['n_tiles'] - expected) <= 0.1 * expected, (row['n_tiles'], expected)
+    # with glass, Otsu splits glass from tissue, tinted or not; with none, it splits the stain itself (class means
+    # S 91 and 119 here) and keeps 0 of these 48 tiles: the fixed threshold takes over. Which is which is the
+    # green of the class below the split: glass lets it through (mean G 243 white, 232 yellowish), stain does not (139)
     thresholds = {}
-    for name, path in (('glass', root / 'g20.tif'), ('crop', tmp_path / 'crop.tif')):
+    slides = {'glass': root / 'g20.tif', 'tinted': tmp_path / 'tinted.tif', 'crop': tmp_path / 'crop.tif'}
+    for name, path in slides.items():
         slide = openslide.OpenSlide(path)
         rgb, _ = tile.segmentation_thumbnail(slide, 0.5, 0.5, 256, tile.slide_bounds(slide))
         saturation = np.asarray(Image.fromarray(rgb).convert('HSV'))[..., 1]
         thresholds[name] = (tile.otsu(np.bincount(saturation.ravel(), minlength=256)),
-                            tile.saturation_threshold(saturation))
+                            tile.saturation_threshold(saturation, rgb[..., 1]))
     assert tile.OTSU_FLOOR < thresholds['glass'][0] == thresholds['glass'][1] < 90
+    assert tile.OTSU_FLOOR < thresholds['tinted'][0] == thresholds['tinted'][1] < 90
     assert thresholds['crop'][0] > 90 and thresholds['crop'][1] == tile.FIXED_SATURATION
 
 

@@ -70,9 +70,12 @@ OTSU_FLOOR = 20
 # as in CLAM's presets (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv); 20 keeps the
 # floor's margin above glass, so the lumen and holes of an all-tissue scan stay background
 FIXED_SATURATION = 20
-# the class below Otsu's threshold is glass only if its mean saturation is below this (midway
-# between glass, S < 10, and pale stroma, S > 40); above it, there is no glass to find
-GLASS_SATURATION = 25
+# the class below Otsu's threshold is glass when its mean green is above this: glass lets the
+# light through, tinted or not (yellowish glass absorbs blue), and both H&E stains absorb green
+# most. 180 is an optical density of 0.15 in green, Macenko et al. 2009's beta for transparent
+# pixels. Saturation cannot tell: tinted glass is S 24-55, as saturated as pale eosin (measured on
+# synthetic slides: glass classes' green 200-244, all-tissue crops' lower class 116-146)
+GLASS_GREEN = 180
 # darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
 MIN_VALUE = 40
 # G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
@@ -228,17 +231,17 @@ def otsu(hist):
     return int(np.nanargmax(between)) if np.isfinite(between).any() else 255
 
 
-def saturation_threshold(saturation):
+def saturation_threshold(saturation, green):
     """The saturation above which a pixel is stained: Otsu's split of glass from tissue, or
-    FIXED_SATURATION when there is no glass to split off."""
-    hist = np.bincount(saturation.ravel(), minlength=256)
-    threshold = otsu(hist)
-    below = hist[:threshold + 1]
-    below_mean = (below * np.arange(threshold + 1)).sum() / max(below.sum(), 1)
+    FIXED_SATURATION when there is no glass to split off. green: the thumbnail's green channel."""
+    threshold = otsu(np.bincount(saturation.ravel(), minlength=256))
+    below = saturation <= threshold
     # a slide that is all tissue (a crop, a resection filling the scan) has no glass mode: Otsu
     # splits eosin from haematoxylin and drops the eosin (0 of 144 tiles kept, issue 10). When the
-    # class below the split is stained too, the fixed threshold takes over
-    if below_mean > GLASS_SATURATION:
+    # class below the split absorbs green as stain does, the fixed threshold takes over. Not the
+    # classes' saturations: tinted glass under pale tissue is S 42 vs 59, eosin under nuclei 55 vs
+    # 105, and a rule on saturation made the whole of a tinted slide tissue (review item 2)
+    if green[below].mean() <= GLASS_GREEN:
         return FIXED_SATURATION
     return max(threshold, OTSU_FLOOR)
 
@@ -252,7 +255,7 @@ def tissue_mask(rgb, seg_mpp):
     saturation = np.asarray(Image.fromarray(hsv[..., 1]).filter(ImageFilter.BoxBlur(1)))
     red, green = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
     value = hsv[..., 2]
-    stained = saturation > saturation_threshold(saturation)
+    stained = saturation > saturation_threshold(saturation, rgb[..., 1])
     not_dark = value >= MIN_VALUE
     not_ink = green <= red + INK_MARGIN
     mask = stained & not_dark & not_ink
@@ -849,10 +852,12 @@ def pack_rgbx(rgb):
     return rgbx.view(np.uint32)[..., 0]
 
 
-@functools.lru_cache(maxsize=1)
-def _stain_textures(size=1024):
-    """A seamless 256 µm square of H&E at 0.25 µm/px and one of bare glass, each with box-averaged
-    copies at every power-of-two coarser pixel size: [(stain, glass), ...], finest first."""
+# the default glass and one tinted glass (a test's): each pyramid is 14.5 MiB
+@functools.lru_cache(maxsize=2)
+def _stain_textures(glass_rgb, size=1024):
+    """A seamless 256 µm square of H&E at 0.25 µm/px and one of bare glass of colour glass_rgb,
+    each with box-averaged copies at every power-of-two coarser pixel size: [(stain, glass), ...],
+    finest first."""
     # pink eosin, purple nuclei 5-9 µm wide, stain noise;
     # the same for every slide: seeds vary the tissue layout
     rng = np.random.default_rng(0)
@@ -866,7 +871,7 @@ def _stain_textures(size=1024):
             cx, cy = x + dx, y + dy
             draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=(92, 52, 142))
     tissue = np.asarray(image, np.float32) + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
-    glass = 245 + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
+    glass = np.float32(glass_rgb) + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
     # packed as RGBX in uint32: one np.where per tile instead of three
     pairs = zip(box_pyramid(tissue), box_pyramid(glass))
     return [[pack_rgbx(stain), pack_rgbx(bare)] for stain, bare in pairs]
@@ -1036,7 +1041,7 @@ def texture_window(tx, ty, period):
 def synthetic_level(layout, w, h, tissue_px=None):
     """The 256 px RGB tiles of a w × h level of the synthetic slide, in the order tifffile writes
     them; appends each tile's tissue pixel count (pen excluded) per blob to tissue_px when given."""
-    textures = _stain_textures()
+    textures = _stain_textures(layout['glass_rgb'])
     # this level's pixel in 0.25 µm units picks the texture copy
     scale = layout['mpp'] / 0.25 * layout['width'] / w
     copy = max(0, round(math.log2(scale)))
@@ -1087,11 +1092,12 @@ def synthetic_layout(width, height, mpp, seed=0, blank=False, full_tissue=False)
 
 
 def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
-                          blank=False, full_tissue=False, tissues=(), centre=0):
+                          blank=False, full_tissue=False, tissues=(), centre=0,
+                          glass_rgb=(245, 245, 245)):
     """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
-    white glass (or tissue filling the scan: full_tissue) and a blue pen circle, level 0 at `mpp`
-    µm/px. Returns {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size',
-    'levels', 'pen', 'layout'}.
+    glass of colour glass_rgb, white by default (or tissue filling the scan: full_tissue), and a
+    blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact level-0 tissue
+    fraction (pen excluded), 'mpp', 'size', 'levels', 'pen', 'layout'}.
 
     tissues: () draws every blob in one generic texture; names of TISSUES give blob i the tissue
     tissues[i % len(tissues)] in the stain of centre `centre` of CENTRE_STAINS (plus the slide's
@@ -1103,6 +1109,7 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
     # the stain is drawn from its own stream: a seed's layout is the same with or without tissues
     layout['stain'] = slide_stain(np.random.default_rng([seed, 1]), centre)
     layout['variant'] = seed % 4
+    layout['glass_rgb'] = tuple(glass_rgb)
     # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
