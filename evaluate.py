@@ -644,10 +644,11 @@ def read_tiles(indices, tileset):
     (B, 3, T, T) tiles, (B,) bool: unreadable, another tile read in its place)."""
     images, replaced = [], []
     for i in indices:
-        # TileDataset counts each tile it had to replace in its bad_reads
-        bad_reads = tileset.bad_reads
+        # TileDataset counts every read that returned another tile in its replaced, bad tiles
+        # already known included (one TileDataset serves every model when num_workers is 0)
+        before = tileset.replaced
         images.append(tileset[int(i)])
-        replaced.append(tileset.bad_reads != bad_reads)
+        replaced.append(tileset.replaced != before)
     return torch.stack(images), torch.tensor(replaced)
 
 

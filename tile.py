@@ -63,12 +63,19 @@ SEG_TILE_PX = 8
 # never segment coarser than this µm/px (CLAM segments 40x scans at downsample 64, 16 µm/px):
 # a pen stroke, a hole or a speck is still several thumbnail px wide
 SEG_MPP = 16.0
-# Otsu floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
+# Otsu's floor (of 255): glass is S < 10 even under JPEG noise, eosin-pale stroma S > 40,
 # so a blank slide (where Otsu splits noise) finds nothing
-MIN_SATURATION = 20
-# the class below Otsu's threshold is glass only if its mean saturation is below this (midway
-# between glass, S < 10, and pale stroma, S > 40); above it, there is no glass to find
-GLASS_SATURATION = 25
+OTSU_FLOOR = 20
+# the fixed threshold when there is no glass to split off (a crop, a resection filling the scan),
+# as in CLAM's presets (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv); 20 keeps the
+# floor's margin above glass, so the lumen and holes of an all-tissue scan stay background
+FIXED_SATURATION = 20
+# the class below Otsu's threshold is glass when its mean green is above this: glass lets the
+# light through, tinted or not (yellowish glass absorbs blue), and both H&E stains absorb green
+# most. 180 is an optical density of 0.15 in green, Macenko et al. 2009's beta for transparent
+# pixels. Saturation cannot tell: tinted glass is S 24-55, as saturated as pale eosin (measured on
+# synthetic slides: glass classes' green 200-244, all-tissue crops' lower class 116-146)
+GLASS_GREEN = 180
 # darker pixels are black ink, folds' shadows or the slide edge, not stained tissue
 MIN_VALUE = 40
 # G > R + 20 is blue/green/teal marker: both H&E stains absorb green most, so tissue has G < R
@@ -224,20 +231,19 @@ def otsu(hist):
     return int(np.nanargmax(between)) if np.isfinite(between).any() else 255
 
 
-def saturation_threshold(saturation):
+def saturation_threshold(saturation, green):
     """The saturation above which a pixel is stained: Otsu's split of glass from tissue, or
-    MIN_SATURATION when there is no glass to split off."""
-    hist = np.bincount(saturation.ravel(), minlength=256)
-    threshold = otsu(hist)
-    below = hist[:threshold + 1]
-    below_mean = (below * np.arange(threshold + 1)).sum() / max(below.sum(), 1)
+    FIXED_SATURATION when there is no glass to split off. green: the thumbnail's green channel."""
+    threshold = otsu(np.bincount(saturation.ravel(), minlength=256))
+    below = saturation <= threshold
     # a slide that is all tissue (a crop, a resection filling the scan) has no glass mode: Otsu
     # splits eosin from haematoxylin and drops the eosin (0 of 144 tiles kept, issue 10). When the
-    # class below the split is stained too, a fixed threshold takes over, as in CLAM's presets
-    # (use_otsu FALSE, sthresh 8 in tcga.csv, 15 in bwh_biopsy.csv)
-    if below_mean > GLASS_SATURATION:
-        return MIN_SATURATION
-    return max(threshold, MIN_SATURATION)
+    # class below the split absorbs green as stain does, the fixed threshold takes over. Not the
+    # classes' saturations: tinted glass under pale tissue is S 42 vs 59, eosin under nuclei 55 vs
+    # 105, and a rule on saturation made the whole of a tinted slide tissue (review item 2)
+    if green[below].mean() <= GLASS_GREEN:
+        return FIXED_SATURATION
+    return max(threshold, OTSU_FLOOR)
 
 
 def tissue_mask(rgb, seg_mpp):
@@ -249,7 +255,7 @@ def tissue_mask(rgb, seg_mpp):
     saturation = np.asarray(Image.fromarray(hsv[..., 1]).filter(ImageFilter.BoxBlur(1)))
     red, green = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
     value = hsv[..., 2]
-    stained = saturation > saturation_threshold(saturation)
+    stained = saturation > saturation_threshold(saturation, rgb[..., 1])
     not_dark = value >= MIN_VALUE
     not_ink = green <= red + INK_MARGIN
     mask = stained & not_dark & not_ink
@@ -725,7 +731,9 @@ class TileDataset:
         self.coords = np.concatenate(coords).reshape(-1, 2)
         # the slide of each tile, an index into stems, slide_paths, levels and read_sizes
         self.slide_index = np.repeat(np.arange(len(files)), [len(c) for c in coords])
-        self._pid, self.bad_reads = None, 0
+        # bad_reads: tiles found unreadable in this process; replaced: reads that returned another
+        # tile in their place, counted every time (a known bad tile is replaced without a read)
+        self._pid, self.bad_reads, self.replaced = None, 0, 0
 
     def __len__(self):
         return len(self.coords)
@@ -733,7 +741,8 @@ class TileDataset:
     # each process opens its own OpenSlide handles: never one shared across DataLoader workers
     # (they are dropped when pickled, or after a fork)
     def __getstate__(self):
-        return {**self.__dict__, '_pid': None, '_handles': None, '_cache': None, 'bad_reads': 0}
+        reset = dict(_pid=None, _handles=None, _cache=None, bad_reads=0, replaced=0)
+        return {**self.__dict__, **reset}
 
     def _handle(self, s):
         """The OpenSlide handle of slide s; at most MAX_OPEN_SLIDES stay open, with one cache."""
@@ -772,6 +781,7 @@ class TileDataset:
             # tiles found unreadable in this process, never tried again
             self._bad = set()
             self.bad_reads = 0
+            self.replaced = 0
             self._cache = openslide.OpenSlideCache(SLIDE_CACHE_MB << 20)
         # an unreadable tile (corrupt JPEG data, a file gone bad) is replaced by one drawn with seed
         # i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it. A
@@ -782,6 +792,9 @@ class TileDataset:
                 continue
             region = self._read_region(j)
             if region is not None:
+                # counted on every read, not once per bad tile: evaluate.py refuses a slide's
+                # features when any of its tiles came back as another (review item 1)
+                self.replaced += j != i
                 return to_tile(region, self.tile_size)
         raise RuntimeError(f'tile {i} and the 99 tiles tried in its place are unreadable; '
                            'see the warnings above')
@@ -800,6 +813,14 @@ def tiles_per_second(read, order):
     return len(order) / (time.perf_counter() - t0)
 
 
+def read_bare(ds, handles, i):
+    """Tile i of TileDataset ds as a loop without it reads: one read_region on open handles
+    {slide index: OpenSlide}, no reopening, no replacing, no conversion."""
+    s = ds.slide_index[i]
+    location = tuple(map(int, ds.coords[i]))
+    return handles[s].read_region(location, ds.levels[s], (ds.read_sizes[s],) * 2)
+
+
 def bench(tiles_dir, n=500):
     """Tiles/s on one core: TileDataset vs a bare OpenSlide read_region loop on the same tiles."""
     import torch
@@ -810,13 +831,7 @@ def bench(tiles_dir, n=500):
     # the bare loop keeps all its slides open
     slides = set(ds.slide_index[order].tolist())
     handles = {s: open_slide(ds.slide_paths[s]) for s in slides}
-
-    def bare(i):
-        s = ds.slide_index[i]
-        location = tuple(map(int, ds.coords[i]))
-        handles[s].read_region(location, ds.levels[s], (ds.read_sizes[s],) * 2)
-
-    readers = {'bare': bare, 'dataset': ds.__getitem__}
+    readers = {'bare': functools.partial(read_bare, ds, handles), 'dataset': ds.__getitem__}
     rates = dict.fromkeys(readers, 0)
     # interleaved rounds, best of each: the first warms up, and a busy CPU hurts both alike
     for _ in range(3):
@@ -839,10 +854,12 @@ def pack_rgbx(rgb):
     return rgbx.view(np.uint32)[..., 0]
 
 
-@functools.lru_cache(maxsize=1)
-def _stain_textures(size=1024):
-    """A seamless 256 µm square of H&E at 0.25 µm/px and one of bare glass, each with box-averaged
-    copies at every power-of-two coarser pixel size: [(stain, glass), ...], finest first."""
+# the default glass and one tinted glass (a test's): each pyramid is 14.5 MiB
+@functools.lru_cache(maxsize=2)
+def _stain_textures(glass_rgb, size=1024):
+    """A seamless 256 µm square of H&E at 0.25 µm/px and one of bare glass of colour glass_rgb,
+    each with box-averaged copies at every power-of-two coarser pixel size: [(stain, glass), ...],
+    finest first."""
     # pink eosin, purple nuclei 5-9 µm wide, stain noise;
     # the same for every slide: seeds vary the tissue layout
     rng = np.random.default_rng(0)
@@ -856,20 +873,10 @@ def _stain_textures(size=1024):
             cx, cy = x + dx, y + dy
             draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=(92, 52, 142))
     tissue = np.asarray(image, np.float32) + rng.normal(0, 8, (size, size, 3)).astype(np.float32)
-    glass = 245 + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
-    pyramid = []
-    while size >= 1:
-        # packed as RGBX in uint32: one np.where per tile instead of three
-        packed = [pack_rgbx(tissue), pack_rgbx(glass)]
-        # copies smaller than a tile are repeated up to 256 px so a tile is always a plain slice
-        repeats = (max(1, 256 // size),) * 2
-        pyramid.append([np.tile(p, repeats) for p in packed])
-        size //= 2
-        if size:
-            # the next copy: 2 × 2 box averages
-            tissue = tissue.reshape(size, 2, size, 2, 3).mean((1, 3))
-            glass = glass.reshape(size, 2, size, 2, 3).mean((1, 3))
-    return pyramid
+    glass = np.float32(glass_rgb) + rng.normal(0, 2, (size, size, 3)).astype(np.float32)
+    # packed as RGBX in uint32: one np.where per tile instead of three
+    pairs = zip(box_pyramid(tissue), box_pyramid(glass))
+    return [[pack_rgbx(stain), pack_rgbx(bare)] for stain, bare in pairs]
 
 
 # The demo's tissue classes differ in the shape, size and arrangement of their nuclei, not in
@@ -1040,7 +1047,7 @@ def texture_window(tx, ty, period):
 def synthetic_level(layout, w, h, tissue_px=None):
     """The 256 px RGB tiles of a w × h level of the synthetic slide, in the order tifffile writes
     them; appends each tile's tissue pixel count (pen excluded) per blob to tissue_px when given."""
-    textures = _stain_textures()
+    textures = _stain_textures(layout['glass_rgb'])
     # this level's pixel in 0.25 µm units picks the texture copy
     scale = layout['mpp'] / 0.25 * layout['width'] / w
     copy = max(0, round(math.log2(scale)))
@@ -1091,11 +1098,12 @@ def synthetic_layout(width, height, mpp, seed=0, blank=False, full_tissue=False)
 
 
 def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
-                          blank=False, full_tissue=False, tissues=(), centre=0):
+                          blank=False, full_tissue=False, tissues=(), centre=0,
+                          glass_rgb=(245, 245, 245)):
     """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
-    white glass (or tissue filling the scan: full_tissue) and a blue pen circle, level 0 at `mpp`
-    µm/px. Returns {'tissue_fraction': exact level-0 tissue fraction (pen excluded), 'mpp', 'size',
-    'levels', 'pen', 'layout'}.
+    glass of colour glass_rgb, white by default (or tissue filling the scan: full_tissue), and a
+    blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact level-0 tissue
+    fraction (pen excluded), 'mpp', 'size', 'levels', 'pen', 'layout'}.
 
     tissues: () draws every blob in one generic texture; names of TISSUES give blob i the tissue
     tissues[i % len(tissues)] in the stain of centre `centre` of CENTRE_STAINS (plus the slide's
@@ -1107,6 +1115,7 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
     # the stain is drawn from its own stream: a seed's layout is the same with or without tissues
     layout['stain'] = slide_stain(np.random.default_rng([seed, 1]), centre)
     layout['variant'] = seed % 4
+    layout['glass_rgb'] = tuple(glass_rgb)
     # levels halve, or quarter like Aperio's when aperio=True
     sizes = [(width, height)]
     while max(sizes[-1]) > 512:
