@@ -368,7 +368,7 @@ def main():
 
     # the teacher cache, checked against what it was made from before any model is built;
     # --teacher_only fills it and stops there
-    t_spec, cache = teacher_spec(), None
+    t_spec, cache = teacher_source()[0], None
     if teacher_cache and not bench:
         cache = open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env)
     if teacher_only:
@@ -503,20 +503,12 @@ def split_tiles(global_batch, env):
     return tiles, train_idx, val_idx
 
 
-def teacher_spec():
-    """The teacher's spec without building it: its model.py row, or a distilled folder's
-    student.json, as model.create reads them."""
-    if teacher in zoo.MODELS or not os.path.exists(teacher):
-        return zoo.get_spec(teacher)
-    folder = teacher if os.path.isdir(teacher) else os.path.dirname(teacher)
-    meta_path = os.path.join(folder, 'student.json')
-    if not os.path.exists(meta_path):
-        raise SystemExit(f'error: {folder} has no student.json: pass a model name as teacher '
-                         'and teacher_weights=<this path>')
-    with open(meta_path) as f:
-        spec = json.load(f)
-    spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
-    return spec
+def teacher_source():
+    """The teacher's (spec, weights) as model.create resolves them, nothing built: the spec of its
+    model.py row or a distilled folder's student.json; weights 'random', 'hub' or a local path."""
+    # --bench times random weights unless told otherwise: speed does not depend on them
+    default_weights = 'random' if bench else None
+    return zoo.resolve(teacher, teacher_weights or default_weights)
 
 
 def build_models(t_spec, cache, env):
@@ -544,8 +536,8 @@ def build_models(t_spec, cache, env):
 
 def load_teacher(env):
     """The frozen teacher on the device, in bf16 on CUDA (teacher_bf16)."""
-    default_weights = 'random' if bench else None
-    t_model, _ = zoo.create(teacher, teacher_weights or default_weights, device=env.device)
+    # the spec and weights the teacher cache's key names
+    t_model, _ = zoo.create(*teacher_source(), device=env.device)
     t_model.requires_grad_(False)
     if env.use_cuda and teacher_bf16:
         t_model.to(torch.bfloat16)
@@ -1020,7 +1012,7 @@ def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, dtype):
     key = dict(
         teacher=t_spec['name'],
         teacher_model={k: t_spec.get(k) for k in model_fields},
-        teacher_weights=weights_identity(t_spec),
+        teacher_weights=weights_identity(),
         # the tiles as TileDataset reads them: slides, levels, sizes, coordinates
         tiles=fingerprint(tile_layout, tiles.coords, tiles.slide_index),
         seed=seed,
@@ -1045,22 +1037,13 @@ def fingerprint(text, *arrays):
     return digest.hexdigest()
 
 
-def weights_identity(t_spec):
-    """The teacher's weights in a cache key: the weight file's sha256, or the name that seeds
-    random weights (model.build_random)."""
-    weights = teacher_weights
-    # a distilled folder's own weights, as model.create picks them
-    if not weights and teacher not in zoo.MODELS:
-        folder = teacher if os.path.isdir(teacher) else os.path.dirname(teacher)
-        weights = os.path.join(folder, 'student.safetensors')
-    if not weights:
-        weights = 'random' if t_spec['weights'] == 'random' else 'hub'
+def weights_identity():
+    """The teacher's weights in a cache key: the sha256 of the file model.create loads, or the
+    name that seeds random weights (model.build_random)."""
+    t_spec, weights = teacher_source()
     if weights == 'random':
         return f"random ({t_spec['name']})"
-    path = zoo.download(t_spec) if weights == 'hub' else weights
-    if os.path.isdir(path):
-        path = zoo.find_weight_file(path)
-    return 'sha256:' + file_sha256(str(path))
+    return 'sha256:' + file_sha256(str(zoo.weight_file(t_spec, weights)))
 
 
 def file_sha256(path):

@@ -1070,6 +1070,24 @@ def test_a_teacher_only_fill_killed_mid_write_is_resumed_by_two_processes_and_ma
     assert np.array_equal(*held_out)
 
 
+def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tmp_path, monkeypatch):
+    import hashlib
+    vit, spec = model.create('tiny-teacher')
+    model.export(vit, spec, tmp_path / 'run')
+    weights = tmp_path / 'run' / 'student.safetensors'
+    expected = 'sha256:' + hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(distill, 'teacher_cache', str(tmp_path))  # where the hashes are remembered
+    # a distilled folder as the teacher, or a model name with the folder or the file as its weights
+    choices = [(str(tmp_path / 'run'), ''), ('tiny-teacher', str(tmp_path / 'run')), ('tiny-teacher', str(weights))]
+    for name, path in choices:
+        monkeypatch.setattr(distill, 'teacher', name)
+        monkeypatch.setattr(distill, 'teacher_weights', path)
+        assert distill.weights_identity() == expected, (name, path)
+    monkeypatch.setattr(distill, 'teacher_weights', '')
+    monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
+    assert distill.weights_identity() == 'random (tiny-teacher)'  # the tiny rows' default: seeded by the name
+
+
 @pytest.fixture
 def in_process_distill(monkeypatch):
     """distill.main() in this process, for errors raised before any training; its settings restored after."""
