@@ -539,9 +539,13 @@ def load_teacher(env):
     # the spec and weights the teacher cache's key names
     t_model, _ = zoo.create(*teacher_source(), device=env.device)
     t_model.requires_grad_(False)
-    if env.use_cuda and teacher_bf16:
-        t_model.to(torch.bfloat16)
-    return t_model
+    return t_model.to(teacher_dtype(env))
+
+
+def teacher_dtype(env):
+    """The frozen teacher's weights: bf16 on CUDA with teacher_bf16, else float32 (the cache's key
+    names it: bf16 weights give other embeddings than float32 ones, even under autocast)."""
+    return torch.bfloat16 if env.use_cuda and teacher_bf16 else torch.float32
 
 
 def compile_teacher(t_model, t_spec):
@@ -967,6 +971,7 @@ CACHE_KEY_WORDS = dict(
     augmentation='augmentation recipe (AUGMENT_VERSION)',
     split='training split (val_fraction, seed)',
     dtype='precision (float32 on CPU, bfloat16 on CUDA)',
+    teacher_dtype="teacher weights' precision (teacher_bf16, on CUDA)",
     segment_steps='file layout (CACHE_SEGMENT_STEPS)',
 )
 
@@ -984,7 +989,7 @@ def open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env):
     problem, missing = None, []
     if env.master:
         os.makedirs(teacher_cache, exist_ok=True)
-        key = cache_key(tiles, train_idx, val_idx, t_spec, global_batch, cache.dtype)
+        key = cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env)
         problem = claim_key(teacher_cache, key)
         if problem is None:
             stored = stored_steps(cache, max_iters)
@@ -1003,7 +1008,7 @@ def open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env):
     return cache
 
 
-def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, dtype):
+def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env):
     """All that the teacher's embedding of a step's views depends on."""
     # rows are indexed by their place in the global batch, as augment_params() and batches()
     # index them, so any split of the same global batch over GPUs and accumulation reads the same
@@ -1021,9 +1026,13 @@ def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, dtype):
         augmentation=AUGMENT_VERSION,
         # the held-out set's embeddings are a file named by their own tiles' fingerprint
         split=fingerprint('training tiles', train_idx),
-        dtype=str(dtype).removeprefix('torch.'),
+        dtype=str(storage_dtype(env)).removeprefix('torch.'),
         segment_steps=CACHE_SEGMENT_STEPS,
     )
+    # on CUDA the teacher runs in bf16 or float32 weights (teacher_bf16); on CPU always float32,
+    # so CPU keys stay as they were
+    if env.use_cuda:
+        key['teacher_dtype'] = str(teacher_dtype(env)).removeprefix('torch.')
     # as JSON reads it back: tuples become lists
     return json.loads(json.dumps(key))
 

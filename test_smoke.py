@@ -1088,6 +1088,25 @@ def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tm
     assert distill.weights_identity() == 'random (tiny-teacher)'  # the tiny rows' default: seeded by the name
 
 
+def test_on_cuda_the_teacher_cache_key_holds_the_teachers_precision(demo_tiles, monkeypatch, tmp_path):
+    tiles = tile.TileDataset(demo_tiles)
+    train_idx = np.arange(len(tiles))
+    monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
+    monkeypatch.setattr(distill, 'teacher_weights', '')
+
+    def key(use_cuda, teacher_bf16):
+        monkeypatch.setattr(distill, 'teacher_bf16', teacher_bf16)
+        # only the device decides the precisions: a CUDA process's environment, as far as the key reads it
+        env = SimpleNamespace(use_cuda=use_cuda)
+        return distill.cache_key(tiles, train_idx, train_idx[:0], model.MODELS['tiny-teacher'], 4, env)
+    # on CPU the teacher always runs in float32: no field, so the keys of CPU caches are as before
+    assert 'teacher_dtype' not in key(False, True) and key(False, True) == key(False, False)
+    assert key(True, True)['teacher_dtype'] == 'bfloat16' and key(True, False)['teacher_dtype'] == 'float32'
+    assert distill.claim_key(str(tmp_path), key(True, True)) is None
+    message = distill.claim_key(str(tmp_path), key(True, False))
+    assert "another teacher weights' precision (teacher_bf16, on CUDA): bfloat16 there, float32 here" in message
+
+
 @pytest.fixture
 def in_process_distill(monkeypatch):
     """distill.main() in this process, for errors raised before any training; its settings restored after."""
