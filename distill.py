@@ -388,7 +388,7 @@ def main():
     else:
         # each rank its own torch random stream; a resumed run restores the saved ones instead
         torch.manual_seed(seed + env.rank)
-    nets = wrap_and_compile(t_model, t_spec, raw_student, cache, env)
+    nets = wrap_and_compile(t_model, t_spec, raw_student, cache, step, env)
 
     if bench:
         run_bench(nets, optimizer, env)
@@ -512,8 +512,8 @@ def teacher_source():
 
 
 def build_models(t_spec, cache, env):
-    """The frozen teacher (None with a teacher cache: it is loaded only once a step needs it)
-    and the student with its projection, on the device."""
+    """The frozen teacher (None with a teacher cache: wrap_and_compile loads it if the cache
+    lacks what the run needs) and the student with its projection, on the device."""
     t_model = load_teacher(env) if cache is None else None
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
@@ -608,8 +608,9 @@ def load_checkpoint(path, raw_student, optimizer, env):
     return ckpt['step'], ckpt['state']
 
 
-def wrap_and_compile(t_model, t_spec, raw_student, cache, env):
-    """The networks of the run: what the step calls (DDP-wrapped, compiled) and the raw ones."""
+def wrap_and_compile(t_model, t_spec, raw_student, cache, step, env):
+    """The networks of the run from `step` on: what the step calls (DDP-wrapped, compiled) and the
+    raw ones."""
     # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
     # buckets so their all-reduce overlaps the backward
     student_ddp = None
@@ -618,12 +619,33 @@ def wrap_and_compile(t_model, t_spec, raw_student, cache, env):
     student_forward = student_ddp if env.ddp else raw_student
     if compile:
         student_forward = torch.compile(student_forward, backend=compile_backend)
-    # no teacher yet with a cache: ensure_teacher() loads it the first time a step needs it
+    # no teacher yet with a cache: it is loaded below only if the cache lacks what the run needs
     teacher_embed = compile_teacher(t_model, t_spec) if t_model is not None else None
     # teacher_images counts the images the teacher really ran on: MFU counts only their FLOPs
-    return SimpleNamespace(teacher=t_model, t_spec=t_spec, student=raw_student,
+    nets = SimpleNamespace(teacher=t_model, t_spec=t_spec, student=raw_student,
                            teacher_embed=teacher_embed, student_forward=student_forward,
                            student_ddp=student_ddp, cache=cache, teacher_images=0)
+    if cache is not None:
+        load_teacher_for_cache(nets, step, env)
+    return nets
+
+
+def load_teacher_for_cache(nets, step, env):
+    """With a teacher cache: load the teacher now, on every rank, if a step from `step` to
+    max_iters or the held-out set is missing from it; with a full cache, never."""
+    # not the first time a step needs it: a giga teacher's download and compile on one rank,
+    # mid-run, would keep the others waiting in their all-reduce past its timeout, and its
+    # memory would appear in the middle of training. The master's list, broadcast: every rank
+    # decides alike
+    n_missing = sum(s >= step for s in nets.cache.missing)
+    if not n_missing and not nets.cache.held_out_missing:
+        return
+    if env.master:
+        on_ranks = f' on all {env.world} processes' if env.ddp else ''
+        held_out = ' and the held-out set' if nets.cache.held_out_missing else ''
+        print(f'loading the teacher{on_ranks}: {n_missing} of the {max_iters - step} steps to run'
+              f'{held_out} are not in teacher_cache', flush=True)
+    ensure_teacher(nets, None, env)
 
 
 def run_bench(nets, optimizer, env):
@@ -814,7 +836,7 @@ def teacher_outputs(nets, images, step, first, env):
             return nets.teacher_embed(images)
     rows, valid = read_rows(nets.cache, step, first, len(images))
     if not valid.all():
-        ensure_teacher(nets, f'step {step} is not all in teacher_cache', env)
+        ensure_teacher(nets, f'rows of step {step} in teacher_cache fail their checksum', env)
         nets.teacher_images += len(images)
         # the whole micro-batch, as a run without a cache computes it, so the rows match its
         with torch.no_grad():
@@ -984,9 +1006,10 @@ def storage_dtype(env):
 
 def open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env):
     """teacher_cache, checked against what it was made from, its size printed and its free disk
-    checked; holds the steps still missing, the same list on every rank."""
+    checked; holds the steps still missing and whether the held-out set is, the same on every
+    rank."""
     cache = open_cache(teacher_cache, global_batch, t_spec['dim'], storage_dtype(env))
-    problem, missing = None, []
+    problem, missing, held_out_missing = None, [], False
     if env.master:
         os.makedirs(teacher_cache, exist_ok=True)
         key = cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env)
@@ -996,15 +1019,17 @@ def open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env):
             problem = check_cache_space(cache, max_iters - len(stored))
         if problem is None:
             missing = np.setdiff1d(np.arange(max_iters), stored).tolist()
+            held_out_stored = os.path.exists(held_out_path(cache, val_idx))
+            held_out_missing = len(val_idx) > 0 and not held_out_stored
     # the master's verdict on every rank
-    verdict = [problem, missing]
+    verdict = [problem, missing, held_out_missing]
     if env.ddp:
         dist.broadcast_object_list(verdict)
     if verdict[0]:
         finish(env.ddp)
         # the error line once, from the master
         raise SystemExit(verdict[0] if env.master else 1)
-    cache.missing = verdict[1]
+    cache.missing, cache.held_out_missing = verdict[1], verdict[2]
     return cache
 
 
@@ -1146,7 +1171,7 @@ def open_cache(folder, global_batch, dim, dtype):
     # numpy has no bfloat16: bf16 is kept as its raw 16 bits
     np_dtype = np.int16 if dtype == torch.bfloat16 else np.float32
     return SimpleNamespace(folder=folder, global_batch=global_batch, dim=dim, dtype=dtype,
-                           np_dtype=np_dtype, segments={}, missing=[])
+                           np_dtype=np_dtype, segments={}, missing=[], held_out_missing=False)
 
 
 def segment(cache, step):
@@ -1257,11 +1282,14 @@ def write_held_out(cache, val_idx, targets):
 
 
 def ensure_teacher(nets, why, env):
-    """Load and compile the teacher the first time a step needs it: with a full cache, never."""
+    """Load and compile the teacher unless it is loaded, saying why (unless why is None). A run
+    loads it at the start for what its cache lacks; later only for a row that fails its checksum
+    (a torn or clobbered write), on the rank that reads it."""
     if nets.teacher is not None:
         return
     where = f'rank {env.rank}: ' if env.ddp else ''
-    print(f'{where}loading the teacher: {why}', flush=True)
+    if why is not None:
+        print(f'{where}loading the teacher: {why}', flush=True)
     # in a forked RNG: a teacher loaded late leaves the training's random stream as it was
     cuda_devices = [env.device] if env.use_cuda else []
     with torch.random.fork_rng(devices=cuda_devices):

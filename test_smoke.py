@@ -1008,9 +1008,11 @@ def test_a_teacher_cache_replays_bit_identically_and_a_partial_one_is_completed(
     runs = cache_runs
     root = runs.root
     assert '0 steps stored' in runs.first.stdout and '3 steps stored' in runs.completed.stdout
-    # the completing run replayed steps 0-2 (and the held-out set) and loaded the teacher only for step 3
-    loads = [l for l in runs.completed.stdout.splitlines() if 'loading the teacher' in l]
-    assert loads == ['loading the teacher: step 3 is not all in teacher_cache']
+    # each run loaded the teacher once, at the start, saying what it lacks: the first run everything, the
+    # completing run steps 3-5 (it replayed steps 0-2 and the held-out set)
+    loads = [[l for l in run.stdout.splitlines() if 'loading the teacher' in l] for run in (runs.first, runs.completed)]
+    assert loads == [['loading the teacher: 3 of the 3 steps to run and the held-out set are not in teacher_cache'],
+                     ['loading the teacher: 3 of the 6 steps to run are not in teacher_cache']]
     rows, marks = cache_files(runs.cache)
     assert valid_marks(rows[:6], marks[:6]) and not marks[6:].any()
     assert_same_weights(root / 'plain', root / 'completed')  # float32: the cache changes nothing
@@ -1020,6 +1022,23 @@ def test_a_teacher_cache_replays_bit_identically_and_a_partial_one_is_completed(
     assert 'loading the teacher' not in replay.stdout and '6 steps stored, 0 B to write' in replay.stdout
     assert [r['teacher_computed'] for r in log_rows(tmp_path / 'replay') if 'loss' in r] == [0.0] * 6
     assert_same_weights(root / 'plain', tmp_path / 'replay')
+
+
+def test_a_resumed_run_loads_the_teacher_only_for_missing_steps_it_has_still_to_run(cache_runs, tmp_path):
+    runs = cache_runs
+    # the full cache without steps 0-2, and the checkpoint at step 3 of the run that wrote them
+    cache, out = tmp_path / 'cache', tmp_path / 'resumed'
+    shutil.copytree(runs.cache, cache)
+    _, marks = cache_files(cache, 'r+')
+    marks[:3] = 0
+    marks.flush()
+    shutil.copytree(runs.root / 'first', out)
+    resumed = run_distill(str(out), *runs.common, '--max_iters=6', f'--teacher_cache={cache}', '--resume=True')
+    assert 'resumed from' in resumed.stdout and '3 steps stored' in resumed.stdout
+    # steps 0-2 are missing, but this run starts at step 3: every step it runs is replayed
+    assert 'loading the teacher' not in resumed.stdout
+    assert [r['teacher_computed'] for r in log_rows(out) if 'loss' in r][3:] == [0.0] * 3
+    assert_same_weights(runs.root / 'plain', out)
 
 
 def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_runs, tmp_path):
@@ -1033,8 +1052,9 @@ def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_
     two = str(tmp_path / 'two')
     proc = run_distill(two, *runs.common, '--grad_accum=1', '--max_iters=6', f'--teacher_cache={shared}', nproc=2)
     assert '1 teacher_cache rows of step 1 fail their checksum' in proc.stderr
-    assert 'rank 1: loading the teacher: step 1 is not all in teacher_cache' in proc.stdout
-    assert 'rank 0: loading the teacher: step 3 is not all in teacher_cache' in proc.stdout
+    # steps 3-5 are missing: both processes load the teacher before the first step, never one of them mid-run
+    assert 'loading the teacher on all 2 processes: 3 of the 6 steps to run are not in teacher_cache' in proc.stdout
+    assert 'rank 0: loading' not in proc.stdout and 'rank 1: loading' not in proc.stdout
     # what the two processes wrote (steps 3-5, and the repaired row) is what one process wrote
     (rows, marks), (one_rows, one_marks) = cache_files(shared), cache_files(runs.cache)
     assert np.array_equal(rows[:6], one_rows[:6]) and np.array_equal(marks[:6], one_marks[:6])
