@@ -581,16 +581,24 @@ def build_optimizer(raw_student):
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=fused_adam)
 
 
+# the settings a resumed run must share with its checkpoint: the models (the teacher's weights
+# too), the loss, and which tiles train and how each step's views are cut (val_fraction decides
+# the training tiles; the order and the views follow from the seed and the global batch)
+RESUME_KEYS = ('teacher', 'teacher_weights', 'student', 'loss', 'alpha', 'patch_weight',
+               'data_dir', 'val_fraction', 'crop_size', 'batch_size', 'grad_accum', 'seed')
+
+
 def load_checkpoint(path, raw_student, optimizer, env):
     """Student, optimizer and this rank's RNG from a checkpoint; returns its step and loss state."""
     ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    # what decides the models, the loss and the tiles of each step must match, or the resumed
-    # run would silently be another run
+    # what decides the models, the loss and the tiles and views of each step must match, or the
+    # resumed run would silently be another run; a key an older checkpoint lacks differs too
     config = effective_config()
-    for k in ('teacher', 'student', 'loss', 'patch_weight', 'batch_size', 'grad_accum', 'seed'):
-        if ckpt['config'][k] != config[k]:
+    for k in RESUME_KEYS:
+        made_with = ckpt['config'].get(k)
+        if made_with != config[k]:
             raise SystemExit(f"error: --{k}={config[k]!r} differs from the checkpoint's "
-                             f"{ckpt['config'][k]!r}")
+                             f"{made_with!r}: resume with its value, or choose another out_dir")
     if ckpt['world'] != env.world:
         raise SystemExit(f"error: the checkpoint ran on {ckpt['world']} processes; "
                          "resume on the same number")
@@ -1478,6 +1486,10 @@ def evaluate_g2l(env):
 
 def make_demo_material(env):
     """What the demo needs and lacks: its slides tiled, its labelled patches, its teacher."""
+    # a tiles folder of an older demo or of other settings is refused, on every rank, before
+    # anything is made or trained on it
+    if os.path.isdir(data_dir):
+        check_demo_tiles()
     if env.master and not os.path.isdir(data_dir):
         make_demo_tiles()
     if env.master and eval_data and not os.path.exists(eval_data):
@@ -1492,23 +1504,64 @@ def make_demo_material(env):
         dist.barrier()
 
 
+# the size and resolution of the demo's synthetic slides
+DEMO_SLIDE = dict(width=4096, height=3072, mpp=0.5)
+
+
 def make_demo_tiles():
     """The demo's slides: synthetic H&E with three tissues that differ in their nuclei, not in
-    colour (tile.TISSUES), from two centres that stain differently; tiled at 0.5 µm/px."""
+    colour (tile.TISSUES), from two centres that stain differently; tiled at 0.5 µm/px, with
+    demo.json saying what they were made from."""
     slides_dir = os.path.join(os.path.dirname(os.path.abspath(data_dir)), 'slides')
     os.makedirs(slides_dir, exist_ok=True)
+    # a killed earlier attempt's folder may hold tiles of older slides: start afresh
+    building = data_dir + '.tmp'
+    shutil.rmtree(building, ignore_errors=True)
     paths = []
     for i in range(synthetic_slides):
         paths.append(os.path.join(slides_dir, f'synthetic_{i}.tiff'))
-        if os.path.exists(paths[-1]):
-            continue
-        tile.write_synthetic_slide(paths[-1], width=4096, height=3072, mpp=0.5, seed=i,
-                                   tissues=tuple(tile.TISSUES), centre=i % 2)
-    rows = tile.tile_slides(paths, data_dir + '.tmp', mpp=0.5, tile_size=256, min_tissue=0.5)
+        # written again even when there: an older demo's slide of that name has other tissues,
+        # and a killed run leaves half a file (the eight take ~25 s)
+        tile.write_synthetic_slide(paths[-1], **DEMO_SLIDE, seed=i, tissues=tuple(tile.TISSUES),
+                                   centre=i % len(tile.CENTRE_STAINS))
+    rows = tile.tile_slides(paths, building, mpp=DEMO_SLIDE['mpp'], tile_size=256, min_tissue=0.5)
     if any(r['status'] != 'ok' for r in rows):
         raise SystemExit(f'error: tiling the demo slides failed: {rows}')
-    # the folder appears only once complete
-    os.replace(data_dir + '.tmp', data_dir)
+    # a plain write: demo.json arrives with the folder, which appears only once complete
+    with open(os.path.join(building, 'demo.json'), 'w') as f:
+        json.dump(demo_recipe(), f, indent=1)
+    os.replace(building, data_dir)
+
+
+def demo_recipe():
+    """What the demo's tiles are made from, as demo.json records it."""
+    # the count and what the slides draw: the tissue classes and the centres' stains
+    recipe = dict(synthetic_slides=synthetic_slides, slide=DEMO_SLIDE, tissues=tile.TISSUES,
+                  centre_stains=tile.CENTRE_STAINS)
+    # as JSON reads it back: tuples become lists
+    return json.loads(json.dumps(recipe))
+
+
+def check_demo_tiles():
+    """A one-line error unless data_dir holds the tiles make_demo_tiles makes for this demo."""
+    # the demo makes what it lacks and reuses what it finds: material of an older demo (fewer
+    # slides, no tissue classes) would silently give another table
+    marker = os.path.join(data_dir, 'demo.json')
+    made_with = None
+    if os.path.exists(marker):
+        with open(marker) as f:
+            made_with = json.load(f)
+    recipe = demo_recipe()
+    if made_with is None:
+        why = 'no demo.json: made by an older demo, or not by the demo'
+    else:
+        differs = [k for k in recipe if made_with.get(k) != recipe[k]]
+        if not differs:
+            return
+        name = differs[0]
+        why = f'{name} {short(made_with.get(name))} there, {short(recipe[name])} here'
+    raise SystemExit(f"error: {data_dir} is not this demo's tiles folder ({why}): delete it and "
+                     f'{out_dir}, then rerun to make them afresh')
 
 
 def train_demo_teacher(path):

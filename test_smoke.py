@@ -1176,6 +1176,65 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
     assert json.load(open(os.path.join(runs.cache, 'key.json')))['seed'] == 1337
 
 
+def test_resume_refuses_a_checkpoint_of_other_weights_tiles_split_crop_or_alpha(cache_runs, demo_tiles,
+                                                                                in_process_distill, tmp_path):
+    runs = cache_runs
+    out = tmp_path / 'out'
+    shutil.copytree(runs.root / 'plain', out)
+    same = [*runs.common, '--max_iters=6', f'--out_dir={out}', '--resume=True']
+    weights, tiles = tmp_path / 'teacher.safetensors', tmp_path / 'tiles'
+    shutil.copy(runs.weights, weights)
+    shutil.copytree(demo_tiles, tiles)
+    errors = {
+        f'--teacher_weights={weights}': f"--teacher_weights='{weights}' differs from the checkpoint's '{runs.weights}'",
+        f'--data_dir={tiles}': f"--data_dir='{tiles}' differs from the checkpoint's",
+        '--val_fraction=0.25': "--val_fraction=0.25 differs from the checkpoint's 0.5",
+        '--alpha=2.0': "--alpha=2.0 differs from the checkpoint's 4.0",
+    }
+    for arg, expected in errors.items():
+        message = in_process_distill(*same, arg)
+        assert message.startswith(f'error: {expected}') and 'another out_dir' in message, (arg, message)
+        assert '\n' not in message
+    # a checkpoint of another crop, and one older than a key (its config lacks it): the same one line
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)
+    ckpt['config']['crop_size'] = 192
+    torch.save(ckpt, out / 'ckpt.pt')
+    assert in_process_distill(*same).startswith("error: --crop_size=224 differs from the checkpoint's 192")
+    del ckpt['config']['crop_size']
+    torch.save(ckpt, out / 'ckpt.pt')
+    assert in_process_distill(*same).startswith("error: --crop_size=224 differs from the checkpoint's None")
+
+
+def test_the_demo_makes_its_tiles_afresh_and_refuses_tiles_of_an_older_demo_or_other_settings(demo_tiles,
+                                                                                              in_process_distill,
+                                                                                              tmp_path, monkeypatch):
+    demo = tmp_path / 'demo'
+    # what an older demo and a killed attempt leave: a slide without tissue classes, a half-made folder
+    (demo / 'slides').mkdir(parents=True)
+    tile.write_synthetic_slide(str(demo / 'slides' / 'synthetic_0.tiff'), width=1024, height=768, mpp=0.5)
+    (demo / 'tiles.tmp').mkdir()
+    (demo / 'tiles.tmp' / 'stale.npz').write_bytes(b'')
+    monkeypatch.setattr(distill, 'data_dir', str(demo / 'tiles'))
+    monkeypatch.setattr(distill, 'synthetic_slides', 1)
+    distill.make_demo_tiles()
+    assert openslide.OpenSlide(str(demo / 'slides' / 'synthetic_0.tiff')).dimensions == (4096, 3072)  # written again
+    assert sorted(os.listdir(demo / 'tiles')) == ['demo.json', 'manifest.csv', 'synthetic_0.jpg', 'synthetic_0.npz']
+    assert not (demo / 'tiles.tmp').exists()
+    recorded = json.loads((demo / 'tiles' / 'demo.json').read_text())
+    assert recorded['synthetic_slides'] == 1 and sorted(recorded['tissues']) == sorted(tile.TISSUES)
+    assert distill.check_demo_tiles() is None  # this demo's folder is reused
+    # the same folder under another count of slides, and a tiles folder that no demo of today made
+    refusals = {
+        str(demo / 'tiles'): ('--synthetic_slides=8', '(synthetic_slides 1 there, 8 here)'),
+        demo_tiles: ('--synthetic_slides=2', '(no demo.json: made by an older demo, or not by the demo)'),
+    }
+    for tiles, (count, why) in refusals.items():
+        message = in_process_distill(f'--data_dir={tiles}', count, f'--out_dir={tmp_path / "out"}')
+        assert message == (f"error: {tiles} is not this demo's tiles folder {why}: delete it and {tmp_path / 'out'}, "
+                           'then rerun to make them afresh')
+    assert not (tmp_path / 'out').exists()
+
+
 # ==================================================================================================
 # evaluate.py: probes, kNN, CKA, robustness index, cache, errors
 # ==================================================================================================
