@@ -147,7 +147,8 @@ PEAK_FLOPS = {
 # the augmentation: one random view per tile, shown to both teacher and student (G2L)
 
 # bump whenever augment_params() or augment() change what a step's views are: a teacher cache
-# records it and refuses runs of another version
+# records it and refuses runs of another version. test_smoke.py pins this version's views and
+# fails until it is bumped
 AUGMENT_VERSION = 1
 
 def augment_params(n, step, tile_size, crop):

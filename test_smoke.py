@@ -839,6 +839,45 @@ def test_augmentation_is_the_same_view_for_any_world_size_and_stays_in_range():
     assert torch.allclose(distill.hue_matrices(torch.tensor([0.05]))[0] @ grey, grey, atol=1e-5)
 
 
+# The views of AUGMENT_VERSION 1: augment(augment_params(8, step=3, 256, 224)) at seed 1337 on fixed random tiles,
+# each view's mean and its mean weighted by a fixed random field (a crop, flip, blur or colour change moves it).
+# A teacher cache is valid only for the views it was made with: change what augment makes and this fails, then
+# bump distill.AUGMENT_VERSION (old caches are refused) and pin the new version's numbers here
+PINNED_VIEWS = dict(
+    version=1,
+    y=[22, 29, 6, 21, 13, 30, 27, 2],
+    x=[28, 15, 18, 10, 29, 10, 31, 0],
+    hflip=[True, False, True, True, False, False, False, True],
+    vflip=[True, True, False, False, False, True, False, False],
+    jitter=[True, False, True, False, False, False, False, False],
+    blur=[False, False, False, True, False, False, True, False],
+    brightness=[1.1032122, 0.87763715, 0.87739444, 0.94294244, 1.0500985, 0.94954318, 0.94635069, 0.9759838],
+    contrast=[0.98513687, 1.1412508, 0.94417167, 0.85710615, 0.90464783, 1.0234075, 1.1203908, 0.99178374],
+    saturation=[1.0156167, 1.0923771, 1.0190011, 0.91820621, 0.9897899, 0.91298515, 1.0451888, 0.97841185],
+    hue=[-0.038115758, -0.0030980348, 0.040303603, 0.012159708, -0.0058403146, 0.036591172, -0.047187198, 0.0087963799],
+    sigma=[1.2231406, 0.52791113, 0.42861065, 0.16897336, 1.5146015, 1.5943656, 0.37957501, 0.59573787],
+    mean=[0.54299476, 0.49953287, 0.43871811, 0.50049359, 0.50112986, 0.49857493, 0.50026491, 0.50104686],
+    weighted_mean=[0.27114787, 0.2499106, 0.21957042, 0.24964193, 0.25058737, 0.24908041, 0.25005269, 0.25016292],
+)
+
+
+def test_the_views_are_those_that_augment_version_names(monkeypatch):
+    monkeypatch.setattr(distill, 'seed', 1337)
+    tiles = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 3, 256, 256), dtype=np.uint8))
+    field = torch.from_numpy(np.random.default_rng(1).random((3, 224, 224)))
+    p = distill.augment_params(8, step=3, tile_size=256, crop=224)
+    views = distill.augment(tiles, p, 224).double()
+    got = {k: v.tolist() for k, v in p.items()}
+    got.update(mean=views.mean((1, 2, 3)).tolist(), weighted_mean=(views * field).mean((1, 2, 3)).tolist())
+    bump = 'changed what augment makes: bump distill.AUGMENT_VERSION and pin its numbers in PINNED_VIEWS'
+    # the crops and coin flips exactly; the floats to 1e-6, above the last-bit noise of another CPU or BLAS
+    for k in ('y', 'x', 'hflip', 'vflip', 'jitter', 'blur'):
+        assert got[k] == PINNED_VIEWS[k], f'{k} {got[k]}: {bump}'
+    for k in ('brightness', 'contrast', 'saturation', 'hue', 'sigma', 'mean', 'weighted_mean'):
+        np.testing.assert_allclose(got[k], PINNED_VIEWS[k], rtol=1e-6, err_msg=f'{k}: {bump}')
+    assert distill.AUGMENT_VERSION == PINNED_VIEWS['version'], 'a new AUGMENT_VERSION: pin its numbers in PINNED_VIEWS'
+
+
 def test_g2l_loss_is_log_sum_of_fourth_powers():
     s, t = torch.randn(5, 16), torch.randn(5, 16)
     expected = torch.log(((s - t).abs() ** 4).sum(1)).mean()
