@@ -287,12 +287,8 @@ def find_weight_file(folder):
 
 
 def read_state_dict(path):
+    """The tensors of one checkpoint file (weight_file() finds it), without their wrappers."""
     path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"error: weights path {path} does not exist: "
-                           "pass a .safetensors/.bin/.pth file or a folder")
-    if path.is_dir():
-        path = find_weight_file(path)
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file
@@ -466,34 +462,55 @@ def convert_hibou(state, vit=None):
 
 # ---------------------------------------------------------------------- create / embed / export
 
-def create(name_or_path, weights=None, device='cpu'):
-    """(timm VisionTransformer in eval mode, float32, spec).
+def resolve(name_or_path, weights=None):
+    """(spec, weights) as create() loads them, nothing built or read: the one place that says
+    which spec a name or folder means and where its weights come from.
 
     name_or_path: a MODELS key, a spec dict, or a distilled output folder / student.json /
-    student.safetensors. weights: None (the row's default: hub for real rows, random for tiny
-    ones), 'random', 'hub', or a local file/folder.
+    student.safetensors. weights: None (the default: hub for real rows, random for tiny ones,
+    the folder's student.safetensors), 'random', 'hub', or a local file/folder; returned with
+    the default filled in.
     """
     path = Path(str(name_or_path))
     is_model_name = isinstance(name_or_path, dict) or name_or_path in MODELS
-    if not is_model_name and path.exists():
-        # a distilled output folder, or a file in it: its student.json is the spec
-        folder = path if path.is_dir() else path.parent
-        if not (folder / 'student.json').exists():
-            raise WeightsError(f"error: {folder} has no student.json: "
-                               "pass a model name and weights=<this path>")
-        spec = json.loads((folder / 'student.json').read_text())
-        # JSON gives lists; the table's specs hold tuples
-        spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
-        weights = weights or str(folder / 'student.safetensors')
-    else:
+    if is_model_name or not path.exists():
         spec = get_spec(name_or_path)
         row_default = 'random' if spec['weights'] == 'random' else 'hub'
-        weights = weights or row_default
+        return spec, weights or row_default
+    # a distilled output folder, or a file in it: its student.json is the spec
+    folder = path if path.is_dir() else path.parent
+    if not (folder / 'student.json').exists():
+        raise WeightsError(f"error: {folder} has no student.json: "
+                           "pass a model name and weights=<this path>")
+    spec = json.loads((folder / 'student.json').read_text())
+    # JSON gives lists; the table's specs hold tuples
+    spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
+    return spec, weights or str(folder / 'student.safetensors')
+
+
+def weight_file(spec, weights):
+    """The checkpoint file create() reads for weights 'hub' or a local file/folder."""
+    path = Path(download(spec) if weights == 'hub' else weights)
+    if not path.exists():
+        raise WeightsError(f"error: weights path {path} does not exist: "
+                           "pass a .safetensors/.bin/.pth file or a folder")
+    if path.is_dir():
+        path = find_weight_file(path)
+    return path
+
+
+def create(name_or_path, weights=None, device='cpu'):
+    """(timm VisionTransformer in eval mode, float32, spec).
+
+    name_or_path and weights as resolve() reads them: a MODELS key, a spec dict, or a distilled
+    output folder / student.json / student.safetensors; None (the default), 'random', 'hub', or
+    a local file/folder.
+    """
+    spec, weights = resolve(name_or_path, weights)
     if weights == 'random':
         vit = build_random(spec)
     else:
-        weights_path = download(spec) if weights == 'hub' else weights
-        state, source = read_state_dict(weights_path)
+        state, source = read_state_dict(weight_file(spec, weights))
         # no memory, no init time: every tensor comes from the checkpoint
         vit = build(spec, 'meta')
         state = fit_state_dict(state, spec, vit, source)

@@ -880,6 +880,45 @@ def test_augmentation_is_the_same_view_for_any_world_size_and_stays_in_range():
     assert torch.allclose(distill.hue_matrices(torch.tensor([0.05]))[0] @ grey, grey, atol=1e-5)
 
 
+# The views of AUGMENT_VERSION 1: augment(augment_params(8, step=3, 256, 224)) at seed 1337 on fixed random tiles,
+# each view's mean and its mean weighted by a fixed random field (a crop, flip, blur or colour change moves it).
+# A teacher cache is valid only for the views it was made with: change what augment makes and this fails, then
+# bump distill.AUGMENT_VERSION (old caches are refused) and pin the new version's numbers here
+PINNED_VIEWS = dict(
+    version=1,
+    y=[22, 29, 6, 21, 13, 30, 27, 2],
+    x=[28, 15, 18, 10, 29, 10, 31, 0],
+    hflip=[True, False, True, True, False, False, False, True],
+    vflip=[True, True, False, False, False, True, False, False],
+    jitter=[True, False, True, False, False, False, False, False],
+    blur=[False, False, False, True, False, False, True, False],
+    brightness=[1.1032122, 0.87763715, 0.87739444, 0.94294244, 1.0500985, 0.94954318, 0.94635069, 0.9759838],
+    contrast=[0.98513687, 1.1412508, 0.94417167, 0.85710615, 0.90464783, 1.0234075, 1.1203908, 0.99178374],
+    saturation=[1.0156167, 1.0923771, 1.0190011, 0.91820621, 0.9897899, 0.91298515, 1.0451888, 0.97841185],
+    hue=[-0.038115758, -0.0030980348, 0.040303603, 0.012159708, -0.0058403146, 0.036591172, -0.047187198, 0.0087963799],
+    sigma=[1.2231406, 0.52791113, 0.42861065, 0.16897336, 1.5146015, 1.5943656, 0.37957501, 0.59573787],
+    mean=[0.54299476, 0.49953287, 0.43871811, 0.50049359, 0.50112986, 0.49857493, 0.50026491, 0.50104686],
+    weighted_mean=[0.27114787, 0.2499106, 0.21957042, 0.24964193, 0.25058737, 0.24908041, 0.25005269, 0.25016292],
+)
+
+
+def test_the_views_are_those_that_augment_version_names(monkeypatch):
+    monkeypatch.setattr(distill, 'seed', 1337)
+    tiles = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 3, 256, 256), dtype=np.uint8))
+    field = torch.from_numpy(np.random.default_rng(1).random((3, 224, 224)))
+    p = distill.augment_params(8, step=3, tile_size=256, crop=224)
+    views = distill.augment(tiles, p, 224).double()
+    got = {k: v.tolist() for k, v in p.items()}
+    got.update(mean=views.mean((1, 2, 3)).tolist(), weighted_mean=(views * field).mean((1, 2, 3)).tolist())
+    bump = 'changed what augment makes: bump distill.AUGMENT_VERSION and pin its numbers in PINNED_VIEWS'
+    # the crops and coin flips exactly; the floats to 1e-6, above the last-bit noise of another CPU or BLAS
+    for k in ('y', 'x', 'hflip', 'vflip', 'jitter', 'blur'):
+        assert got[k] == PINNED_VIEWS[k], f'{k} {got[k]}: {bump}'
+    for k in ('brightness', 'contrast', 'saturation', 'hue', 'sigma', 'mean', 'weighted_mean'):
+        np.testing.assert_allclose(got[k], PINNED_VIEWS[k], rtol=1e-6, err_msg=f'{k}: {bump}')
+    assert distill.AUGMENT_VERSION == PINNED_VIEWS['version'], 'a new AUGMENT_VERSION: pin its numbers in PINNED_VIEWS'
+
+
 def test_g2l_loss_is_log_sum_of_fourth_powers():
     s, t = torch.randn(5, 16), torch.randn(5, 16)
     expected = torch.log(((s - t).abs() ** 4).sum(1)).mean()
@@ -1049,9 +1088,11 @@ def test_a_teacher_cache_replays_bit_identically_and_a_partial_one_is_completed(
     runs = cache_runs
     root = runs.root
     assert '0 steps stored' in runs.first.stdout and '3 steps stored' in runs.completed.stdout
-    # the completing run replayed steps 0-2 (and the held-out set) and loaded the teacher only for step 3
-    loads = [l for l in runs.completed.stdout.splitlines() if 'loading the teacher' in l]
-    assert loads == ['loading the teacher: step 3 is not all in teacher_cache']
+    # each run loaded the teacher once, at the start, saying what it lacks: the first run everything, the
+    # completing run steps 3-5 (it replayed steps 0-2 and the held-out set)
+    loads = [[l for l in run.stdout.splitlines() if 'loading the teacher' in l] for run in (runs.first, runs.completed)]
+    assert loads == [['loading the teacher: 3 of the 3 steps to run and the held-out set are not in teacher_cache'],
+                     ['loading the teacher: 3 of the 6 steps to run are not in teacher_cache']]
     rows, marks = cache_files(runs.cache)
     assert valid_marks(rows[:6], marks[:6]) and not marks[6:].any()
     assert_same_weights(root / 'plain', root / 'completed')  # float32: the cache changes nothing
@@ -1061,6 +1102,23 @@ def test_a_teacher_cache_replays_bit_identically_and_a_partial_one_is_completed(
     assert 'loading the teacher' not in replay.stdout and '6 steps stored, 0 B to write' in replay.stdout
     assert [r['teacher_computed'] for r in log_rows(tmp_path / 'replay') if 'loss' in r] == [0.0] * 6
     assert_same_weights(root / 'plain', tmp_path / 'replay')
+
+
+def test_a_resumed_run_loads_the_teacher_only_for_missing_steps_it_has_still_to_run(cache_runs, tmp_path):
+    runs = cache_runs
+    # the full cache without steps 0-2, and the checkpoint at step 3 of the run that wrote them
+    cache, out = tmp_path / 'cache', tmp_path / 'resumed'
+    shutil.copytree(runs.cache, cache)
+    _, marks = cache_files(cache, 'r+')
+    marks[:3] = 0
+    marks.flush()
+    shutil.copytree(runs.root / 'first', out)
+    resumed = run_distill(str(out), *runs.common, '--max_iters=6', f'--teacher_cache={cache}', '--resume=True')
+    assert 'resumed from' in resumed.stdout and '3 steps stored' in resumed.stdout
+    # steps 0-2 are missing, but this run starts at step 3: every step it runs is replayed
+    assert 'loading the teacher' not in resumed.stdout
+    assert [r['teacher_computed'] for r in log_rows(out) if 'loss' in r][3:] == [0.0] * 3
+    assert_same_weights(runs.root / 'plain', out)
 
 
 def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_runs, tmp_path):
@@ -1074,8 +1132,9 @@ def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_
     two = str(tmp_path / 'two')
     proc = run_distill(two, *runs.common, '--grad_accum=1', '--max_iters=6', f'--teacher_cache={shared}', nproc=2)
     assert '1 teacher_cache rows of step 1 fail their checksum' in proc.stderr
-    assert 'rank 1: loading the teacher: step 1 is not all in teacher_cache' in proc.stdout
-    assert 'rank 0: loading the teacher: step 3 is not all in teacher_cache' in proc.stdout
+    # steps 3-5 are missing: both processes load the teacher before the first step, never one of them mid-run
+    assert 'loading the teacher on all 2 processes: 3 of the 6 steps to run are not in teacher_cache' in proc.stdout
+    assert 'rank 0: loading' not in proc.stdout and 'rank 1: loading' not in proc.stdout
     # what the two processes wrote (steps 3-5, and the repaired row) is what one process wrote
     (rows, marks), (one_rows, one_marks) = cache_files(shared), cache_files(runs.cache)
     assert np.array_equal(rows[:6], one_rows[:6]) and np.array_equal(marks[:6], one_marks[:6])
@@ -1109,6 +1168,43 @@ def test_a_teacher_only_fill_killed_mid_write_is_resumed_by_two_processes_and_ma
     np.testing.assert_allclose(rows[:6], one_rows[:6], rtol=0, atol=1e-6)
     held_out = [np.load(next(Path(folder).glob('held_out_*.npy'))) for folder in (cache, runs.cache)]
     assert np.array_equal(*held_out)
+
+
+def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tmp_path, monkeypatch):
+    import hashlib
+    vit, spec = model.create('tiny-teacher')
+    model.export(vit, spec, tmp_path / 'run')
+    weights = tmp_path / 'run' / 'student.safetensors'
+    expected = 'sha256:' + hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(distill, 'teacher_cache', str(tmp_path))  # where the hashes are remembered
+    # a distilled folder as the teacher, or a model name with the folder or the file as its weights
+    choices = [(str(tmp_path / 'run'), ''), ('tiny-teacher', str(tmp_path / 'run')), ('tiny-teacher', str(weights))]
+    for name, path in choices:
+        monkeypatch.setattr(distill, 'teacher', name)
+        monkeypatch.setattr(distill, 'teacher_weights', path)
+        assert distill.weights_identity() == expected, (name, path)
+    monkeypatch.setattr(distill, 'teacher_weights', '')
+    monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
+    assert distill.weights_identity() == 'random (tiny-teacher)'  # the tiny rows' default: seeded by the name
+
+
+def test_on_cuda_the_teacher_cache_key_holds_the_teachers_precision(demo_tiles, monkeypatch, tmp_path):
+    tiles = tile.TileDataset(demo_tiles)
+    train_idx = np.arange(len(tiles))
+    monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
+    monkeypatch.setattr(distill, 'teacher_weights', '')
+
+    def key(use_cuda, teacher_bf16):
+        monkeypatch.setattr(distill, 'teacher_bf16', teacher_bf16)
+        # only the device decides the precisions: a CUDA process's environment, as far as the key reads it
+        env = SimpleNamespace(use_cuda=use_cuda)
+        return distill.cache_key(tiles, train_idx, train_idx[:0], model.MODELS['tiny-teacher'], 4, env)
+    # on CPU the teacher always runs in float32: no field, so the keys of CPU caches are as before
+    assert 'teacher_dtype' not in key(False, True) and key(False, True) == key(False, False)
+    assert key(True, True)['teacher_dtype'] == 'bfloat16' and key(True, False)['teacher_dtype'] == 'float32'
+    assert distill.claim_key(str(tmp_path), key(True, True)) is None
+    message = distill.claim_key(str(tmp_path), key(True, False))
+    assert "another teacher weights' precision (teacher_bf16, on CUDA): bfloat16 there, float32 here" in message
 
 
 @pytest.fixture
@@ -1158,6 +1254,65 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
         assert expected in message and message.startswith('error: ') and '\n' not in message, (arg, message)
     # nothing was written over: the key still says how the cache was made
     assert json.load(open(os.path.join(runs.cache, 'key.json')))['seed'] == 1337
+
+
+def test_resume_refuses_a_checkpoint_of_other_weights_tiles_split_crop_or_alpha(cache_runs, demo_tiles,
+                                                                                in_process_distill, tmp_path):
+    runs = cache_runs
+    out = tmp_path / 'out'
+    shutil.copytree(runs.root / 'plain', out)
+    same = [*runs.common, '--max_iters=6', f'--out_dir={out}', '--resume=True']
+    weights, tiles = tmp_path / 'teacher.safetensors', tmp_path / 'tiles'
+    shutil.copy(runs.weights, weights)
+    shutil.copytree(demo_tiles, tiles)
+    errors = {
+        f'--teacher_weights={weights}': f"--teacher_weights='{weights}' differs from the checkpoint's '{runs.weights}'",
+        f'--data_dir={tiles}': f"--data_dir='{tiles}' differs from the checkpoint's",
+        '--val_fraction=0.25': "--val_fraction=0.25 differs from the checkpoint's 0.5",
+        '--alpha=2.0': "--alpha=2.0 differs from the checkpoint's 4.0",
+    }
+    for arg, expected in errors.items():
+        message = in_process_distill(*same, arg)
+        assert message.startswith(f'error: {expected}') and 'another out_dir' in message, (arg, message)
+        assert '\n' not in message
+    # a checkpoint of another crop, and one older than a key (its config lacks it): the same one line
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)
+    ckpt['config']['crop_size'] = 192
+    torch.save(ckpt, out / 'ckpt.pt')
+    assert in_process_distill(*same).startswith("error: --crop_size=224 differs from the checkpoint's 192")
+    del ckpt['config']['crop_size']
+    torch.save(ckpt, out / 'ckpt.pt')
+    assert in_process_distill(*same).startswith("error: --crop_size=224 differs from the checkpoint's None")
+
+
+def test_the_demo_makes_its_tiles_afresh_and_refuses_tiles_of_an_older_demo_or_other_settings(demo_tiles,
+                                                                                              in_process_distill,
+                                                                                              tmp_path, monkeypatch):
+    demo = tmp_path / 'demo'
+    # what an older demo and a killed attempt leave: a slide without tissue classes, a half-made folder
+    (demo / 'slides').mkdir(parents=True)
+    tile.write_synthetic_slide(str(demo / 'slides' / 'synthetic_0.tiff'), width=1024, height=768, mpp=0.5)
+    (demo / 'tiles.tmp').mkdir()
+    (demo / 'tiles.tmp' / 'stale.npz').write_bytes(b'')
+    monkeypatch.setattr(distill, 'data_dir', str(demo / 'tiles'))
+    monkeypatch.setattr(distill, 'synthetic_slides', 1)
+    distill.make_demo_tiles()
+    assert openslide.OpenSlide(str(demo / 'slides' / 'synthetic_0.tiff')).dimensions == (4096, 3072)  # written again
+    assert sorted(os.listdir(demo / 'tiles')) == ['demo.json', 'manifest.csv', 'synthetic_0.jpg', 'synthetic_0.npz']
+    assert not (demo / 'tiles.tmp').exists()
+    recorded = json.loads((demo / 'tiles' / 'demo.json').read_text())
+    assert recorded['synthetic_slides'] == 1 and sorted(recorded['tissues']) == sorted(tile.TISSUES)
+    assert distill.check_demo_tiles() is None  # this demo's folder is reused
+    # the same folder under another count of slides, and a tiles folder that no demo of today made
+    refusals = {
+        str(demo / 'tiles'): ('--synthetic_slides=8', '(synthetic_slides 1 there, 8 here)'),
+        demo_tiles: ('--synthetic_slides=2', '(no demo.json: made by an older demo, or not by the demo)'),
+    }
+    for tiles, (count, why) in refusals.items():
+        message = in_process_distill(f'--data_dir={tiles}', count, f'--out_dir={tmp_path / "out"}')
+        assert message == (f"error: {tiles} is not this demo's tiles folder {why}: delete it and {tmp_path / 'out'}, "
+                           'then rerun to make them afresh')
+    assert not (tmp_path / 'out').exists()
 
 
 # ==================================================================================================

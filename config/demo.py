@@ -5,6 +5,8 @@
 # patch set of the same tissues; and the demo teacher: tiny-teacher trained on the tissue labels,
 # a stand-in for a giga model's pretraining. Then it distils the teacher into a random tiny
 # student and ends with the G2L table (out/demo/eval/results.md): teacher, student before and after.
+# Tiles of an older demo or other settings are refused, not reused (data/demo/tiles/demo.json says
+# what made them): delete data/demo/tiles and out/demo when told to.
 out_dir = 'out/demo'
 data_dir = 'data/demo/tiles'
 synthetic_slides = 8
