@@ -1301,7 +1301,7 @@ def test_the_demo_makes_its_tiles_afresh_and_refuses_tiles_of_an_older_demo_or_o
     assert sorted(os.listdir(demo / 'tiles')) == ['demo.json', 'manifest.csv', 'synthetic_0.jpg', 'synthetic_0.npz']
     assert not (demo / 'tiles.tmp').exists()
     recorded = json.loads((demo / 'tiles' / 'demo.json').read_text())
-    assert recorded['synthetic_slides'] == 1 and sorted(recorded['tissues']) == sorted(tile.TISSUES)
+    assert recorded['synthetic_slides'] == 1 and sorted(recorded['tissues']) == sorted(tile.DEMO_TISSUES)
     assert distill.check_demo_tiles() is None  # this demo's folder is reused
     # the same folder under another count of slides, and a tiles folder that no demo of today made
     refusals = {
