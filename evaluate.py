@@ -105,7 +105,8 @@ abmil_epochs = 20
 abmil_lr = 3e-4
 abmil_weight_decay = 1e-5
 abmil_bag = 2048                     # tiles sampled per slide per training step; all at test
-abmil_hidden = 512                   # width, never more than the features' own
+# width (Patho-Bench's 512); at most 4x the features' own, so tiny models' heads stay cheap
+abmil_hidden = 512
 abmil_dropout = 0.25
 abmil_seeds = 5                      # trainings per model (eva runs 5); their metrics averaged
 cka_tiles = 4096                     # test slides' tiles sampled for the slide-level CKA
