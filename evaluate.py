@@ -38,7 +38,6 @@ before distillation, from which "closes X% of the gap to the teacher" is measure
 """
 import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -64,7 +63,7 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
-from tile import SlideError, TileDataset, open_slide
+from tile import SlideError, TileDataset, open_slide, save_atomic
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -268,16 +267,6 @@ def load_images(paths, spec):
         images.append(resize_crop(spec, pixels)[0])
     return torch.stack(images), None
 
-
-def write_atomic(path, payload):
-    """Write bytes to a temporary name, then rename."""
-    # an interrupted run never leaves a truncated cache or result that looks complete
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    with open(temporary, 'wb') as f:
-        f.write(payload)
-    os.replace(temporary, path)
-
 # -----------------------------------------------------------------------------
 # slides: a CSV of labelled slides, each found in the tiles folder tile.py wrote
 
@@ -469,10 +458,11 @@ def embeddings(entry, net, spec, dataset):
         with np.load(path) as cached:
             return cached['embeddings'], info | dict(seconds=time.time() - start)
     emb = extract(entry, net, spec, dataset['paths'])
-    # the image paths beside the embeddings: the file stands alone
-    buffer = io.BytesIO()
-    np.savez(buffer, embeddings=emb, paths=np.array(dataset['paths']))
-    write_atomic(path, buffer.getvalue())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # the image paths beside the embeddings: the file stands alone. Through a temporary name: an
+    # interrupted run never leaves a truncated cache that looks complete
+    paths = np.array(dataset['paths'])
+    save_atomic(path, lambda f: np.savez(f, embeddings=emb, paths=paths))
     return emb, info | dict(seconds=time.time() - start)
 
 
@@ -536,11 +526,16 @@ def stored_key(path):
 
 
 def write_features(path, features, slide, encoder, key):
-    """<stem>.h5 in TRIDENT's layout, written under a temporary name, then renamed: a killed run
-    never leaves a file that looks complete."""
+    """<stem>.h5 in TRIDENT's layout, through tile.save_atomic's hidden .<stem>.h5.<pid>.tmp,
+    then renamed: a killed run never leaves a file that looks complete."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    with h5py.File(temporary, 'w') as f:
+    # h5py opens its file by name: save_atomic's temporary (f.name), renamed once h5py closed it
+    save_atomic(path, lambda f: write_h5(f.name, features, slide, encoder, key))
+
+
+def write_h5(path, features, slide, encoder, key):
+    """The features and coordinates of one slide, and the attributes TRIDENT writes, at path."""
+    with h5py.File(path, 'w') as f:
         f.create_dataset('features', data=features.astype(np.float32))
         f['features'].attrs['encoder'] = encoder
         coords = f.create_dataset('coords', data=slide['coords'].astype(np.int64))
@@ -560,7 +555,6 @@ def write_features(path, features, slide, encoder, key):
         f.attrs['slide_mpp'] = slide['slide_mpp']
         f.attrs['tiles_in_slide'] = slide['n_tiled']
         f.attrs['key'] = key
-    os.replace(temporary, path)
 
 
 def read_features(path):
@@ -1288,8 +1282,8 @@ def write_markdown(results, path):
              f'test split, with 95% bootstrap CIs ({bootstrap} resamples of the test tiles or '
              'slides, the same for every row).']
     headline = headline_lines(results)
-    text = '\n'.join(intro + headline + detail_lines(results))
-    write_atomic(path, (text + '\n').encode())
+    text = '\n'.join(intro + headline + detail_lines(results)) + '\n'
+    save_atomic(path, lambda f: f.write(text.encode()))
     return '\n'.join(headline)
 
 
@@ -1389,10 +1383,8 @@ def plot(results, path):
     if with_index:
         plot_robustness(axes[0, -1], rows)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=100)
+    save_atomic(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())
 
 
 def plot_headline(ax, rows, level):
@@ -1656,7 +1648,9 @@ def write_results(results):
     # one-class test set): they are written as null
     strict = json.loads(json.dumps(results), parse_constant=lambda _: None)
     text = json.dumps(strict, indent=2, allow_nan=False)
-    write_atomic(os.path.join(out, 'results.json'), text.encode())
+    # each through a temporary name: an interrupted run never leaves a truncated result
+    os.makedirs(out, exist_ok=True)
+    save_atomic(os.path.join(out, 'results.json'), lambda f: f.write(text.encode()))
     print(write_markdown(results, os.path.join(out, 'results.md')))
     plot(results, os.path.join(out, 'results.png'))
     print(f'wrote {out}/results.json, results.md, results.png')
