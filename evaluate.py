@@ -22,8 +22,16 @@ then ABMIL and mean-pooled probes on the slides' labels:
 Is extraction bound by slide reading or by the model? Tiles/s of each, on 512 tiles:
     python evaluate.py --bench=512 --tiles tiles/brca --models H-optimus-0=/data/hf/H-optimus-0
 No torchrun line: extraction is one forward pass per image. For several GPUs run one process per
-model with the same --out (caches and feature files are per model, written atomically), then one
-run with all models finds them done.
+model with the same --out and --extract_only=True: it embeds into the model's own cache and feature
+files (written atomically) and writes no results, which would be a one-row table. Then one run with
+all models finds them done and scores every row:
+    CUDA_VISIBLE_DEVICES=0 python evaluate.py config/eval_brca.py --extract_only=True \
+        --models=H-optimus-0=/data/hf/H-optimus-0 &
+    CUDA_VISIBLE_DEVICES=1 python evaluate.py config/eval_brca.py --extract_only=True \
+        --models=Hibou-L=/data/hf/hibou-L &
+    CUDA_VISIBLE_DEVICES=2 python evaluate.py config/eval_brca.py --extract_only=True \
+        --models=out/g2l_brca &
+    wait; python evaluate.py config/eval_brca.py
 
 --data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV
 path,label,split[,center][,slide] (paths relative to the CSV).
@@ -110,6 +118,9 @@ abmil_dropout = 0.25
 abmil_seeds = 5                      # trainings per model (eva runs 5); their metrics averaged
 cka_tiles = 4096                     # test slides' tiles sampled for the slide-level CKA
 bench = 0                            # > 0: tiles/s of reading, model, extraction on this many
+# True: embed only (OUT/cache/, OUT/features/), score nothing, write no results: one process per
+# model on several GPUs; --teacher, --names and --baseline are then the scoring run's
+extract_only = False
 # -----------------------------------------------------------------------------
 # every plain value above is a config key
 config_types = (int, float, str, list, type(None))
@@ -1590,7 +1601,9 @@ def evaluate_model(name, entry, dataset, cohort, reference):
         how = 'from cache' if info['cached'] else 'extracted'
         print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {how} "
               f"in {info['seconds']:.1f} s ({info['cache']})")
-        row |= info | run_protocols(emb, dataset, reference, with_slides=cohort is None)
+        row |= info
+        if not extract_only:
+            row |= run_protocols(emb, dataset, reference, with_slides=cohort is None)
     if cohort is not None:
         row['features'] = features_folder(entry)
         cohort['failed'] |= extract_slides(name, entry, net, spec, cohort, row['features'])
@@ -1664,12 +1677,15 @@ def main(argv=None):
     config = {k: globals()[k] for k in config_keys}
     print('config:', json.dumps(config))
 
-    # which rows, named how, the teacher first
-    rows = ordered_rows(model_entries(models), teacher, names)
+    # which rows, named how, the teacher first. extract_only embeds the --models entries alone: a
+    # --teacher that is one more entry (as a config file may set it) is the scoring run's
+    entries = model_entries(models)
+    rows = row_names(entries) if extract_only else ordered_rows(entries, teacher, names)
     if bench:
         return dict(config=config, bench=bench_extraction(rows))
-    results = dict(config=config, teacher=next(iter(rows)), baseline=baseline_row(rows, baseline),
-                   models={})
+    results = dict(config=config, teacher=next(iter(rows)), baseline=None, models={})
+    if not extract_only:
+        results['baseline'] = baseline_row(rows, baseline)
 
     # data: labelled images (--data), labelled slides (--slides with --tiles), or both
     if data is None and slides is None:
@@ -1689,6 +1705,11 @@ def main(argv=None):
     reference = {}
     for name, entry in rows.items():
         results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference)
+    if extract_only:
+        # no results.*: a table of this run's rows alone would look like the whole comparison
+        print(f"extract_only: {', '.join(rows)} embedded under {out}, nothing scored; run again "
+              'with every model and without --extract_only to score them')
+        return results
     # the slide level once every model has embedded every slide, so all rows score the same slides
     if cohort is not None:
         score_cohort(results, cohort)
