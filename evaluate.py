@@ -139,6 +139,9 @@ METRICS = {'balanced_accuracy': 'bal. acc',
 CACHE_VERSION = 'v2 shorter side, centre crop'
 # bump when the slide feature files change: old files then are re-extracted
 FEATURES_VERSION = 'v1 TRIDENT layout, centre crop'
+# what a run killed mid-write leaves: tile.save_atomic's .NAME.PID.tmp, and NAME.tmpPID of
+# evaluate.py before it wrote through save_atomic
+TEMPORARY_NAMES = (re.compile(r'\..+\.(\d+)\.tmp'), re.compile(r'.+\.tmp(\d+)'))
 # the compact table of each level: (protocol, metric) per column; the first column is the one
 # "closes X% of the gap" is measured on. CKA has no metric: it is an entry of its own.
 HEADLINE = {'tile': [('linear', 'balanced_accuracy'), ('knn', 'balanced_accuracy'),
@@ -566,6 +569,51 @@ def write_h5(path, features, slide, encoder, key):
         f.attrs['slide_mpp'] = slide['slide_mpp']
         f.attrs['tiles_in_slide'] = slide['n_tiled']
         f.attrs['key'] = key
+
+
+def remove_stale_temporaries(folder, started):
+    """Delete the temporaries that runs killed mid-write left in folder (OUT/cache/ or a features
+    folder): those whose process is gone and that were last written before this run `started`."""
+    # never a live run's: a run on this machine has a live pid; one on another machine that shares
+    # the folder has a pid that means nothing here, but it writes a slide's file in seconds
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    removed = 0
+    for name in names:
+        pid = temporary_pid(name)
+        if pid is None or process_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.stat(path).st_mtime >= started:
+                continue
+            os.remove(path)
+        except FileNotFoundError:
+            # another run removed it first
+            continue
+        removed += 1
+    if removed:
+        print(f'removed {removed} temporary files of killed runs from {folder}')
+
+
+def temporary_pid(name):
+    """The pid in the name of a temporary file (TEMPORARY_NAMES); None for any other file."""
+    for pattern in TEMPORARY_NAMES:
+        match = pattern.fullmatch(name)
+        if match:
+            return int(match[1])
+    return None
+
+
+def process_alive(pid):
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        # another user's process
+        return True
+    return True
 
 
 def read_features(path):
@@ -1589,14 +1637,15 @@ def run_protocols(emb, dataset, reference, with_slides):
     return row
 
 
-def evaluate_model(name, entry, dataset, cohort, reference):
+def evaluate_model(name, entry, dataset, cohort, reference, started):
     """One row: the model built once, its tile embeddings and their protocols (--data), and its
-    slides' feature files (--slides)."""
+    slides' feature files (--slides). started: when this run started (time.time())."""
     model_name, _, weights = entry.partition('=')
     net, spec = create(model_name, weights or None, device=device)
     n_params = sum(p.numel() for p in net.parameters())
     row = dict(entry=entry, dim=spec['dim'], params=n_params)
     if dataset is not None:
+        remove_stale_temporaries(os.path.join(out, 'cache'), started)
         emb, info = embeddings(entry, net, spec, dataset)
         how = 'from cache' if info['cached'] else 'extracted'
         print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {how} "
@@ -1606,6 +1655,7 @@ def evaluate_model(name, entry, dataset, cohort, reference):
             row |= run_protocols(emb, dataset, reference, with_slides=cohort is None)
     if cohort is not None:
         row['features'] = features_folder(entry)
+        remove_stale_temporaries(row['features'], started)
         cohort['failed'] |= extract_slides(name, entry, net, spec, cohort, row['features'])
     return row
 
@@ -1670,6 +1720,8 @@ def write_results(results):
 
 
 def main(argv=None):
+    # temporary files last written before now are no live run's (remove_stale_temporaries)
+    started = time.time()
     # config: the defaults on every call (the tests call main more than once), then a config file
     # and --key=value
     globals().update(DEFAULTS)
@@ -1704,7 +1756,7 @@ def main(argv=None):
     # its test embeddings are there for every row's CKA
     reference = {}
     for name, entry in rows.items():
-        results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference)
+        results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference, started)
     if extract_only:
         # no results.*: a table of this run's rows alone would look like the whole comparison
         print(f"extract_only: {', '.join(rows)} embedded under {out}, nothing scored; run again "
