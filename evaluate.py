@@ -1107,16 +1107,24 @@ def slide_bags(emb, dataset):
 
 def slide_inputs(bags, split):
     """What the slide protocols need of one model's bags (an iterable of (N, D) float32 arrays, one
-    per slide, used one at a time): the mean-pooled slides (S, D), the bags for ABMIL, and the CKA
-    sample: about cka_tiles tiles of the test slides, with the test slide of each."""
+    per slide, used one at a time): the mean-pooled slides (S, D), the bags for ABMIL in float16,
+    standardised by the train tiles' mean and std, and the CKA sample: about cka_tiles tiles of the
+    test slides, with the test slide of each."""
     n_test = int((split == 'test').sum())
     per_slide = -(-cka_tiles // max(1, n_test))
-    pooled, kept, sample, groups = [], [], [], []
+    pooled, own_scales, kept, sample, groups = [], [], [], [], []
     for i, bag in enumerate(bags):
         # the mean pool, in float64: a float32 running sum over 10K tiles loses digits
         pooled.append(bag.mean(0, dtype=np.float64))
-        # float16 halves what ABMIL holds (1K slides of 10K tiles of 1536 numbers: 31 GB)
-        kept.append(torch.from_numpy(bag.astype(np.float16)))
+        mean = pooled[-1].astype(np.float32)
+        std = bag.std(0, dtype=np.float64).astype(np.float32)
+        own_scales.append((len(bag), mean, std))
+        # kept in float16, which has 11 bits: of each tile's deviation from its slide's mean in
+        # units of the slide's spread, not of an offset all tiles share (float16 steps by 0.06 at
+        # 100). The bags come once, one at a time: the train tiles' statistics are known only
+        # after the last, and restandardise applies them then
+        unit = np.where(std > 0, std, 1)
+        kept.append(torch.from_numpy(((bag - mean) / unit).astype(np.float16)))
         if split[i] != 'test':
             continue
         # the same tiles for every model: drawn from the slide's position and size only
@@ -1124,8 +1132,30 @@ def slide_inputs(bags, split):
         rows = np.sort(rng.choice(len(bag), min(len(bag), per_slide), replace=False))
         groups.append(np.full(len(rows), len(sample)))
         sample.append(bag[rows])
+    restandardise(kept, own_scales, split == 'train')
     return dict(pooled=np.stack(pooled).astype(np.float32), bags=kept,
                 sample=np.concatenate(sample), groups=np.concatenate(groups))
+
+
+def restandardise(kept, own_scales, train):
+    """Bags standardised each by its own (tiles, mean, std) -> standardised by the train tiles'
+    mean and std (train: a bool per bag), in float16, replaced in kept one at a time."""
+    # Standardised, one learning rate fits every model's scale. In float16 ABMIL holds half: 1K
+    # slides of 10K tiles of 1536 numbers are 31 GB, not float32's 61; one bag at a time is in
+    # float32, never a copy of them all
+    counts = np.array([n for n, _, _ in own_scales])[train]
+    means = np.stack([m for _, m, _ in own_scales]).astype(np.float64)
+    stds = np.stack([s for _, _, s in own_scales]).astype(np.float64)
+    # the law of total variance: the train slides' spread within, plus that of their means
+    weights = (counts / counts.sum())[:, None]
+    mean = (weights * means[train]).sum(0)
+    variance = (weights * (stds[train] ** 2 + (means[train] - mean) ** 2)).sum(0)
+    std = np.maximum(np.sqrt(variance), 1e-6)
+    for i, bag in enumerate(kept):
+        unit = np.where(stds[i] > 0, stds[i], 1)
+        scale = torch.from_numpy(unit / std).float()
+        shift = torch.from_numpy((means[i] - mean) / std).float()
+        kept[i] = (bag.float() * scale + shift).half()
 
 
 def run_slide_protocols(inputs, labels, split, n_classes, teacher_sample):
@@ -1168,34 +1198,25 @@ class ABMIL(torch.nn.Module):
 def run_abmil(bags, labels, split, n_classes):
     """ABMIL trained abmil_seeds times (seeds seed, seed + 1, ...) on the train slides, each kept at
     its best val epoch (its last without val), scored on test with CIs: each metric is the mean of
-    the seeds' metrics. Also each seed's metrics and chosen epoch."""
+    the seeds' metrics. Also each seed's metrics and chosen epoch. bags: slide_inputs' float16
+    bags, standardised by the train tiles' mean and std."""
     train, val, test = (np.flatnonzero(split == s) for s in SPLITS)
-    # standardised with the train tiles' statistics: one learning rate fits every model's scale
-    statistics = tile_statistics([bags[i] for i in train])
+    dim = bags[0].shape[1]
     # small problems on one CPU thread: thread hand-offs cost more than the maths (measured on 2
     # busy cores: 1 ms a step instead of 10-25)
-    step_size = max(min(len(bags[i]), abmil_bag) for i in train) * len(statistics[0])
+    step_size = max(min(len(bags[i]), abmil_bag) for i in train) * dim
     threads = 1 if device == 'cpu' and step_size < 10 ** 6 else None
     with threadpool_limits(threads):
-        trained = [train_abmil(bags, labels, train, val, n_classes, seed + s, statistics)
+        trained = [train_abmil(bags, labels, train, val, n_classes, seed + s, dim)
                    for s in range(abmil_seeds)]
-        probs = np.stack([predict(net, bags, test, statistics) for net, _ in trained])
+        probs = np.stack([predict(net, bags, test) for net, _ in trained])
     test_y = labels[test]
     per_seed = {m: [float(metrics(test_y, p)[m][0]) for p in probs] for m in METRICS}
     chosen = [epoch for _, epoch in trained]
     return with_ci(test_y, probs) | dict(per_seed=per_seed, epochs=chosen)
 
 
-def tile_statistics(bags):
-    """Mean and standard deviation (D,) of every tile of the bags, on `device`."""
-    count = sum(len(b) for b in bags)
-    mean = sum(b.double().sum(0) for b in bags) / count
-    variance = sum(((b.double() - mean) ** 2).sum(0) for b in bags) / count
-    std = variance.sqrt().clamp_min(1e-6)
-    return mean.float().to(device), std.float().to(device)
-
-
-def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
+def train_abmil(bags, labels, train, val, n_classes, run_seed, dim):
     """One ABMIL trained with Patho-Bench's recipe: AdamW, cosine schedule over every step, a
     class-balanced loss, one slide a step of at most abmil_bag sampled tiles. Returns it at its
     best val epoch (by selection_score), or at its last without val, and that epoch."""
@@ -1203,7 +1224,7 @@ def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run_seed)
         rng = np.random.default_rng(run_seed)
-        net = ABMIL(len(statistics[0]), n_classes).to(device)
+        net = ABMIL(dim, n_classes).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=abmil_lr,
                                       weight_decay=abmil_weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, abmil_epochs * len(train))
@@ -1215,7 +1236,7 @@ def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
             net.train()
             for i in rng.permutation(train):
                 bag = sample_bag(bags[i], rng)
-                logits = net(standardise(bag, statistics))
+                logits = net(on_device(bag))
                 target = torch.tensor(labels[i], device=device)
                 loss = class_weight[labels[i]] * F.cross_entropy(logits, target)
                 optimizer.zero_grad(set_to_none=True)
@@ -1224,7 +1245,7 @@ def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
                 schedule.step()
             if not len(val):
                 continue
-            score = selection_score(labels[val], predict(net, bags, val, statistics))
+            score = selection_score(labels[val], predict(net, bags, val))
             # the first of equally good epochs: the earliest stop
             if best is None or score > best[0]:
                 state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -1242,17 +1263,16 @@ def sample_bag(bag, rng):
     return bag[torch.from_numpy(rows)]
 
 
-def standardise(bag, statistics):
-    """A bag on `device`, float32, standardised by the train tiles' mean and std."""
-    mean, std = statistics
-    return (bag.to(device).float() - mean) / std
+def on_device(bag):
+    """A kept float16 bag on `device`, float32."""
+    return bag.to(device).float()
 
 
-def predict(net, bags, indices, statistics):
+def predict(net, bags, indices):
     """Class probabilities (len(indices), C) of the bags at indices: every tile, no dropout."""
     net.eval()
     with torch.inference_mode():
-        logits = torch.stack([net(standardise(bags[i], statistics)) for i in indices])
+        logits = torch.stack([net(on_device(bags[i])) for i in indices])
     return torch.softmax(logits.float(), 1).cpu().numpy().astype(np.float64)
 
 # -----------------------------------------------------------------------------

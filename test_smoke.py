@@ -1636,6 +1636,22 @@ def test_bench_reports_reading_model_and_extraction_rates(slide_cohort, capsys):
 
 
 
+def test_abmil_bags_are_standardised_by_the_train_tiles_before_float16_keeps_them():
+    rng = np.random.default_rng(0)
+    split = np.array(['train'] * 4 + ['val', 'test', 'test'])
+    # a large offset and a small spread, as some dimensions of real features have: float16 of the raw values steps
+    # by 0.06 at 100, six times the tiles' spread, and kept nothing of their differences
+    bags = [(100 + 0.01 * i + 0.01 * rng.normal(size=(int(rng.integers(20, 60)), 8))).astype(np.float32)
+            for i in range(7)]
+    inputs = evaluate.slide_inputs(iter(bags), split)  # one pass, as over feature files read one at a time
+    train = np.concatenate(bags[:4]).astype(np.float64)
+    mean, std = train.mean(0), train.std(0)
+    for bag, kept in zip(bags, inputs['bags']):
+        assert kept.dtype == torch.float16
+        np.testing.assert_allclose(kept.float().numpy(), (bag - mean) / std, rtol=3e-3, atol=3e-3)  # float16's 11 bits
+    np.testing.assert_allclose(inputs['pooled'], [bag.mean(0) for bag in bags], rtol=1e-6)  # pooled from the raw bags
+
+
 def write_trident_h5(path, features, coords):
     """A feature file as TRIDENT writes one: features, level-0 coords and the attributes beside them."""
     with h5py.File(path, 'w') as f:
