@@ -46,6 +46,7 @@ before distillation, from which "closes X% of the gap to the teacher" is measure
 """
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -1527,10 +1528,14 @@ def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64
                     tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
                     tile.save(os.path.join(root, path))
                     rows.append((path, label, split, center, slide))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(['path', 'label', 'split', 'center', 'slide'])
+    writer.writerows(rows)
+    # quoted where a value needs it (a comma in a path), and through a temporary name: an
+    # interrupted call never leaves a short CSV that reads as a smaller dataset
     csv_path = os.path.join(root, 'labels.csv')
-    with open(csv_path, 'w') as f:
-        f.write('path,label,split,center,slide\n')
-        f.writelines(','.join(r) + '\n' for r in rows)
+    save_atomic(csv_path, lambda f: f.write(text.getvalue().encode()))
     return csv_path
 
 # -----------------------------------------------------------------------------
