@@ -72,7 +72,7 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
-from tile import SlideError, TileDataset, open_slide, save_atomic
+from tile import SlideError, TileDataset, npz_files, open_slide, save_atomic
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -343,15 +343,14 @@ def read_slide_csv(path):
 def tiled_slides(tiles_dir):
     """{stem: slide path} of every slide in a tiles folder (tile.py's <stem>.npz files)."""
     is_folder = tiles_dir is not None and os.path.isdir(tiles_dir)
-    files = sorted(os.listdir(tiles_dir)) if is_folder else []
-    stems = [f[:-4] for f in files if f.endswith('.npz') and not f.startswith('.')]
-    if not stems:
+    files = npz_files(tiles_dir) if is_folder else []
+    if not files:
         raise SystemExit(f'error: --tiles {tiles_dir} holds no tiles: run '
                          f'`python tile.py SLIDES --out {tiles_dir}` first')
     tiled = {}
-    for stem in stems:
-        with np.load(os.path.join(tiles_dir, stem + '.npz')) as npz:
-            tiled[stem] = str(npz['slide_path'])
+    for name in files:
+        with np.load(os.path.join(tiles_dir, name)) as npz:
+            tiled[name.removesuffix('.npz')] = str(npz['slide_path'])
     return tiled
 
 
