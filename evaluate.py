@@ -60,7 +60,6 @@ from functools import partial
 
 import h5py
 import numpy as np
-import openslide
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -72,7 +71,7 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
-from tile import SlideError, TileDataset, npz_files, open_slide, save_atomic
+from tile import SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -387,8 +386,8 @@ def match_slide(value, base, tiled, index, tiles_dir):
 def slide_tiles(npz_path, stem):
     """What extraction needs of one slide: the rows of its .npz that are embedded (all, unless
     max_tiles caps them), their coordinates, its pyramid level, sizes, mpp and level-0 size. The
-    slide is opened and its first and last tiles read: a missing or damaged slide fails here, with
-    one line (SlideError), not in the middle of a batch."""
+    slide is opened and its first and last tiles read (tile.check_readable): a missing or damaged
+    slide fails here, with one line (SlideError), not in the middle of a batch."""
     with np.load(npz_path) as npz:
         coords = npz['coords'].reshape(-1, 2)
         slide = {k: npz[k].item() for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_mpp')}
@@ -405,12 +404,9 @@ def slide_tiles(npz_path, stem):
     size = slide['read_size']
     handle = open_slide(slide_path)
     try:
-        for x, y in coords[[0, -1]]:
-            handle.read_region((int(x), int(y)), slide['level'], (size, size))
+        check_readable(handle, coords, slide['level'], size)
         downsample = handle.level_downsamples[slide['level']]
         width, height = handle.dimensions
-    except openslide.OpenSlideError as e:
-        raise SlideError(f'unreadable (OpenSlideError: {e}): damaged or truncated') from None
     finally:
         handle.close()
     return slide | dict(stem=stem, slide_path=slide_path, rows=rows, coords=coords[rows],

@@ -1594,15 +1594,16 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
     root = slide_cohort['root']
     tiles = tmp_path / 'tiles'
     shutil.copytree(root / 'tiles', tiles)  # the eight good slides, already tiled
-    bad = [tmp_path / f'{name}.tif' for name in ('gone', 'garbage', 'damaged')]
+    bad = [tmp_path / f'{name}.tif' for name in ('gone', 'garbage', 'damaged', 'first-tile')]
     for path in bad:
         shutil.copy(small_slides / 's1.tif', path)
     tile.tile_slides(bad, tiles)
     bad[0].unlink()  # moved away after tiling
     bad[1].write_bytes(np.random.default_rng(0).bytes(50_000))  # overwritten: not a slide any more
     zero_tiff_tile_under(bad[2], tuple(map(int, np.load(tiles / 'damaged.npz')['coords'][1])))  # one tile of many
+    zero_tiff_tile_under(bad[3], tuple(map(int, np.load(tiles / 'first-tile.npz')['coords'][0])))  # found at start
     csv_path = tmp_path / 'slides.csv'
-    extra = ['gone,a,train', 'garbage,b,train', 'damaged,a,test', 'untiled,b,train']
+    extra = ['gone,a,train', 'garbage,b,train', 'damaged,a,test', 'first-tile,b,test', 'untiled,b,train']
     csv_path.write_text((root / 'slides.csv').read_text().replace('slides/slide7', str(root / 'slides' / 'slide7'))
                         + '\n'.join(extra) + '\n')
     # the good slides' feature files are there already: only the damaged slide is embedded
@@ -1615,8 +1616,9 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
                              '--num_workers', '2', '--bootstrap', '50', '--abmil_seeds', '1'])
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith('error: slide')]
     reasons = {line.split()[2].rstrip(':'): line for line in errors}
-    assert len(errors) == 4 and set(reasons) == {'gone', 'garbage', 'damaged', 'untiled'}  # one line each
+    assert len(errors) == 5 and set(reasons) == {'gone', 'garbage', 'damaged', 'first-tile', 'untiled'}  # one each
     assert 'is gone' in reasons['gone'] and 'cannot open' in reasons['garbage']
+    assert 'level 0 is unreadable' in reasons['first-tile']  # before extraction, by tile.check_readable
     assert '1 of' in reasons['damaged'] and 'tiles unreadable' in reasons['damaged']
     assert 'tile it first' in reasons['untiled']
     assert set(results['slides']['failed']) == set(reasons)
@@ -1624,7 +1626,7 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
     row = results['models']['tiny-teacher']
     assert row['tile']['n_test'] == 3 and row['slide']['n_test'] == 2 and 'abmil' in row['slide']
     assert not (tmp_path / 'out' / 'features' / 'tiny-teacher' / 'damaged.h5').exists()  # no half-true file
-    assert '### slides not scored (4)' in (tmp_path / 'out' / 'results.md').read_text()
+    assert '### slides not scored (5)' in (tmp_path / 'out' / 'results.md').read_text()
 
 
 def test_bench_reports_reading_model_and_extraction_rates(slide_cohort, capsys):
