@@ -650,35 +650,44 @@ def embed_slides(name, entry, net, crop, tileset, todo):
     first_tile = np.searchsorted(tileset.slide_index, np.arange(len(tileset.stems)))
     position = dict(zip(tileset.stems, first_tile))
     indices = [position[slide['stem']] + slide['rows'] for _, slide, _, _ in todo]
-    counts = [len(i) for i in indices]
     loader = tile_loader(tileset, np.concatenate(indices))
-    progress = tqdm(total=sum(counts), unit='tile', desc=f'embed {name}')
-    failed = {}
-    done = 0
+    progress = tqdm(total=sum(map(len, indices)), unit='tile', desc=f'embed {name}')
+    # the slides not written yet, in stream order, and their tiles embedded so far
+    waiting = list(todo)
     parts, flags = [], []
+    failed = {}
     with torch.inference_mode(), autocast(), progress:
         for images, replaced in loader:
             pooled, _ = embed(net, crop, images.to(device, non_blocking=True))
             parts.append(pooled.float().cpu().numpy())
             flags.append(replaced.numpy())
             progress.update(len(images))
-            # every slide whose last tile is in is written now
-            while done < len(todo) and sum(map(len, parts)) >= counts[done]:
-                features, unreadable = np.concatenate(parts), np.concatenate(flags)
-                n = counts[done]
-                value, slide, key, path = todo[done]
-                bad = int(unreadable[:n].sum())
-                if bad:
-                    # TileDataset read other tiles in their place: features of this slide only,
-                    # or none
-                    failed[value] = (f'{bad} of {n} tiles unreadable (see the warnings): damaged; '
-                                     'scan or convert it again')
-                    tqdm.write(f'error: slide {value}: {failed[value]}')
-                else:
-                    write_features(path, features[:n], slide, entry, key)
-                parts, flags = [features[n:]], [unreadable[n:]]
-                done += 1
+            # every slide whose last tile is in is written now, not at the end of the stream
+            parts, flags = write_finished_slides(waiting, parts, flags, entry, failed)
     return failed
+
+
+def write_finished_slides(waiting, parts, flags, entry, failed):
+    """Write the file of each slide at the head of waiting (todo entries of extract_slides) whose
+    tiles are all in parts (embedded tiles, in stream order; flags: which were replaced), and
+    drop it from waiting; a slide with replaced tiles goes into failed instead. Returns the
+    tiles left over, as (parts, flags)."""
+    if not waiting or sum(map(len, parts)) < len(waiting[0][1]['rows']):
+        return parts, flags
+    features, unreadable = np.concatenate(parts), np.concatenate(flags)
+    while waiting and len(features) >= len(waiting[0][1]['rows']):
+        value, slide, key, path = waiting.pop(0)
+        n = len(slide['rows'])
+        bad = int(unreadable[:n].sum())
+        if bad:
+            # TileDataset read other tiles in their place: features of this slide only, or none
+            failed[value] = (f'{bad} of {n} tiles unreadable (see the warnings): damaged; '
+                             'scan or convert it again')
+            tqdm.write(f'error: slide {value}: {failed[value]}')
+        else:
+            write_features(path, features[:n], slide, entry, key)
+        features, unreadable = features[n:], unreadable[n:]
+    return [features], [unreadable]
 
 
 def tile_loader(tileset, indices):
