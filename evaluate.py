@@ -38,7 +38,8 @@ path,label,split[,center][,slide] (paths relative to the CSV).
 --slides: a CSV slide,label,split[,center] with --tiles, the folder tile.py wrote; slide is a stem
 tile.py wrote, or the slide's path (relative to the CSV) or file name. Both --data and --slides
 may be given; --slides then is the slide level.
-Writes OUT/results.json, results.md, results.png; tile embeddings in OUT/cache/.
+Writes OUT/results.json, results.md, results.png (not with --extract_only); tile embeddings in
+OUT/cache/.
 --models: one row per entry, named by its model name, or by the whole entry when entries share a
 name: --models Hibou-L,Hibou-L=out/g2l/student.safetensors is the student before and after
 distillation. --names renames the rows (one name per entry, in order); --baseline names the row

@@ -1305,17 +1305,18 @@ def test_extract_only_runs_one_per_model_write_caches_and_no_results_then_one_ru
                                                                                                    monkeypatch):
     evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)  # 12 PNGs
     calls = counting_embed(monkeypatch)
-    for entry in ('tiny-student', 'tiny-teacher'):  # a process per GPU, a model each; --teacher as a config sets it
-        extracted = run(tmp_path, tmp_path / 'tiles', '--extract_only=True', '--teacher=tiny-teacher', models=entry)
+    config = ['--teacher=tiny-teacher', '--names=teacher,student']  # what a config file for the scoring run sets
+    for entry in ('tiny-student', 'tiny-teacher'):  # a process per GPU, a model each
+        extracted = run(tmp_path, tmp_path / 'tiles', '--extract_only=True', *config, models=entry)
         assert list(extracted['models']) == [entry] and 'tile' not in extracted['models'][entry]  # nothing scored
     assert sum(calls) == 2 * 12  # each model embedded every image once, the teacher not twice
     assert len(list((tmp_path / 'out' / 'cache').glob('*.npz'))) == 2
     assert os.listdir(tmp_path / 'out') == ['cache']  # no one-row results.* that would look final
     calls.clear()
-    results = run(tmp_path, tmp_path / 'tiles')
+    results = run(tmp_path, tmp_path / 'tiles', *config)
     assert calls == [] and all(row['cached'] for row in results['models'].values())
     saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
-    assert list(saved['models']) == ['tiny-teacher', 'tiny-student']
+    assert list(saved['models']) == ['teacher', 'student']
 
 
 def test_cache_key_changes_when_the_weights_or_an_image_change(tmp_path, monkeypatch):
