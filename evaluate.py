@@ -22,15 +22,24 @@ then ABMIL and mean-pooled probes on the slides' labels:
 Is extraction bound by slide reading or by the model? Tiles/s of each, on 512 tiles:
     python evaluate.py --bench=512 --tiles tiles/brca --models H-optimus-0=/data/hf/H-optimus-0
 No torchrun line: extraction is one forward pass per image. For several GPUs run one process per
-model with the same --out (caches and feature files are per model, written atomically), then one
-run with all models finds them done.
+model with the same --out and --extract_only=True: it embeds into the model's own cache and feature
+files (written atomically) and writes no results, which would be a one-row table. Then one run with
+all models finds them done and scores every row:
+    CUDA_VISIBLE_DEVICES=0 python evaluate.py config/eval_brca.py --extract_only=True \
+        --models=H-optimus-0=/data/hf/H-optimus-0 &
+    CUDA_VISIBLE_DEVICES=1 python evaluate.py config/eval_brca.py --extract_only=True \
+        --models=Hibou-L=/data/hf/hibou-L &
+    CUDA_VISIBLE_DEVICES=2 python evaluate.py config/eval_brca.py --extract_only=True \
+        --models=out/g2l_brca &
+    wait; python evaluate.py config/eval_brca.py
 
 --data: an ImageFolder root (train/, optional val/, test/; a subfolder per class) or a CSV
 path,label,split[,center][,slide] (paths relative to the CSV).
 --slides: a CSV slide,label,split[,center] with --tiles, the folder tile.py wrote; slide is a stem
 tile.py wrote, or the slide's path (relative to the CSV) or file name. Both --data and --slides
 may be given; --slides then is the slide level.
-Writes OUT/results.json, results.md, results.png; tile embeddings in OUT/cache/.
+Writes OUT/results.json, results.md, results.png (not with --extract_only); tile embeddings in
+OUT/cache/.
 --models: one row per entry, named by its model name, or by the whole entry when entries share a
 name: --models Hibou-L,Hibou-L=out/g2l/student.safetensors is the student before and after
 distillation. --names renames the rows (one name per entry, in order); --baseline names the row
@@ -52,7 +61,6 @@ from functools import partial
 
 import h5py
 import numpy as np
-import openslide
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -64,7 +72,7 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
-from tile import SlideError, TileDataset, open_slide
+from tile import SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -105,11 +113,15 @@ abmil_epochs = 20
 abmil_lr = 3e-4
 abmil_weight_decay = 1e-5
 abmil_bag = 2048                     # tiles sampled per slide per training step; all at test
-abmil_hidden = 512                   # width, never more than the features' own
+# width (Patho-Bench's 512); at most 4x the features' own, so tiny models' heads stay cheap
+abmil_hidden = 512
 abmil_dropout = 0.25
 abmil_seeds = 5                      # trainings per model (eva runs 5); their metrics averaged
 cka_tiles = 4096                     # test slides' tiles sampled for the slide-level CKA
 bench = 0                            # > 0: tiles/s of reading, model, extraction on this many
+# True: embed only (OUT/cache/, OUT/features/), score nothing, write no results: one process per
+# model on several GPUs; --teacher, --names and --baseline are then the scoring run's
+extract_only = False
 # -----------------------------------------------------------------------------
 # every plain value above is a config key
 config_types = (int, float, str, list, type(None))
@@ -128,6 +140,9 @@ METRICS = {'balanced_accuracy': 'bal. acc',
 CACHE_VERSION = 'v2 shorter side, centre crop'
 # bump when the slide feature files change: old files then are re-extracted
 FEATURES_VERSION = 'v1 TRIDENT layout, centre crop'
+# what a run killed mid-write leaves: tile.save_atomic's .NAME.PID.tmp, and NAME.tmpPID of
+# evaluate.py before it wrote through save_atomic
+TEMPORARY_NAMES = (re.compile(r'\..+\.(\d+)\.tmp'), re.compile(r'.+\.tmp(\d+)'))
 # the compact table of each level: (protocol, metric) per column; the first column is the one
 # "closes X% of the gap" is measured on. CKA has no metric: it is an entry of its own.
 HEADLINE = {'tile': [('linear', 'balanced_accuracy'), ('knn', 'balanced_accuracy'),
@@ -267,16 +282,6 @@ def load_images(paths, spec):
         images.append(resize_crop(spec, pixels)[0])
     return torch.stack(images), None
 
-
-def write_atomic(path, payload):
-    """Write bytes to a temporary name, then rename."""
-    # an interrupted run never leaves a truncated cache or result that looks complete
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    with open(temporary, 'wb') as f:
-        f.write(payload)
-    os.replace(temporary, path)
-
 # -----------------------------------------------------------------------------
 # slides: a CSV of labelled slides, each found in the tiles folder tile.py wrote
 
@@ -338,15 +343,14 @@ def read_slide_csv(path):
 def tiled_slides(tiles_dir):
     """{stem: slide path} of every slide in a tiles folder (tile.py's <stem>.npz files)."""
     is_folder = tiles_dir is not None and os.path.isdir(tiles_dir)
-    files = sorted(os.listdir(tiles_dir)) if is_folder else []
-    stems = [f[:-4] for f in files if f.endswith('.npz') and not f.startswith('.')]
-    if not stems:
+    files = npz_files(tiles_dir) if is_folder else []
+    if not files:
         raise SystemExit(f'error: --tiles {tiles_dir} holds no tiles: run '
                          f'`python tile.py SLIDES --out {tiles_dir}` first')
     tiled = {}
-    for stem in stems:
-        with np.load(os.path.join(tiles_dir, stem + '.npz')) as npz:
-            tiled[stem] = str(npz['slide_path'])
+    for name in files:
+        with np.load(os.path.join(tiles_dir, name)) as npz:
+            tiled[name.removesuffix('.npz')] = str(npz['slide_path'])
     return tiled
 
 
@@ -383,8 +387,8 @@ def match_slide(value, base, tiled, index, tiles_dir):
 def slide_tiles(npz_path, stem):
     """What extraction needs of one slide: the rows of its .npz that are embedded (all, unless
     max_tiles caps them), their coordinates, its pyramid level, sizes, mpp and level-0 size. The
-    slide is opened and its first and last tiles read: a missing or damaged slide fails here, with
-    one line (SlideError), not in the middle of a batch."""
+    slide is opened and its first and last tiles read (tile.check_readable): a missing or damaged
+    slide fails here, with one line (SlideError), not in the middle of a batch."""
     with np.load(npz_path) as npz:
         coords = npz['coords'].reshape(-1, 2)
         slide = {k: npz[k].item() for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_mpp')}
@@ -401,12 +405,9 @@ def slide_tiles(npz_path, stem):
     size = slide['read_size']
     handle = open_slide(slide_path)
     try:
-        for x, y in coords[[0, -1]]:
-            handle.read_region((int(x), int(y)), slide['level'], (size, size))
+        check_readable(handle, coords, slide['level'], size)
         downsample = handle.level_downsamples[slide['level']]
         width, height = handle.dimensions
-    except openslide.OpenSlideError as e:
-        raise SlideError(f'unreadable (OpenSlideError: {e}): damaged or truncated') from None
     finally:
         handle.close()
     return slide | dict(stem=stem, slide_path=slide_path, rows=rows, coords=coords[rows],
@@ -468,10 +469,11 @@ def embeddings(entry, net, spec, dataset):
         with np.load(path) as cached:
             return cached['embeddings'], info | dict(seconds=time.time() - start)
     emb = extract(entry, net, spec, dataset['paths'])
-    # the image paths beside the embeddings: the file stands alone
-    buffer = io.BytesIO()
-    np.savez(buffer, embeddings=emb, paths=np.array(dataset['paths']))
-    write_atomic(path, buffer.getvalue())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # the image paths beside the embeddings: the file stands alone. Through a temporary name: an
+    # interrupted run never leaves a truncated cache that looks complete
+    paths = np.array(dataset['paths'])
+    save_atomic(path, lambda f: np.savez(f, embeddings=emb, paths=paths))
     return emb, info | dict(seconds=time.time() - start)
 
 
@@ -535,11 +537,16 @@ def stored_key(path):
 
 
 def write_features(path, features, slide, encoder, key):
-    """<stem>.h5 in TRIDENT's layout, written under a temporary name, then renamed: a killed run
-    never leaves a file that looks complete."""
+    """<stem>.h5 in TRIDENT's layout, through tile.save_atomic's hidden .<stem>.h5.<pid>.tmp,
+    then renamed: a killed run never leaves a file that looks complete."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    with h5py.File(temporary, 'w') as f:
+    # h5py opens its file by name: save_atomic's temporary (f.name), renamed once h5py closed it
+    save_atomic(path, lambda f: write_h5(f.name, features, slide, encoder, key))
+
+
+def write_h5(path, features, slide, encoder, key):
+    """The features and coordinates of one slide, and the attributes TRIDENT writes, at path."""
+    with h5py.File(path, 'w') as f:
         f.create_dataset('features', data=features.astype(np.float32))
         f['features'].attrs['encoder'] = encoder
         coords = f.create_dataset('coords', data=slide['coords'].astype(np.int64))
@@ -559,7 +566,51 @@ def write_features(path, features, slide, encoder, key):
         f.attrs['slide_mpp'] = slide['slide_mpp']
         f.attrs['tiles_in_slide'] = slide['n_tiled']
         f.attrs['key'] = key
-    os.replace(temporary, path)
+
+
+def remove_stale_temporaries(folder, started):
+    """Delete the temporaries that runs killed mid-write left in folder (OUT/cache/ or a features
+    folder): those whose process is gone and that were last written before this run `started`."""
+    # never a live run's: a run on this machine has a live pid; one on another machine that shares
+    # the folder has a pid that means nothing here, but it writes a slide's file in seconds
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    removed = 0
+    for name in names:
+        pid = temporary_pid(name)
+        if pid is None or process_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.stat(path).st_mtime >= started:
+                continue
+            os.remove(path)
+        except FileNotFoundError:
+            # another run removed it first
+            continue
+        removed += 1
+    if removed:
+        print(f'removed {removed} temporary files of killed runs from {folder}')
+
+
+def temporary_pid(name):
+    """The pid in the name of a temporary file (TEMPORARY_NAMES); None for any other file."""
+    for pattern in TEMPORARY_NAMES:
+        match = pattern.fullmatch(name)
+        if match:
+            return int(match[1])
+    return None
+
+
+def process_alive(pid):
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        # another user's process
+        return True
+    return True
 
 
 def read_features(path):
@@ -600,35 +651,44 @@ def embed_slides(name, entry, net, crop, tileset, todo):
     first_tile = np.searchsorted(tileset.slide_index, np.arange(len(tileset.stems)))
     position = dict(zip(tileset.stems, first_tile))
     indices = [position[slide['stem']] + slide['rows'] for _, slide, _, _ in todo]
-    counts = [len(i) for i in indices]
     loader = tile_loader(tileset, np.concatenate(indices))
-    progress = tqdm(total=sum(counts), unit='tile', desc=f'embed {name}')
-    failed = {}
-    done = 0
+    progress = tqdm(total=sum(map(len, indices)), unit='tile', desc=f'embed {name}')
+    # the slides not written yet, in stream order, and their tiles embedded so far
+    waiting = list(todo)
     parts, flags = [], []
+    failed = {}
     with torch.inference_mode(), autocast(), progress:
         for images, replaced in loader:
             pooled, _ = embed(net, crop, images.to(device, non_blocking=True))
             parts.append(pooled.float().cpu().numpy())
             flags.append(replaced.numpy())
             progress.update(len(images))
-            # every slide whose last tile is in is written now
-            while done < len(todo) and sum(map(len, parts)) >= counts[done]:
-                features, unreadable = np.concatenate(parts), np.concatenate(flags)
-                n = counts[done]
-                value, slide, key, path = todo[done]
-                bad = int(unreadable[:n].sum())
-                if bad:
-                    # TileDataset read other tiles in their place: features of this slide only,
-                    # or none
-                    failed[value] = (f'{bad} of {n} tiles unreadable (see the warnings): damaged; '
-                                     'scan or convert it again')
-                    tqdm.write(f'error: slide {value}: {failed[value]}')
-                else:
-                    write_features(path, features[:n], slide, entry, key)
-                parts, flags = [features[n:]], [unreadable[n:]]
-                done += 1
+            # every slide whose last tile is in is written now, not at the end of the stream
+            parts, flags = write_finished_slides(waiting, parts, flags, entry, failed)
     return failed
+
+
+def write_finished_slides(waiting, parts, flags, entry, failed):
+    """Write the file of each slide at the head of waiting (todo entries of extract_slides) whose
+    tiles are all in parts (embedded tiles, in stream order; flags: which were replaced), and
+    drop it from waiting; a slide with replaced tiles goes into failed instead. Returns the
+    tiles left over, as (parts, flags)."""
+    if not waiting or sum(map(len, parts)) < len(waiting[0][1]['rows']):
+        return parts, flags
+    features, unreadable = np.concatenate(parts), np.concatenate(flags)
+    while waiting and len(features) >= len(waiting[0][1]['rows']):
+        value, slide, key, path = waiting.pop(0)
+        n = len(slide['rows'])
+        bad = int(unreadable[:n].sum())
+        if bad:
+            # TileDataset read other tiles in their place: features of this slide only, or none
+            failed[value] = (f'{bad} of {n} tiles unreadable (see the warnings): damaged; '
+                             'scan or convert it again')
+            tqdm.write(f'error: slide {value}: {failed[value]}')
+        else:
+            write_features(path, features[:n], slide, entry, key)
+        features, unreadable = features[n:], unreadable[n:]
+    return [features], [unreadable]
 
 
 def tile_loader(tileset, indices):
@@ -1054,16 +1114,24 @@ def slide_bags(emb, dataset):
 
 def slide_inputs(bags, split):
     """What the slide protocols need of one model's bags (an iterable of (N, D) float32 arrays, one
-    per slide, used one at a time): the mean-pooled slides (S, D), the bags for ABMIL, and the CKA
-    sample: about cka_tiles tiles of the test slides, with the test slide of each."""
+    per slide, used one at a time): the mean-pooled slides (S, D), the bags for ABMIL in float16,
+    standardised by the train tiles' mean and std, and the CKA sample: about cka_tiles tiles of the
+    test slides, with the test slide of each."""
     n_test = int((split == 'test').sum())
     per_slide = -(-cka_tiles // max(1, n_test))
-    pooled, kept, sample, groups = [], [], [], []
+    pooled, own_scales, kept, sample, groups = [], [], [], [], []
     for i, bag in enumerate(bags):
         # the mean pool, in float64: a float32 running sum over 10K tiles loses digits
         pooled.append(bag.mean(0, dtype=np.float64))
-        # float16 halves what ABMIL holds (1K slides of 10K tiles of 1536 numbers: 31 GB)
-        kept.append(torch.from_numpy(bag.astype(np.float16)))
+        mean = pooled[-1].astype(np.float32)
+        std = bag.std(0, dtype=np.float64).astype(np.float32)
+        own_scales.append((len(bag), mean, std))
+        # kept in float16, which has 11 bits: of each tile's deviation from its slide's mean in
+        # units of the slide's spread, not of an offset all tiles share (float16 steps by 0.06 at
+        # 100). The bags come once, one at a time: the train tiles' statistics are known only
+        # after the last, and restandardise applies them then
+        unit = np.where(std > 0, std, 1)
+        kept.append(torch.from_numpy(((bag - mean) / unit).astype(np.float16)))
         if split[i] != 'test':
             continue
         # the same tiles for every model: drawn from the slide's position and size only
@@ -1071,8 +1139,30 @@ def slide_inputs(bags, split):
         rows = np.sort(rng.choice(len(bag), min(len(bag), per_slide), replace=False))
         groups.append(np.full(len(rows), len(sample)))
         sample.append(bag[rows])
+    restandardise(kept, own_scales, split == 'train')
     return dict(pooled=np.stack(pooled).astype(np.float32), bags=kept,
                 sample=np.concatenate(sample), groups=np.concatenate(groups))
+
+
+def restandardise(kept, own_scales, train):
+    """Bags standardised each by its own (tiles, mean, std) -> standardised by the train tiles'
+    mean and std (train: a bool per bag), in float16, replaced in kept one at a time."""
+    # Standardised, one learning rate fits every model's scale. In float16 ABMIL holds half: 1K
+    # slides of 10K tiles of 1536 numbers are 31 GB, not float32's 61; one bag at a time is in
+    # float32, never a copy of them all
+    counts = np.array([n for n, _, _ in own_scales])[train]
+    means = np.stack([m for _, m, _ in own_scales]).astype(np.float64)
+    stds = np.stack([s for _, _, s in own_scales]).astype(np.float64)
+    # the law of total variance: the train slides' spread within, plus that of their means
+    weights = (counts / counts.sum())[:, None]
+    mean = (weights * means[train]).sum(0)
+    variance = (weights * (stds[train] ** 2 + (means[train] - mean) ** 2)).sum(0)
+    std = np.maximum(np.sqrt(variance), 1e-6)
+    for i, bag in enumerate(kept):
+        unit = np.where(stds[i] > 0, stds[i], 1)
+        scale = torch.from_numpy(unit / std).float()
+        shift = torch.from_numpy((means[i] - mean) / std).float()
+        kept[i] = (bag.float() * scale + shift).half()
 
 
 def run_slide_protocols(inputs, labels, split, n_classes, teacher_sample):
@@ -1115,34 +1205,25 @@ class ABMIL(torch.nn.Module):
 def run_abmil(bags, labels, split, n_classes):
     """ABMIL trained abmil_seeds times (seeds seed, seed + 1, ...) on the train slides, each kept at
     its best val epoch (its last without val), scored on test with CIs: each metric is the mean of
-    the seeds' metrics. Also each seed's metrics and chosen epoch."""
+    the seeds' metrics. Also each seed's metrics and chosen epoch. bags: slide_inputs' float16
+    bags, standardised by the train tiles' mean and std."""
     train, val, test = (np.flatnonzero(split == s) for s in SPLITS)
-    # standardised with the train tiles' statistics: one learning rate fits every model's scale
-    statistics = tile_statistics([bags[i] for i in train])
+    dim = bags[0].shape[1]
     # small problems on one CPU thread: thread hand-offs cost more than the maths (measured on 2
     # busy cores: 1 ms a step instead of 10-25)
-    step_size = max(min(len(bags[i]), abmil_bag) for i in train) * len(statistics[0])
+    step_size = max(min(len(bags[i]), abmil_bag) for i in train) * dim
     threads = 1 if device == 'cpu' and step_size < 10 ** 6 else None
     with threadpool_limits(threads):
-        trained = [train_abmil(bags, labels, train, val, n_classes, seed + s, statistics)
+        trained = [train_abmil(bags, labels, train, val, n_classes, seed + s, dim)
                    for s in range(abmil_seeds)]
-        probs = np.stack([predict(net, bags, test, statistics) for net, _ in trained])
+        probs = np.stack([predict(net, bags, test) for net, _ in trained])
     test_y = labels[test]
     per_seed = {m: [float(metrics(test_y, p)[m][0]) for p in probs] for m in METRICS}
     chosen = [epoch for _, epoch in trained]
     return with_ci(test_y, probs) | dict(per_seed=per_seed, epochs=chosen)
 
 
-def tile_statistics(bags):
-    """Mean and standard deviation (D,) of every tile of the bags, on `device`."""
-    count = sum(len(b) for b in bags)
-    mean = sum(b.double().sum(0) for b in bags) / count
-    variance = sum(((b.double() - mean) ** 2).sum(0) for b in bags) / count
-    std = variance.sqrt().clamp_min(1e-6)
-    return mean.float().to(device), std.float().to(device)
-
-
-def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
+def train_abmil(bags, labels, train, val, n_classes, run_seed, dim):
     """One ABMIL trained with Patho-Bench's recipe: AdamW, cosine schedule over every step, a
     class-balanced loss, one slide a step of at most abmil_bag sampled tiles. Returns it at its
     best val epoch (by selection_score), or at its last without val, and that epoch."""
@@ -1150,7 +1231,7 @@ def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run_seed)
         rng = np.random.default_rng(run_seed)
-        net = ABMIL(len(statistics[0]), n_classes).to(device)
+        net = ABMIL(dim, n_classes).to(device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=abmil_lr,
                                       weight_decay=abmil_weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, abmil_epochs * len(train))
@@ -1162,7 +1243,7 @@ def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
             net.train()
             for i in rng.permutation(train):
                 bag = sample_bag(bags[i], rng)
-                logits = net(standardise(bag, statistics))
+                logits = net(on_device(bag))
                 target = torch.tensor(labels[i], device=device)
                 loss = class_weight[labels[i]] * F.cross_entropy(logits, target)
                 optimizer.zero_grad(set_to_none=True)
@@ -1171,7 +1252,7 @@ def train_abmil(bags, labels, train, val, n_classes, run_seed, statistics):
                 schedule.step()
             if not len(val):
                 continue
-            score = selection_score(labels[val], predict(net, bags, val, statistics))
+            score = selection_score(labels[val], predict(net, bags, val))
             # the first of equally good epochs: the earliest stop
             if best is None or score > best[0]:
                 state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -1189,17 +1270,16 @@ def sample_bag(bag, rng):
     return bag[torch.from_numpy(rows)]
 
 
-def standardise(bag, statistics):
-    """A bag on `device`, float32, standardised by the train tiles' mean and std."""
-    mean, std = statistics
-    return (bag.to(device).float() - mean) / std
+def on_device(bag):
+    """A kept float16 bag on `device`, float32."""
+    return bag.to(device).float()
 
 
-def predict(net, bags, indices, statistics):
+def predict(net, bags, indices):
     """Class probabilities (len(indices), C) of the bags at indices: every tile, no dropout."""
     net.eval()
     with torch.inference_mode():
-        logits = torch.stack([net(standardise(bags[i], statistics)) for i in indices])
+        logits = torch.stack([net(on_device(bags[i])) for i in indices])
     return torch.softmax(logits.float(), 1).cpu().numpy().astype(np.float64)
 
 # -----------------------------------------------------------------------------
@@ -1288,8 +1368,8 @@ def write_markdown(results, path):
              f'test split, with 95% bootstrap CIs ({bootstrap} resamples of the test tiles or '
              'slides, the same for every row).']
     headline = headline_lines(results)
-    text = '\n'.join(intro + headline + detail_lines(results))
-    write_atomic(path, (text + '\n').encode())
+    text = '\n'.join(intro + headline + detail_lines(results)) + '\n'
+    save_atomic(path, lambda f: f.write(text.encode()))
     return '\n'.join(headline)
 
 
@@ -1389,10 +1469,8 @@ def plot(results, path):
     if with_index:
         plot_robustness(axes[0, -1], rows)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png', dpi=100)
+    save_atomic(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())
 
 
 def plot_headline(ax, rows, level):
@@ -1456,10 +1534,14 @@ def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64
                     tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
                     tile.save(os.path.join(root, path))
                     rows.append((path, label, split, center, slide))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(['path', 'label', 'split', 'center', 'slide'])
+    writer.writerows(rows)
+    # quoted where a value needs it (a comma in a path), and through a temporary name: an
+    # interrupted call never leaves a short CSV that reads as a smaller dataset
     csv_path = os.path.join(root, 'labels.csv')
-    with open(csv_path, 'w') as f:
-        f.write('path,label,split,center,slide\n')
-        f.writelines(','.join(r) + '\n' for r in rows)
+    save_atomic(csv_path, lambda f: f.write(text.getvalue().encode()))
     return csv_path
 
 # -----------------------------------------------------------------------------
@@ -1586,21 +1668,25 @@ def run_protocols(emb, dataset, reference, with_slides):
     return row
 
 
-def evaluate_model(name, entry, dataset, cohort, reference):
+def evaluate_model(name, entry, dataset, cohort, reference, started):
     """One row: the model built once, its tile embeddings and their protocols (--data), and its
-    slides' feature files (--slides)."""
+    slides' feature files (--slides). started: when this run started (time.time())."""
     model_name, _, weights = entry.partition('=')
     net, spec = create(model_name, weights or None, device=device)
     n_params = sum(p.numel() for p in net.parameters())
     row = dict(entry=entry, dim=spec['dim'], params=n_params)
     if dataset is not None:
+        remove_stale_temporaries(os.path.join(out, 'cache'), started)
         emb, info = embeddings(entry, net, spec, dataset)
         how = 'from cache' if info['cached'] else 'extracted'
         print(f"{name}: {emb.shape[0]} x {emb.shape[1]} embeddings {how} "
               f"in {info['seconds']:.1f} s ({info['cache']})")
-        row |= info | run_protocols(emb, dataset, reference, with_slides=cohort is None)
+        row |= info
+        if not extract_only:
+            row |= run_protocols(emb, dataset, reference, with_slides=cohort is None)
     if cohort is not None:
         row['features'] = features_folder(entry)
+        remove_stale_temporaries(row['features'], started)
         cohort['failed'] |= extract_slides(name, entry, net, spec, cohort, row['features'])
     return row
 
@@ -1656,13 +1742,17 @@ def write_results(results):
     # one-class test set): they are written as null
     strict = json.loads(json.dumps(results), parse_constant=lambda _: None)
     text = json.dumps(strict, indent=2, allow_nan=False)
-    write_atomic(os.path.join(out, 'results.json'), text.encode())
+    # each through a temporary name: an interrupted run never leaves a truncated result
+    os.makedirs(out, exist_ok=True)
+    save_atomic(os.path.join(out, 'results.json'), lambda f: f.write(text.encode()))
     print(write_markdown(results, os.path.join(out, 'results.md')))
     plot(results, os.path.join(out, 'results.png'))
     print(f'wrote {out}/results.json, results.md, results.png')
 
 
 def main(argv=None):
+    # temporary files last written before now are no live run's (remove_stale_temporaries)
+    started = time.time()
     # config: the defaults on every call (the tests call main more than once), then a config file
     # and --key=value
     globals().update(DEFAULTS)
@@ -1670,12 +1760,15 @@ def main(argv=None):
     config = {k: globals()[k] for k in config_keys}
     print('config:', json.dumps(config))
 
-    # which rows, named how, the teacher first
-    rows = ordered_rows(model_entries(models), teacher, names)
+    # which rows, named how, the teacher first. extract_only embeds the --models entries alone: a
+    # --teacher that is one more entry (as a config file may set it) is the scoring run's
+    entries = model_entries(models)
+    rows = row_names(entries) if extract_only else ordered_rows(entries, teacher, names)
     if bench:
         return dict(config=config, bench=bench_extraction(rows))
-    results = dict(config=config, teacher=next(iter(rows)), baseline=baseline_row(rows, baseline),
-                   models={})
+    results = dict(config=config, teacher=next(iter(rows)), baseline=None, models={})
+    if not extract_only:
+        results['baseline'] = baseline_row(rows, baseline)
 
     # data: labelled images (--data), labelled slides (--slides with --tiles), or both
     if data is None and slides is None:
@@ -1694,7 +1787,12 @@ def main(argv=None):
     # its test embeddings are there for every row's CKA
     reference = {}
     for name, entry in rows.items():
-        results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference)
+        results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference, started)
+    if extract_only:
+        # no results.*: a table of this run's rows alone would look like the whole comparison
+        print(f"extract_only: {', '.join(rows)} embedded under {out}, nothing scored; run again "
+              'with every model and without --extract_only to score them')
+        return results
     # the slide level once every model has embedded every slide, so all rows score the same slides
     if cohort is not None:
         score_cohort(results, cohort)

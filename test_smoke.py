@@ -1497,6 +1497,24 @@ def test_imagefolder_end_to_end_then_second_run_uses_the_cache(tmp_path, monkeyp
           f'whole run {first_seconds:.1f} s -> {second_seconds:.1f} s ({first_seconds / second_seconds:.1f}x)')
 
 
+def test_extract_only_runs_one_per_model_write_caches_and_no_results_then_one_run_scores_every_row(tmp_path,
+                                                                                                   monkeypatch):
+    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)  # 12 PNGs
+    calls = counting_embed(monkeypatch)
+    config = ['--teacher=tiny-teacher', '--names=teacher,student']  # what a config file for the scoring run sets
+    for entry in ('tiny-student', 'tiny-teacher'):  # a process per GPU, a model each
+        extracted = run(tmp_path, tmp_path / 'tiles', '--extract_only=True', *config, models=entry)
+        assert list(extracted['models']) == [entry] and 'tile' not in extracted['models'][entry]  # nothing scored
+    assert sum(calls) == 2 * 12  # each model embedded every image once, the teacher not twice
+    assert len(list((tmp_path / 'out' / 'cache').glob('*.npz'))) == 2
+    assert os.listdir(tmp_path / 'out') == ['cache']  # no one-row results.* that would look final
+    calls.clear()
+    results = run(tmp_path, tmp_path / 'tiles', *config)
+    assert calls == [] and all(row['cached'] for row in results['models'].values())
+    saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert list(saved['models']) == ['teacher', 'student']
+
+
 def test_cache_key_changes_when_the_weights_or_an_image_change(tmp_path, monkeypatch):
     evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
     monkeypatch.setattr(evaluate, 'out', str(tmp_path / 'out'))
@@ -1718,26 +1736,36 @@ def test_every_tile_of_each_slide_is_embedded_into_a_trident_h5_and_a_rerun_embe
         assert len(capped) == 4 and {tuple(c) for c in capped} <= {tuple(c) for c in z['coords']}
 
 
-def test_a_killed_extraction_resumes_and_ends_with_the_files_of_an_uninterrupted_run(slide_cohort, tmp_path,
-                                                                                   monkeypatch):
-    root = slide_cohort['root']
-    real_write, written = evaluate.write_features, []
-
-    def killed_after_three_slides(path, *args):
-        if len(written) == 3:
-            raise KeyboardInterrupt  # Ctrl-C, or a pre-emption, in the middle of a batch
-        written.append(os.path.basename(path))
-        real_write(path, *args)
-
-    monkeypatch.setattr(evaluate, 'write_features', killed_after_three_slides)
-    with pytest.raises(KeyboardInterrupt):
-        run_slides(root, tmp_path / 'out', 'tiny-teacher')
-    folder = tmp_path / 'out' / 'features' / 'tiny-teacher'
-    assert sorted(os.listdir(folder)) == sorted(written)  # three whole files and nothing else
-    monkeypatch.setattr(evaluate, 'write_features', real_write)
+def test_a_sigkilled_extraction_resumes_to_the_files_of_an_uninterrupted_run_and_removes_its_temporaries(
+        slide_cohort, tmp_path, monkeypatch):
+    root, out = slide_cohort['root'], tmp_path / 'out'
+    folder = out / 'features' / 'tiny-teacher'
+    command = [sys.executable, os.path.join(HERE, 'evaluate.py'), f'--slides={root / "slides.csv"}',
+               f'--tiles={root / "tiles"}', '--models=tiny-teacher', f'--out={out}', '--device=cpu', '--num_workers=0',
+               '--batch_size=2', '--extract_only=True']
+    killed = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listing = lambda: os.listdir(folder) if folder.exists() else []
+    finished = lambda: [f for f in listing() if not f.startswith('.')]
+    while killed.poll() is None and not finished():
+        time.sleep(0.002)
+    # then, without sleeping, until save_atomic's temporary of the next file is there: killed inside h5py's write
+    # (7 of 8 runs here), else after the third file
+    while killed.poll() is None and len(finished()) < 3 and len(listing()) == len(finished()):
+        pass
+    killed.send_signal(signal.SIGKILL)  # no handler runs: whatever h5py had open stays as it was
+    assert killed.wait() == -signal.SIGKILL  # killed while still extracting...
+    done = finished()
+    assert 1 <= len(done) < 8 and all(f.endswith('.h5') for f in done)  # ...after some of the eight slides
+    # what a kill inside a write leaves (planted, for the runs where the kill fell between two files), the name
+    # evaluate.py used before save_atomic, and the temporary of a run still writing (a live pid: this test's parent)
+    dead, old, alive = f'.slide7.h5.{killed.pid}.tmp', f'slide6.h5.tmp{killed.pid}', f'.slide5.h5.{os.getppid()}.tmp'
+    for name in (dead, old, alive):
+        (folder / name).write_bytes(b'half an h5 file')
     calls = counting_embed(monkeypatch)
-    run_slides(root, tmp_path / 'out', 'tiny-teacher')
-    left = [stem for stem in (f'slide{i}' for i in range(8)) if f'{stem}.h5' not in written]
+    run_slides(root, out, 'tiny-teacher', '--extract_only=True')
+    assert sorted(os.listdir(folder)) == sorted([f'slide{i}.h5' for i in range(8)] + [alive])  # the dead run's are gone
+    assert os.listdir(out) == ['features']  # extract_only: no results
+    left = [f'slide{i}' for i in range(8) if f'slide{i}.h5' not in done]
     assert sum(calls) == sum(len(np.load(root / 'tiles' / f'{stem}.npz')['coords']) for stem in left)
     uninterrupted = root / 'out' / 'features' / 'tiny-teacher'
     for i in range(8):
@@ -1763,15 +1791,16 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
     root = slide_cohort['root']
     tiles = tmp_path / 'tiles'
     shutil.copytree(root / 'tiles', tiles)  # the eight good slides, already tiled
-    bad = [tmp_path / f'{name}.tif' for name in ('gone', 'garbage', 'damaged')]
+    bad = [tmp_path / f'{name}.tif' for name in ('gone', 'garbage', 'damaged', 'first-tile')]
     for path in bad:
         shutil.copy(small_slides / 's1.tif', path)
     tile.tile_slides(bad, tiles)
     bad[0].unlink()  # moved away after tiling
     bad[1].write_bytes(np.random.default_rng(0).bytes(50_000))  # overwritten: not a slide any more
     zero_tiff_tile_under(bad[2], tuple(map(int, np.load(tiles / 'damaged.npz')['coords'][1])))  # one tile of many
+    zero_tiff_tile_under(bad[3], tuple(map(int, np.load(tiles / 'first-tile.npz')['coords'][0])))  # found at start
     csv_path = tmp_path / 'slides.csv'
-    extra = ['gone,a,train', 'garbage,b,train', 'damaged,a,test', 'untiled,b,train']
+    extra = ['gone,a,train', 'garbage,b,train', 'damaged,a,test', 'first-tile,b,test', 'untiled,b,train']
     csv_path.write_text((root / 'slides.csv').read_text().replace('slides/slide7', str(root / 'slides' / 'slide7'))
                         + '\n'.join(extra) + '\n')
     # the good slides' feature files are there already: only the damaged slide is embedded
@@ -1784,8 +1813,9 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
                              '--num_workers', '2', '--bootstrap', '50', '--abmil_seeds', '1'])
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith('error: slide')]
     reasons = {line.split()[2].rstrip(':'): line for line in errors}
-    assert len(errors) == 4 and set(reasons) == {'gone', 'garbage', 'damaged', 'untiled'}  # one line each
+    assert len(errors) == 5 and set(reasons) == {'gone', 'garbage', 'damaged', 'first-tile', 'untiled'}  # one each
     assert 'is gone' in reasons['gone'] and 'cannot open' in reasons['garbage']
+    assert 'level 0 is unreadable' in reasons['first-tile']  # before extraction, by tile.check_readable
     assert '1 of' in reasons['damaged'] and 'tiles unreadable' in reasons['damaged']
     assert 'tile it first' in reasons['untiled']
     assert set(results['slides']['failed']) == set(reasons)
@@ -1793,7 +1823,7 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
     row = results['models']['tiny-teacher']
     assert row['tile']['n_test'] == 3 and row['slide']['n_test'] == 2 and 'abmil' in row['slide']
     assert not (tmp_path / 'out' / 'features' / 'tiny-teacher' / 'damaged.h5').exists()  # no half-true file
-    assert '### slides not scored (4)' in (tmp_path / 'out' / 'results.md').read_text()
+    assert '### slides not scored (5)' in (tmp_path / 'out' / 'results.md').read_text()
 
 
 def test_bench_reports_reading_model_and_extraction_rates(slide_cohort, capsys):
@@ -1803,6 +1833,22 @@ def test_bench_reports_reading_model_and_extraction_rates(slide_cohort, capsys):
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith('tiny-student: batch 16, 2 workers, cpu: reading') and 'bound by' in line
 
+
+
+def test_abmil_bags_are_standardised_by_the_train_tiles_before_float16_keeps_them():
+    rng = np.random.default_rng(0)
+    split = np.array(['train'] * 4 + ['val', 'test', 'test'])
+    # a large offset and a small spread, as some dimensions of real features have: float16 of the raw values steps
+    # by 0.06 at 100, six times the tiles' spread, and kept nothing of their differences
+    bags = [(100 + 0.01 * i + 0.01 * rng.normal(size=(int(rng.integers(20, 60)), 8))).astype(np.float32)
+            for i in range(7)]
+    inputs = evaluate.slide_inputs(iter(bags), split)  # one pass, as over feature files read one at a time
+    train = np.concatenate(bags[:4]).astype(np.float64)
+    mean, std = train.mean(0), train.std(0)
+    for bag, kept in zip(bags, inputs['bags']):
+        assert kept.dtype == torch.float16
+        np.testing.assert_allclose(kept.float().numpy(), (bag - mean) / std, rtol=3e-3, atol=3e-3)  # float16's 11 bits
+    np.testing.assert_allclose(inputs['pooled'], [bag.mean(0) for bag in bags], rtol=1e-6)  # pooled from the raw bags
 
 
 def write_trident_h5(path, features, coords):

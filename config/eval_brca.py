@@ -1,6 +1,9 @@
 # Check the G2L claim on your own breast data (arXiv 2510.11176): the giga teacher, the student
 # before distillation and after, side by side, teacher first:
 #   python evaluate.py config/eval_brca.py
+# On several GPUs, a process per model embeds only (--extract_only=True --models=ONE_ENTRY, each
+# with its own CUDA_VISIBLE_DEVICES), then the line above scores every row from their files; the
+# commands are in evaluate.py's docstring.
 # Patches with labels in a CSV path,label,split[,center][,slide]; with a center column (the
 # hospital or scanner of each patch) the robustness index is reported, with a slide column the
 # slide-level probes too.
