@@ -211,6 +211,24 @@ def test_bad_slides_fail_alone_with_a_readable_reason(tile_slides_dir, tmp_path)
     assert reference[0]['n_tiles'] == len(np.load(out / 'plain.npz')['coords'])
 
 
+def processes_running(text, grace_s=30):
+    """The pids of processes whose command line holds `text`, once those that are exiting are gone."""
+    deadline = time.monotonic() + grace_s  # dying takes the kernel microseconds; this only rides out a busy CPU
+    while True:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                    cmdline = f.read().decode(errors='replace')
+            except OSError:  # exited meanwhile
+                continue
+            if text in cmdline:
+                pids.append(int(pid))
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
 def test_killed_run_resumes_without_redoing_finished_slides(tile_slides_dir, tmp_path):
     root, _ = tile_slides_dir
     for folder in 'abcdefgh':  # eight slides that share one file name: stems get a hash of their folder
@@ -223,6 +241,8 @@ def test_killed_run_resumes_without_redoing_finished_slides(tile_slides_dir, tmp
         time.sleep(0.002)
     run.send_signal(signal.SIGKILL)  # killed mid-batch (at worst after it finished: the checks below still hold)
     run.wait()
+    # its worker processes die with it, instead of waiting on their task queue forever
+    assert not processes_running(str(out)), 'a worker of the killed tile.py is still running'
     # a killed writer leaves at most a temporary file, never a half <stem>.npz; plant one as if killed mid-write
     (out / '.S-00000000.npz.12345.tmp').write_bytes(b'half a file')
     finished = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith('.npz')}
