@@ -47,7 +47,6 @@ before distillation, from which "closes X% of the gap to the teacher" is measure
 """
 import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -72,7 +71,8 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
-from tile import SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic
+from tile import (SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic,
+                  write_csv)
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -1533,15 +1533,10 @@ def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64
                     path = os.path.join(split, label, f'{slide}_{t}.png')
                     tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
                     tile.save(os.path.join(root, path))
-                    rows.append((path, label, split, center, slide))
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(['path', 'label', 'split', 'center', 'slide'])
-    writer.writerows(rows)
-    # quoted where a value needs it (a comma in a path), and through a temporary name: an
-    # interrupted call never leaves a short CSV that reads as a smaller dataset
+                    rows.append(dict(path=path, label=label, split=split, center=center,
+                                     slide=slide))
     csv_path = os.path.join(root, 'labels.csv')
-    save_atomic(csv_path, lambda f: f.write(text.getvalue().encode()))
+    write_csv(csv_path, ['path', 'label', 'split', 'center', 'slide'], rows)
     return csv_path
 
 # -----------------------------------------------------------------------------

@@ -558,14 +558,20 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def write_manifest(path, rows):
-    """Write the rows as a manifest CSV, atomically; sorts the rows by stem, in place."""
-    rows.sort(key=lambda r: r['stem'])
+def write_csv(path, columns, rows):
+    """Rows (dicts) as a CSV with a header, atomically: quoted where a value needs it (a comma in a
+    path), and never a short file that reads as fewer slides or images."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, COLUMNS)
+    writer = csv.DictWriter(text, columns)
     writer.writeheader()
     writer.writerows(rows)
     save_atomic(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def write_manifest(path, rows):
+    """Write the rows as a manifest CSV, atomically; sorts the rows by stem, in place."""
+    rows.sort(key=lambda r: r['stem'])
+    write_csv(path, COLUMNS, rows)
 
 
 def rows_after_crash(running, pool_size, suspects):
@@ -1205,11 +1211,7 @@ def write_synthetic_patches(root, slides_per_split=(6, 2, 4), patches_per_slide=
                     rows.append(dict(path=path, label=tissue, split=split,
                                      center=f'centre{centre}', slide=slide))
     labels = os.path.join(root, 'labels.csv')
-    text = io.StringIO()
-    writer = csv.DictWriter(text, ['path', 'label', 'split', 'center', 'slide'])
-    writer.writeheader()
-    writer.writerows(rows)
-    save_atomic(labels, lambda f: f.write(text.getvalue().encode()))
+    write_csv(labels, ['path', 'label', 'split', 'center', 'slide'], rows)
     return labels
 
 
