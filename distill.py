@@ -359,7 +359,11 @@ def main():
     # the demo's material, made once (config/demo.py): synthetic slides, tiled; a labelled patch
     # set; a teacher that knows their tissues
     if synthetic_slides and not bench:
-        make_demo_material(env)
+        from demo import material
+        material.prepare(config, env.master)
+        # the other ranks wait for all of it
+        if env.ddp:
+            dist.barrier()
     if eval_data and not bench and not teacher_only:
         check_eval_data()
 
@@ -1483,137 +1487,6 @@ def evaluate_g2l(env):
         f'--num_workers={num_workers}',
     ])
     return results
-
-
-def make_demo_material(env):
-    """What the demo needs and lacks: its slides tiled, its labelled patches, its teacher."""
-    # a tiles folder of an older demo or of other settings is refused, on every rank, before
-    # anything is made or trained on it
-    if os.path.isdir(data_dir):
-        check_demo_tiles()
-    if env.master and not os.path.isdir(data_dir):
-        make_demo_tiles()
-    if env.master and eval_data and not os.path.exists(eval_data):
-        patches_dir = os.path.dirname(eval_data)
-        tile.write_synthetic_patches(patches_dir, patches_per_slide=synthetic_patches, seed=seed)
-    # the demo teacher is a tiny-teacher trained into teacher_weights; any other is the user's
-    demo_teacher = teacher == 'tiny-teacher' and teacher_weights.endswith('.safetensors')
-    if env.master and demo_teacher and not os.path.exists(teacher_weights):
-        train_demo_teacher(teacher_weights)
-    # other ranks wait for all of it
-    if env.ddp:
-        dist.barrier()
-
-
-# the size and resolution of the demo's synthetic slides
-DEMO_SLIDE = dict(width=4096, height=3072, mpp=0.5)
-
-
-def make_demo_tiles():
-    """The demo's slides: synthetic H&E with three tissues that differ in their nuclei, not in
-    colour (tile.DEMO_TISSUES), from two centres that stain differently; tiled at 0.5 µm/px, with
-    demo.json saying what they were made from."""
-    slides_dir = os.path.join(os.path.dirname(os.path.abspath(data_dir)), 'slides')
-    os.makedirs(slides_dir, exist_ok=True)
-    # a killed earlier attempt's folder may hold tiles of older slides: start afresh
-    building = data_dir + '.tmp'
-    shutil.rmtree(building, ignore_errors=True)
-    paths = []
-    for i in range(synthetic_slides):
-        paths.append(os.path.join(slides_dir, f'synthetic_{i}.tiff'))
-        # written again even when there: an older demo's slide of that name has other tissues,
-        # and a killed run leaves half a file (the eight take ~25 s)
-        tile.write_synthetic_slide(paths[-1], **DEMO_SLIDE, seed=i, tissues=tile.DEMO_TISSUES,
-                                   centre=i % len(tile.CENTRE_STAINS))
-    rows = tile.tile_slides(paths, building, mpp=DEMO_SLIDE['mpp'], tile_size=256, min_tissue=0.5)
-    if any(r['status'] != 'ok' for r in rows):
-        raise SystemExit(f'error: tiling the demo slides failed: {rows}')
-    # a plain write: demo.json arrives with the folder, which appears only once complete
-    with open(os.path.join(building, 'demo.json'), 'w') as f:
-        json.dump(demo_recipe(), f, indent=1)
-    os.replace(building, data_dir)
-
-
-def demo_recipe():
-    """What the demo's tiles are made from, as demo.json records it."""
-    # the count and what the slides draw: the tissue classes and the centres' stains
-    recipe = dict(synthetic_slides=synthetic_slides, slide=DEMO_SLIDE,
-                  tissues={t: tile.TISSUES[t] for t in tile.DEMO_TISSUES},
-                  centre_stains=tile.CENTRE_STAINS)
-    # as JSON reads it back: tuples become lists
-    return json.loads(json.dumps(recipe))
-
-
-def check_demo_tiles():
-    """A one-line error unless data_dir holds the tiles make_demo_tiles makes for this demo."""
-    # the demo makes what it lacks and reuses what it finds: material of an older demo (fewer
-    # slides, no tissue classes) would silently give another table
-    marker = os.path.join(data_dir, 'demo.json')
-    made_with = None
-    if os.path.exists(marker):
-        with open(marker) as f:
-            made_with = json.load(f)
-    recipe = demo_recipe()
-    if made_with is None:
-        why = 'no demo.json: made by an older demo, or not by the demo'
-    else:
-        differs = [k for k in recipe if made_with.get(k) != recipe[k]]
-        if not differs:
-            return
-        name = differs[0]
-        why = f'{name} {short(made_with.get(name))} there, {short(recipe[name])} here'
-    raise SystemExit(f"error: {data_dir} is not this demo's tiles folder ({why}): delete it and "
-                     f'{out_dir}, then rerun to make them afresh')
-
-
-def train_demo_teacher(path):
-    """Train tiny-teacher to tell the demo's tissues apart, and save its weights to `path`.
-
-    A stand-in for a giga model's pretraining, which the demo cannot afford: H-optimus-0 learnt
-    from >500K slides what a tissue looks like; this teacher learns the three synthetic tissues
-    from their labels in a few hundred steps. Distillation then has something to transfer: the
-    random student cannot tell these tissues apart, the teacher can (README: the demo's table).
-    """
-    from safetensors.torch import save
-    vit, spec = zoo.create('tiny-teacher')
-    vit.train()
-    # a linear classifier on the pooled embedding, the one distillation will copy
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        classifier = nn.Linear(spec['dim'], len(tile.DEMO_TISSUES))
-    params = list(vit.parameters()) + list(classifier.parameters())
-    # our choice, measured on the demo's tissues (300 steps, seed 1337): lr 2e-3 after a 30-step
-    # warm-up, then a cosine to 0, learns the three tissues in ~150 steps (loss 1.00 -> 0.31)
-    peak_lr = 2e-3
-    warmup = 30
-    # our choice: 32 fresh crops a step, none seen twice, so it learns the tissues, not its crops
-    crops_per_step = 32
-    # label smoothing 0.1 (our choice, the common default): the loss cannot fall below 0.29, the
-    # entropy of the smoothed targets of 3 classes, and measured sits there from ~step 200 on
-    # (0.291). There the logits stop growing, at a gap of ln 28 = 3.3; without smoothing they
-    # would keep growing for as long as it trains
-    label_smoothing = 0.1
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.05)
-    print(f'training the demo teacher ({demo_teacher_steps} steps) into {path}')
-    for step in tqdm(range(demo_teacher_steps), desc='demo teacher', unit='step'):
-        # fresh crops of the slides' tissue textures every step, each in a random slide's stain
-        crops, tissues, _ = tile.synthetic_crops(crops_per_step, seed=[seed, step])
-        images = torch.from_numpy(crops).permute(0, 3, 1, 2)
-        if step % 2:
-            images = images.flip(3)
-        for group in optimizer.param_groups:
-            group['lr'] = schedule(step, peak_lr, 0.0, warmup=warmup, total=demo_teacher_steps)
-        pooled, _ = zoo.embed(vit, spec, images)
-        logits = classifier(pooled)
-        labels = torch.from_numpy(tissues)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    state = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tile.save_atomic(path, lambda f: f.write(save(state)))
 
 
 if __name__ == '__main__':

@@ -71,8 +71,7 @@ from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
 from model import configure, create, embed, resize_crop
-from tile import (SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic,
-                  write_csv)
+from tile import SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -1504,40 +1503,6 @@ def plot_robustness(ax, rows):
            xticks=ks, ylim=(0, 1.05))
     ax.legend(fontsize=8)
 
-
-def write_demo_data(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64, seed=0):
-    """Small PNG tiles of 3 colour/texture classes from 2 centres, written as an ImageFolder under
-    root and listed in root/labels.csv with center and slide columns; returns the CSV's path. For
-    the tests: any encoder tells these apart by colour (tile.write_synthetic_patches draws the
-    demo's tissues, which differ in morphology only)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    dense_dark_dots = ((xx % 12 < 5) & (yy % 12 < 5)) * 2.0 - 1
-    pink_fibres = np.sin(xx / 3.0)
-    purple_blobs = np.sin(xx / 5.0) * np.sin(yy / 5.0)
-    # each class: an RGB colour and a texture in [-1, 1]
-    classes = {'lymphocytes': ((80, 60, 150), dense_dark_dots),
-               'stroma': ((230, 150, 190), pink_fibres),
-               'tumor': ((150, 90, 170), purple_blobs)}
-    rows = []
-    for label, (colour, texture) in classes.items():
-        for split, n_slides in zip(SPLITS, slides_per_split):
-            for s in range(n_slides):
-                os.makedirs(os.path.join(root, split, label), exist_ok=True)
-                slide, center = f'{label}-{split}-{s}', f'center{s % 2}'
-                # a stain shift per centre plus one per slide: within a lab, slides vary too
-                stain = np.array([12, -8, 10]) * (1 if s % 2 else -1) + rng.normal(0, 20, 3)
-                for t in range(tiles_per_slide):
-                    noise = rng.normal(0, 10, (size, size, 3))
-                    pixels = np.array(colour) + stain + 40 * texture[..., None] + noise
-                    path = os.path.join(split, label, f'{slide}_{t}.png')
-                    tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-                    tile.save(os.path.join(root, path))
-                    rows.append(dict(path=path, label=label, split=split, center=center,
-                                     slide=slide))
-    csv_path = os.path.join(root, 'labels.csv')
-    write_csv(csv_path, ['path', 'label', 'split', 'center', 'slide'], rows)
-    return csv_path
 
 # -----------------------------------------------------------------------------
 # rows: which models, named how, the teacher first

@@ -36,6 +36,7 @@ import distill
 import evaluate
 import model
 import tile
+from demo import material, synthetic
 
 
 # ==================================================================================================
@@ -50,10 +51,10 @@ def tile_slides_dir(tmp_path_factory):
     """The same glass (seed 1) as a 40x generic TIFF, a 40x Aperio SVS and a 20x generic TIFF, plus a blank slide."""
     root = tmp_path_factory.mktemp('slides')
     info = {
-        'g40': tile.write_synthetic_slide(root / 'g40.tif', 4096, 3072, mpp=0.25, seed=1),
-        'a40': tile.write_synthetic_slide(root / 'a40.svs', 4096, 3072, mpp=0.25, seed=1, aperio=True),
-        'g20': tile.write_synthetic_slide(root / 'g20.tif', 2048, 1536, mpp=0.5, seed=1),
-        'blank': tile.write_synthetic_slide(root / 'blank.tif', 2048, 1536, mpp=0.25, blank=True),
+        'g40': synthetic.write_synthetic_slide(root / 'g40.tif', 4096, 3072, mpp=0.25, seed=1),
+        'a40': synthetic.write_synthetic_slide(root / 'a40.svs', 4096, 3072, mpp=0.25, seed=1, aperio=True),
+        'g20': synthetic.write_synthetic_slide(root / 'g20.tif', 2048, 1536, mpp=0.5, seed=1),
+        'blank': synthetic.write_synthetic_slide(root / 'blank.tif', 2048, 1536, mpp=0.25, blank=True),
     }
     return root, info
 
@@ -123,7 +124,7 @@ def test_blank_slide_gives_no_tiles_and_says_so(tile_slides_dir, tmp_path):
     assert len(np.load(tmp_path / 'blank.npz')['coords']) == 0  # finished (not retried), with a QC picture to look at
     assert os.path.exists(tmp_path / 'blank.jpg')
     # yellowish glass (S 42, as saturated as pale eosin) is still glass: it lets the green through
-    tile.write_synthetic_slide(tmp_path / 'yellow.tif', 2048, 1536, mpp=0.25, blank=True, glass_rgb=YELLOW_GLASS)
+    synthetic.write_synthetic_slide(tmp_path / 'yellow.tif', 2048, 1536, mpp=0.25, blank=True, glass_rgb=YELLOW_GLASS)
     row, = tile.tile_slides(tmp_path / 'yellow.tif', tmp_path)
     assert row['error'].startswith('no tissue: 0 of 12 grid tiles')
 
@@ -134,12 +135,12 @@ YELLOW_GLASS = (240, 234, 200)
 
 def test_a_slide_that_is_all_tissue_keeps_its_tiles_and_tinted_glass_stays_glass(tile_slides_dir, tmp_path):
     root, info = tile_slides_dir
-    crop = tile.write_synthetic_slide(tmp_path / 'crop.tif', 2048, 1536, mpp=0.5, seed=1, full_tissue=True)
+    crop = synthetic.write_synthetic_slide(tmp_path / 'crop.tif', 2048, 1536, mpp=0.5, seed=1, full_tissue=True)
     assert crop['tissue_fraction'] > 0.97  # all tissue but the pen stroke
     row, = tile.tile_slides(tmp_path / 'crop.tif', tmp_path / 'tiles')
     assert row['status'] == 'ok' and row['n_tiles'] >= 0.95 * 8 * 6
     # g20's glass (seed 1) on yellowish glass: only the glass differs
-    tinted = tile.write_synthetic_slide(tmp_path / 'tinted.tif', 2048, 1536, mpp=0.5, seed=1, glass_rgb=YELLOW_GLASS)
+    tinted = synthetic.write_synthetic_slide(tmp_path / 'tinted.tif', 2048, 1536, mpp=0.5, seed=1, glass_rgb=YELLOW_GLASS)
     assert tinted['tissue_fraction'] == info['g20']['tissue_fraction']
     row, = tile.tile_slides(tmp_path / 'tinted.tif', tmp_path / 'tiles', tile_size=128)  # 64 um tiles: a 16 x 12 grid
     expected = tinted['tissue_fraction'] * 16 * 12
@@ -337,7 +338,7 @@ def small_slides(tmp_path_factory):
     """Three different 20x glasses (seeds 1-3), 2048 x 1536 px at 0.5 µm/px: 12-ish tiles of 256 px each."""
     root = tmp_path_factory.mktemp('small_slides')
     for seed in (1, 2, 3):
-        tile.write_synthetic_slide(root / f's{seed}.tif', 2048, 1536, mpp=0.5, seed=seed)
+        synthetic.write_synthetic_slide(root / f's{seed}.tif', 2048, 1536, mpp=0.5, seed=seed)
     return root
 
 
@@ -852,7 +853,7 @@ def demo_tiles(tmp_path_factory):
     root = tmp_path_factory.mktemp('distill')
     slides = [str(root / f'slide{i}.tiff') for i in range(2)]
     for i, path in enumerate(slides):
-        tile.write_synthetic_slide(path, width=2048, height=1536, mpp=0.5, seed=i)
+        synthetic.write_synthetic_slide(path, width=2048, height=1536, mpp=0.5, seed=i)
     rows = tile.tile_slides(slides, str(root / 'tiles'), mpp=0.5, tile_size=256)
     assert all(r['status'] == 'ok' for r in rows)
     return str(root / 'tiles')
@@ -1311,18 +1312,16 @@ def test_the_demo_makes_its_tiles_afresh_and_refuses_tiles_of_an_older_demo_or_o
     demo = tmp_path / 'demo'
     # what an older demo and a killed attempt leave: a slide without tissue classes, a half-made folder
     (demo / 'slides').mkdir(parents=True)
-    tile.write_synthetic_slide(str(demo / 'slides' / 'synthetic_0.tiff'), width=1024, height=768, mpp=0.5)
+    synthetic.write_synthetic_slide(str(demo / 'slides' / 'synthetic_0.tiff'), width=1024, height=768, mpp=0.5)
     (demo / 'tiles.tmp').mkdir()
     (demo / 'tiles.tmp' / 'stale.npz').write_bytes(b'')
-    monkeypatch.setattr(distill, 'data_dir', str(demo / 'tiles'))
-    monkeypatch.setattr(distill, 'synthetic_slides', 1)
-    distill.make_demo_tiles()
+    material.make_demo_tiles(str(demo / 'tiles'), 1)
     assert openslide.OpenSlide(str(demo / 'slides' / 'synthetic_0.tiff')).dimensions == (4096, 3072)  # written again
     assert sorted(os.listdir(demo / 'tiles')) == ['demo.json', 'manifest.csv', 'synthetic_0.jpg', 'synthetic_0.npz']
     assert not (demo / 'tiles.tmp').exists()
     recorded = json.loads((demo / 'tiles' / 'demo.json').read_text())
-    assert recorded['synthetic_slides'] == 1 and sorted(recorded['tissues']) == sorted(tile.DEMO_TISSUES)
-    assert distill.check_demo_tiles() is None  # this demo's folder is reused
+    assert recorded['synthetic_slides'] == 1 and sorted(recorded['tissues']) == sorted(synthetic.DEMO_TISSUES)
+    assert material.check_demo_tiles(str(demo / 'tiles'), 1, 'out') is None  # this demo's folder is reused
     # the same folder under another count of slides, and a tiles folder that no demo of today made
     refusals = {
         str(demo / 'tiles'): ('--synthetic_slides=8', '(synthetic_slides 1 there, 8 here)'),
@@ -1467,7 +1466,7 @@ def run(tmp_path, data, *extra, models='tiny-teacher,tiny-student'):
 
 
 def test_imagefolder_end_to_end_then_second_run_uses_the_cache(tmp_path, monkeypatch):
-    evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 3 classes, 36 PNGs of 64 px
+    synthetic.write_colour_patches(tmp_path / 'tiles', tiles_per_slide=2)  # 3 classes, 36 PNGs of 64 px
     calls = []
     real_embed = evaluate.embed
     monkeypatch.setattr(evaluate, 'embed', lambda *a: calls.append(len(a[2])) or real_embed(*a))
@@ -1519,7 +1518,7 @@ def test_imagefolder_end_to_end_then_second_run_uses_the_cache(tmp_path, monkeyp
 
 def test_extract_only_runs_one_per_model_write_caches_and_no_results_then_one_run_scores_every_row(tmp_path,
                                                                                                    monkeypatch):
-    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)  # 12 PNGs
+    synthetic.write_colour_patches(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)  # 12 PNGs
     calls = counting_embed(monkeypatch)
     config = ['--teacher=tiny-teacher', '--names=teacher,student']  # what a config file for the scoring run sets
     for entry in ('tiny-student', 'tiny-teacher'):  # a process per GPU, a model each
@@ -1536,7 +1535,7 @@ def test_extract_only_runs_one_per_model_write_caches_and_no_results_then_one_ru
 
 
 def test_cache_key_changes_when_the_weights_or_an_image_change(tmp_path, monkeypatch):
-    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    synthetic.write_colour_patches(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
     monkeypatch.setattr(evaluate, 'out', str(tmp_path / 'out'))
     net, spec = evaluate.create('tiny-student')
     dataset = evaluate.read_dataset(str(tmp_path / 'tiles'))
@@ -1554,7 +1553,7 @@ def test_cache_key_changes_when_the_weights_or_an_image_change(tmp_path, monkeyp
 
 
 def test_a_corrupt_image_stops_the_run_with_one_line_naming_the_file(tmp_path):
-    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
+    synthetic.write_colour_patches(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
     corrupt = tmp_path / 'tiles' / 'test' / 'stroma' / 'stroma-test-0_1.png'
     corrupt.write_bytes(b'\x89PNG\r\n\x1a\n this is not a PNG')
     with pytest.raises(SystemExit) as error:
@@ -1564,7 +1563,7 @@ def test_a_corrupt_image_stops_the_run_with_one_line_naming_the_file(tmp_path):
 
 
 def test_an_empty_class_folder_or_missing_split_is_a_clear_error(tmp_path):
-    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    synthetic.write_colour_patches(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=1)
     (tmp_path / 'tiles' / 'train' / 'necrosis').mkdir()
     with pytest.raises(SystemExit, match=r'class folder .*train/necrosis has no images'):
         evaluate.read_dataset(str(tmp_path / 'tiles'))
@@ -1575,7 +1574,7 @@ def test_an_empty_class_folder_or_missing_split_is_a_clear_error(tmp_path):
 
 
 def test_csv_with_center_and_slide_adds_slide_level_probes_and_the_robustness_index(tmp_path):
-    csv_path = evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 18 slides from 2 centres
+    csv_path = synthetic.write_colour_patches(tmp_path / 'tiles', tiles_per_slide=2)  # 18 slides from 2 centres
     first_line = open(csv_path).readline().strip()
     assert first_line == 'path,label,split,center,slide'
     # the teacher listed last, with NAME=WEIGHTS: it still comes first
@@ -1598,7 +1597,7 @@ def test_csv_with_center_and_slide_adds_slide_level_probes_and_the_robustness_in
 
 
 def test_a_slide_with_tiles_of_two_labels_is_a_clear_error(tmp_path):
-    csv_path = evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
+    csv_path = synthetic.write_colour_patches(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
     lines = open(csv_path).read().splitlines()
     lines[1] = lines[1].replace(',lymphocytes,', ',stroma,')  # relabel one tile of slide lymphocytes-train-0
     open(csv_path, 'w').write('\n'.join(lines) + '\n')
@@ -1632,7 +1631,7 @@ def test_images_of_any_shape_are_resized_on_the_shorter_side_and_centre_cropped(
 
 
 def test_two_rows_of_the_same_model_are_both_kept_and_named_by_their_entries(tmp_path):
-    evaluate.write_demo_data(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
+    synthetic.write_colour_patches(tmp_path / 'tiles', slides_per_split=(1, 0, 1), tiles_per_slide=2)
     args = ['--data', str(tmp_path / 'tiles'), '--out', str(tmp_path / 'out'), '--device', 'cpu',
             '--num_workers', '0', '--bootstrap', '10']
     # the student before and after distillation: same model name, two rows, the teacher first
@@ -1826,7 +1825,7 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
     # the good slides' feature files are there already: only the damaged slide is embedded
     shutil.copytree(root / 'out' / 'features' / 'tiny-teacher', tmp_path / 'out' / 'features' / 'tiny-teacher')
     # labelled tiles in the same run: the tile level from them, the slide level from the slides
-    tile_csv = evaluate.write_demo_data(tmp_path / 'patches', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    tile_csv = synthetic.write_colour_patches(tmp_path / 'patches', slides_per_split=(1, 0, 1), tiles_per_slide=1)
     capsys.readouterr()
     results = evaluate.main(['--slides', str(csv_path), '--tiles', str(tiles), '--data', str(tile_csv),
                              '--models', 'tiny-teacher', '--out', str(tmp_path / 'out'), '--device', 'cpu',
@@ -1932,7 +1931,7 @@ def test_abmil_finds_necrosis_planted_in_the_positive_slides_from_slide_files_to
         tissues = ('stroma',) * 5 + (('necrosis',) if positive else ('stroma',))
         # the centre is not the label: slides 0, 1 of centre 0, 2, 3 of centre 1, ...
         centre = i // 2 % 2
-        tile.write_synthetic_slide(tmp_path / 'slides' / f'slide{i}.tif', 1536, 1024, mpp=0.5, seed=100 + i,
+        synthetic.write_synthetic_slide(tmp_path / 'slides' / f'slide{i}.tif', 1536, 1024, mpp=0.5, seed=100 + i,
                                    tissues=tissues, centre=centre)
         lines.append(f'slide{i},{"necrosis" if positive else "none"},{split},centre{centre}')
     (tmp_path / 'slides.csv').write_text('\n'.join(lines) + '\n')
@@ -1954,7 +1953,7 @@ def test_abmil_finds_necrosis_planted_in_the_positive_slides_from_slide_files_to
 
 
 def test_named_rows_come_teacher_first_and_say_how_much_of_the_gap_each_student_closes(tmp_path, capfd, recwarn):
-    csv_path = evaluate.write_demo_data(tmp_path / 'tiles', tiles_per_slide=2)  # 2 centres, 18 slides
+    csv_path = synthetic.write_colour_patches(tmp_path / 'tiles', tiles_per_slide=2)  # 2 centres, 18 slides
     args = ['--data', str(csv_path), '--out', str(tmp_path / 'out'), '--device=cpu', '--num_workers=2',
             '--bootstrap=100', '--abmil_seeds=1', '--models=tiny-student,tiny-teacher,tiny-student=random',
             '--teacher=tiny-teacher', '--names=student before,teacher,student after']

@@ -14,7 +14,7 @@ eval_data = 'data/demo/patches/labels.csv'
 val_fraction = 0.125  # one of the eight slides
 val_tiles = 64
 teacher = 'tiny-teacher'
-# trained on first use (distill.py: train_demo_teacher), then reused
+# trained on first use (demo/material.py: train_demo_teacher), then reused
 teacher_weights = 'data/demo/teacher.safetensors'
 # random init: the real recipe starts from pretrained Hibou-L; the demo shows the effect starkly
 student = 'tiny-student'
