@@ -53,7 +53,7 @@ import model as zoo
 import tile
 
 # -----------------------------------------------------------------------------
-# defaults: the G2L recipe (shared/reference.md); config/*.py and --key=value override them
+# defaults: the G2L recipe (arXiv 2510.11176); config/*.py and --key=value override them
 # I/O
 out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student
 data_dir = 'tiles'  # a tiles folder written by tile.py
@@ -270,7 +270,8 @@ def distance(s, t):
 
 
 class Student(nn.Module):
-    """The student backbone plus the heads distillation adds; only the backbone is exported."""
+    """The student backbone plus the heads distillation adds; only the backbone is exported. The
+    projection's details stay here: the loop and the held-out measure use its methods only."""
 
     def __init__(self, backbone, spec, teacher_spec):
         super().__init__()
@@ -290,6 +291,45 @@ class Student(nn.Module):
             return self.head(pooled), None
         return self.head(pooled), self.patch_head(patches)
 
+    def head_statistics(self):
+        """A copy of the heads' running statistics (the projection's BatchNorm)."""
+        # a non-finite forward poisons them: the loop puts this copy back after such a step
+        return {name: buffer.clone() for name, buffer in self.head.named_buffers()}
+
+    def restore_head_statistics(self, saved):
+        for name, buffer in self.head.named_buffers():
+            buffer.copy_(saved[name])
+
+    def held_out_cosine(self, held_out, autocast):
+        """Mean teacher-student cosine over held_out, batches of (centre crops, teacher
+        embeddings); None without any."""
+        if not held_out:
+            return None
+        self.eval()
+        linear, bn = self.head
+        with torch.no_grad(), autocast:
+            projected = []
+            for crops, _ in held_out:
+                s_pooled = zoo.embed(self.backbone, self.spec, crops)[0]
+                projected.append(linear(s_pooled))
+            projected = torch.cat(projected).float()
+            # the projection's BatchNorm normalises with the held-out set's own statistics
+            # ("precise BN"): its running averages (momentum 0.1) lag a projection that is still
+            # moving, and measured in eval mode the demo's cosine swung between -0.11 and 0.43
+            # while this measure rose steadily. The projection is discarded after training, so
+            # the measure is of the student's features, not of that lag
+            projected = F.batch_norm(projected, None, None, bn.weight, bn.bias, training=True,
+                                     eps=bn.eps)
+            t_pooled = torch.cat([t for _, t in held_out])
+            cosine = F.cosine_similarity(projected, t_pooled).mean().item()
+        self.train()
+        return cosine
+
+
+def cosine(s_pooled, t_pooled):
+    """The mean teacher-student cosine of a batch: a health signal in the log, not a loss."""
+    return F.cosine_similarity(s_pooled.detach().float(), t_pooled.float()).mean()
+
 
 def patch_distance(s_patches, t_patches):
     """Patch-token term; the student's grid is resized to the teacher's when patch sizes differ."""
@@ -299,6 +339,91 @@ def patch_distance(s_patches, t_patches):
         resized = F.interpolate(grid.float(), size=(t_grid, t_grid), mode='bilinear')
         s_patches = resized.flatten(2).transpose(1, 2)
     return distance(s_patches.flatten(0, 1), t_patches.flatten(0, 1))
+
+
+# -----------------------------------------------------------------------------
+# the teacher's targets: one seam, whether the frozen teacher computes them or a teacher cache
+# replays what it computed before (the cache's code is below the run)
+
+class Teacher:
+    """What the loop asks of the frozen teacher: its embeddings of a micro-batch's views and of
+    the held-out crops. The loop never knows whether they are computed or replayed."""
+
+    def __init__(self, spec, model, cache):
+        self.spec, self.model, self.cache = spec, model, cache
+        # None when a teacher cache holds all that the run needs: the teacher is never loaded
+        self.embed = compile_teacher(model, spec) if model is not None else None
+        # the images the teacher really ran on: MFU counts only their FLOPs
+        self.images_run = 0
+
+    def targets(self, images, step, first):
+        """(pooled embeddings, patch tokens) of `images`, rows first.. of `step`'s global batch."""
+        if self.cache is not None:
+            return replay_targets(self, images, step, first)
+        return self.compute(images)
+
+    def compute(self, images):
+        self.images_run += len(images)
+        # no_grad, not inference_mode: its tensors cannot enter the student's graph
+        with torch.no_grad():
+            return self.embed(images)
+
+    def held_out_targets(self, crops, val_idx, autocast):
+        """The teacher's pooled embeddings (float32) of the held-out crops, batched like crops."""
+        stored = read_held_out(self.cache, val_idx, crops)
+        if stored is not None:
+            return stored
+        # uncompiled: the held-out batches have other sizes than a step's
+        with torch.no_grad(), autocast:
+            targets = [zoo.embed(self.model, self.spec, c)[0].float() for c in crops]
+        write_held_out(self.cache, val_idx, targets)
+        return targets
+
+
+def start_teacher(t_spec, cache, step, env):
+    """The teacher seam for a run from `step` on. The frozen teacher is loaded here, before the
+    first step and on every rank, unless a teacher cache holds every step still to run and the
+    held-out set; never later: a giga teacher's download and compile on one rank, mid-run, would
+    keep the others waiting in their all-reduce past its timeout."""
+    if cache is not None and not cache_lacks(cache, step, env):
+        return Teacher(t_spec, None, cache)
+    # in a forked RNG: loading the teacher leaves the training's random stream as it was
+    cuda_devices = [env.device] if env.use_cuda else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        t_model = load_teacher(env)
+    return Teacher(t_spec, t_model, cache)
+
+
+def load_teacher(env):
+    """The frozen teacher on the device, in bf16 on CUDA (teacher_bf16)."""
+    # the spec and weights the teacher cache's key names
+    t_model, _ = zoo.create(*teacher_source(), device=env.device)
+    t_model.requires_grad_(False)
+    return t_model.to(teacher_dtype(env))
+
+
+def teacher_source():
+    """The teacher's (spec, weights) as model.create resolves them, nothing built: the spec of its
+    model.py row or a distilled folder's student.json; weights 'random', 'hub' or a local path."""
+    # --bench times random weights unless told otherwise: speed does not depend on them
+    default_weights = 'random' if bench else None
+    return zoo.resolve(teacher, teacher_weights or default_weights)
+
+
+def teacher_dtype(env):
+    """The frozen teacher's weights: bf16 on CUDA with teacher_bf16, else float32 (the cache's key
+    names it: bf16 weights give other embeddings than float32 ones, even under autocast)."""
+    return torch.bfloat16 if env.use_cuda and teacher_bf16 else torch.float32
+
+
+def compile_teacher(t_model, t_spec):
+    """The function the step calls to run the teacher: model.embed, compiled if `compile`."""
+    # the teacher is compiled as the function it runs (model.embed): torch.compile(module) would
+    # only compile its __call__
+    teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
+    if compile:
+        teacher_embed = torch.compile(teacher_embed, backend=compile_backend)
+    return teacher_embed
 
 
 # -----------------------------------------------------------------------------
@@ -381,44 +506,27 @@ def main():
         finish(env.ddp)
         return
 
-    # models, in the deliberate order: build -> load weights -> optimizer -> its state ->
-    # free the checkpoint -> DDP -> compile; the raw student is kept for saving and measuring
-    t_model, raw_student = build_models(t_spec, cache, env)
-
-    # optimizer and resume
-    optimizer = build_optimizer(raw_student)
-    step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
-    if resume and not bench and os.path.exists(ckpt_path):
-        step, state = load_checkpoint(ckpt_path, raw_student, optimizer, env)
-    else:
-        # each rank its own torch random stream; a resumed run restores the saved ones instead
-        torch.manual_seed(seed + env.rank)
-    nets = wrap_and_compile(t_model, t_spec, raw_student, cache, step, env)
-
+    # the student, its optimizer and the teacher, resumed from ckpt_path with --resume=True
+    run, step = build_run(t_spec, cache, ckpt_path, env)
     if bench:
-        run_bench(nets, optimizer, env)
+        run_bench(run)
         finish(env.ddp)
         return
 
     # the loop, until max_iters, an early stop, too many non-finite losses, or pre-emption
-    step, why, preempted_by = train(nets, optimizer, tiles, train_idx, val_idx, step, state, env)
+    tile_batches = read_tile_batches(tiles, train_idx, step, env)
+    held_out = embed_held_out(tiles, val_idx, run.teacher, env) if env.master else []
+    log_file = open_log(step, run, held_out)
+    step, why, preempted_by = train(run, step, max_iters, tile_batches, tiles.tile_size, held_out,
+                                    log_file)
 
     # the end: every rank takes part in the last checkpoint (it gathers their RNG states)
-    save_checkpoint(raw_student, optimizer, step, state, env)
-    # pre-empted runs leave quickly; the export and the loss plot come when the run completes
-    if env.master and not preempted_by:
-        zoo.export(raw_student.backbone, raw_student.spec, out_dir)
-        plot_loss(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
-    if env.master:
-        print(f"stopped at step {step}: {why}; {state['skipped']} non-finite steps skipped; "
-              f"outputs in {out_dir}")
-    finish(env.ddp)
-    if why.startswith(f'{max_nonfinite} non-finite'):
-        raise SystemExit(f'error: {why}')
+    save_checkpoint(run, step)
+    finish_run(run, step, why, preempted_by, log_file)
     # G2L's evidence, once the processes are done (an evaluation outlasts any collective's
     # timeout): the models trained here are freed first, evaluate.py loads its own
     if env.master and eval_data and not preempted_by:
-        del nets, raw_student, t_model, optimizer
+        del run, held_out
         evaluate_g2l(env)
     # not finished: a non-zero status (128 + signal, the shell's convention) says so
     if preempted_by:
@@ -508,18 +616,35 @@ def split_tiles(global_batch, env):
     return tiles, train_idx, val_idx
 
 
-def teacher_source():
-    """The teacher's (spec, weights) as model.create resolves them, nothing built: the spec of its
-    model.py row or a distilled folder's student.json; weights 'random', 'hub' or a local path."""
-    # --bench times random weights unless told otherwise: speed does not depend on them
-    default_weights = 'random' if bench else None
-    return zoo.resolve(teacher, teacher_weights or default_weights)
+def build_run(t_spec, cache, ckpt_path, env):
+    """The models of the run and the step it starts at, in the deliberate order: the student with
+    its projection -> the optimizer -> their state from a checkpoint (freed on return) -> the
+    teacher -> DDP -> compile. The raw student is kept for saving and measuring."""
+    raw_student = build_student(t_spec, env)
+    optimizer = build_optimizer(raw_student)
+    step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
+    if resume and not bench and os.path.exists(ckpt_path):
+        step, state = load_checkpoint(ckpt_path, raw_student, optimizer, env)
+    else:
+        # each rank its own torch random stream; a resumed run restores the saved ones instead
+        torch.manual_seed(seed + env.rank)
+    # the teacher seam: the frozen teacher, or teacher_cache's replay of it
+    teacher = start_teacher(t_spec, cache, step, env)
+    # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
+    # buckets so their all-reduce overlaps the backward
+    student_ddp = None
+    if env.ddp:
+        student_ddp = DDP(raw_student, device_ids=[env.local_rank] if env.use_cuda else None)
+    forward = student_ddp or raw_student
+    if compile:
+        forward = torch.compile(forward, backend=compile_backend)
+    run = SimpleNamespace(student=raw_student, forward=forward, ddp=student_ddp, teacher=teacher,
+                          optimizer=optimizer, state=state, env=env)
+    return run, step
 
 
-def build_models(t_spec, cache, env):
-    """The frozen teacher (None with a teacher cache: wrap_and_compile loads it if the cache
-    lacks what the run needs) and the student with its projection, on the device."""
-    t_model = load_teacher(env) if cache is None else None
+def build_student(t_spec, env):
+    """The student with its projection to the teacher's width, on the device."""
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
     s_backbone, s_spec = zoo.create(student, student_weights or default_weights, device=env.device)
@@ -536,31 +661,7 @@ def build_models(t_spec, cache, env):
         gflops = step_flops(t_spec, s_spec) / 1e9
         print(f"teacher {t_spec['name']} {t_params:.0f}M, student {s_spec['name']} "
               f"{s_params:.0f}M, {gflops:.1f} GFLOP per image per step")
-    return t_model, raw_student
-
-
-def load_teacher(env):
-    """The frozen teacher on the device, in bf16 on CUDA (teacher_bf16)."""
-    # the spec and weights the teacher cache's key names
-    t_model, _ = zoo.create(*teacher_source(), device=env.device)
-    t_model.requires_grad_(False)
-    return t_model.to(teacher_dtype(env))
-
-
-def teacher_dtype(env):
-    """The frozen teacher's weights: bf16 on CUDA with teacher_bf16, else float32 (the cache's key
-    names it: bf16 weights give other embeddings than float32 ones, even under autocast)."""
-    return torch.bfloat16 if env.use_cuda and teacher_bf16 else torch.float32
-
-
-def compile_teacher(t_model, t_spec):
-    """The function the step calls to run the teacher: model.embed, compiled if `compile`."""
-    # the teacher is compiled as the function it runs (model.embed): torch.compile(module) would
-    # only compile its __call__
-    teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
-    if compile:
-        teacher_embed = torch.compile(teacher_embed, backend=compile_backend)
-    return teacher_embed
+    return raw_student
 
 
 def step_flops(t_spec, s_spec, teacher_share=1.0):
@@ -584,6 +685,11 @@ def build_optimizer(raw_student):
     groups = [dict(params=decay, weight_decay=weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=fused_adam)
+
+
+# the settings a resumed run must share with its checkpoint: the models (the teacher's weights
+# too), the loss, and which tiles train and how each step's views are cut (val_fraction decides
+# the training tiles; the order and the views follow from the seed and the global batch)
 
 
 # the settings a resumed run must share with its checkpoint: the models (the teacher's weights
@@ -621,245 +727,6 @@ def load_checkpoint(path, raw_student, optimizer, env):
     return ckpt['step'], ckpt['state']
 
 
-def wrap_and_compile(t_model, t_spec, raw_student, cache, step, env):
-    """The networks of the run from `step` on: what the step calls (DDP-wrapped, compiled) and the
-    raw ones."""
-    # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
-    # buckets so their all-reduce overlaps the backward
-    student_ddp = None
-    if env.ddp:
-        student_ddp = DDP(raw_student, device_ids=[env.local_rank] if env.use_cuda else None)
-    student_forward = student_ddp if env.ddp else raw_student
-    if compile:
-        student_forward = torch.compile(student_forward, backend=compile_backend)
-    # no teacher yet with a cache: it is loaded below only if the cache lacks what the run needs
-    teacher_embed = compile_teacher(t_model, t_spec) if t_model is not None else None
-    # teacher_images counts the images the teacher really ran on: MFU counts only their FLOPs
-    nets = SimpleNamespace(teacher=t_model, t_spec=t_spec, student=raw_student,
-                           teacher_embed=teacher_embed, student_forward=student_forward,
-                           student_ddp=student_ddp, cache=cache, teacher_images=0)
-    if cache is not None:
-        load_teacher_for_cache(nets, step, env)
-    return nets
-
-
-def load_teacher_for_cache(nets, step, env):
-    """With a teacher cache: load the teacher now, on every rank, if a step from `step` to
-    max_iters or the held-out set is missing from it; with a full cache, never."""
-    # not the first time a step needs it: a giga teacher's download and compile on one rank,
-    # mid-run, would keep the others waiting in their all-reduce past its timeout, and its
-    # memory would appear in the middle of training. The master's list, broadcast: every rank
-    # decides alike
-    n_missing = sum(s >= step for s in nets.cache.missing)
-    if not n_missing and not nets.cache.held_out_missing:
-        return
-    if env.master:
-        on_ranks = f' on all {env.world} processes' if env.ddp else ''
-        held_out = ' and the held-out set' if nets.cache.held_out_missing else ''
-        print(f'loading the teacher{on_ranks}: {n_missing} of the {max_iters - step} steps to run'
-              f'{held_out} are not in teacher_cache', flush=True)
-    ensure_teacher(nets, None, env)
-
-
-def run_bench(nets, optimizer, env):
-    """--bench: time steps on random uint8 tiles made on the device, first with the teacher
-    computed, then with its embeddings replayed from a throwaway teacher cache."""
-    random_tiles = random_tile_batches(env)
-    # compilation happens in the first steps
-    warmup = 10 if compile else 3
-    computed = time_steps(nets, optimizer, random_tiles, warmup, env)
-    name = f"{nets.t_spec['name']} -> {nets.student.spec['name']}"
-    if env.master:
-        print(f"bench {name} at {crop_size} px, batch {batch_size}/GPU, compile={compile} "
-              f"grad_ckpt={grad_ckpt}: {computed.ms:.1f} ms/step, {computed.images_per_s:.1f} "
-              f"images/s, MFU {mfu_text(computed.mfu)}, peak memory {computed.memory_gib:.2f} GiB")
-    if patch_weight > 0:
-        print('bench with a teacher cache: not measured, patch_weight > 0 needs patch tokens')
-        return
-    # the same steps again, their teacher embeddings replayed from a cache of random stand-ins
-    # in a temporary folder (the replay's speed does not depend on the values)
-    global_batch = batch_size * grad_accum * env.world
-    with tempfile.TemporaryDirectory() as folder:
-        nets.cache = open_cache(folder, global_batch, nets.t_spec['dim'], storage_dtype(env))
-        for step in range(warmup + bench):
-            stand_ins = torch.randn(global_batch, nets.t_spec['dim'])
-            rows = to_storage(stand_ins, nets.cache)
-            write_rows(nets.cache, step, 0, rows, np.ones(global_batch, bool))
-        replayed = time_steps(nets, optimizer, random_tiles, warmup, env)
-        nets.cache = None
-    t_flops = zoo.flops_per_image(nets.t_spec, crop_size)
-    teacher_part = t_flops / step_flops(nets.t_spec, nets.student.spec)
-    speedup = replayed.images_per_s / computed.images_per_s
-    if env.master:
-        print(f"bench with a teacher cache (the teacher, {100 * teacher_part:.0f}% of a step's "
-              f"FLOPs, not run): {replayed.ms:.1f} ms/step, {replayed.images_per_s:.1f} "
-              f"images/s, MFU {mfu_text(replayed.mfu)} (student FLOPs only), "
-              f"{speedup:.2f}x the images/s")
-
-
-def time_steps(nets, optimizer, random_tiles, warmup, env):
-    """Time `bench` steps after `warmup` untimed ones: ms/step, images/s, MFU, peak memory."""
-    for i in range(warmup):
-        train_step(nets, optimizer, random_tiles, 256, i, env)
-    if env.use_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0, t0_teacher = sync_time(env), nets.teacher_images
-    for i in range(bench):
-        train_step(nets, optimizer, random_tiles, 256, warmup + i, env)
-    seconds_per_step = (sync_time(env) - t0) / bench
-    images_per_s = batch_size * grad_accum * env.world / seconds_per_step
-    teacher_share = (nets.teacher_images - t0_teacher) / (bench * batch_size * grad_accum)
-    if env.use_cuda:
-        memory_gib = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
-    else:
-        memory_gib = peak_rss_gib()
-    mfu = model_flops_utilisation(images_per_s, teacher_share, nets, env)
-    return SimpleNamespace(ms=seconds_per_step * 1000, images_per_s=images_per_s, mfu=mfu,
-                           memory_gib=memory_gib)
-
-
-def train(nets, optimizer, tiles, train_idx, val_idx, step, state, env):
-    """The training loop from `step`; returns the step reached, why it stopped, and the signal
-    that pre-empted it (0 if none). `state` (the loss counters) is updated in place."""
-    tile_batches = read_tile_batches(tiles, train_idx, step, env)
-    stop = catch_preemption()
-    held_out = embed_held_out(tiles, val_idx, nets, env) if env.master else []
-    log_file = open_log(step) if env.master else None
-    start_cosine = held_out_cosine(nets.student, held_out, env) if step == 0 else None
-    if start_cosine is not None:
-        print(f'step 0: held-out teacher-student cosine {start_cosine:.4f}')
-        log_file.write(json.dumps(dict(step=0, val_cosine=start_cosine)) + '\n')
-    bar = tqdm(total=max_iters, initial=step, disable=not env.master, dynamic_ncols=True)
-    global_batch = batch_size * grad_accum * env.world
-    t0, t0_step, why, signalled = sync_time(env), step, 'reached max_iters', False
-    t0_teacher = nets.teacher_images
-    # finite losses since the last log line: the logged loss is their mean, less noisy than a batch
-    interval = []
-    while step < max_iters:
-        # this step's learning rate and weight decay; group 0 is the one that decays
-        for group in optimizer.param_groups:
-            group['lr'] = schedule(step, lr, min_lr, warmup_iters)
-        optimizer.param_groups[0]['weight_decay'] = schedule(step, weight_decay, weight_decay_end)
-        # a NaN forward also poisons BatchNorm's running stats: keep them to put back
-        projection_bn = nets.student.head[1]
-        bn_stats = {k: v.clone() for k, v in projection_bn.state_dict().items()}
-        batch_loss, grad_norm, cosine = train_step(nets, optimizer, tile_batches, tiles.tile_size,
-                                                   step, env)
-        batch_loss, cosine, signalled = agree_across_ranks(batch_loss, cosine, stop, env)
-        step += 1
-        bar.update(1)
-        finite = math.isfinite(batch_loss) and math.isfinite(grad_norm.item())
-        if finite:
-            interval.append(batch_loss)
-        else:
-            projection_bn.load_state_dict(bn_stats)
-        stop_reason = record_loss(state, batch_loss, finite)
-        if stop_reason:
-            why = stop_reason
-            break
-        if step % log_interval == 0 or step == max_iters:
-            seconds_per_step = (sync_time(env) - t0) / (step - t0_step)
-            images_per_s = global_batch / seconds_per_step
-            mean_loss = sum(interval) / len(interval) if interval else float('nan')
-            # the share of this rank's images the teacher ran on (1 without a cache)
-            images = (step - t0_step) * batch_size * grad_accum
-            teacher_share = (nets.teacher_images - t0_teacher) / images
-            row = dict(step=step, loss=mean_loss, lr=optimizer.param_groups[0]['lr'],
-                       grad_norm=grad_norm.item(), cosine=cosine,
-                       images_per_s=round(images_per_s, 1),
-                       mfu=model_flops_utilisation(images_per_s, teacher_share, nets, env),
-                       skipped=state['skipped'])
-            if nets.cache is not None:
-                row['teacher_computed'] = round(teacher_share, 4)
-            if env.master:
-                if step % eval_interval == 0 or step == max_iters:
-                    row['val_cosine'] = held_out_cosine(nets.student, held_out, env)
-                write_log(row, log_file, bar, images_per_s)
-            t0, t0_step, interval = sync_time(env), step, []
-            t0_teacher = nets.teacher_images
-        if signalled:
-            why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
-                   'rerun with --resume=True to continue')
-            break
-        if step % ckpt_interval == 0:
-            save_checkpoint(nets.student, optimizer, step, state, env)
-    bar.close()
-    if log_file:
-        log_file.close()
-    # this rank's own signal, or SIGTERM when only another rank was signalled
-    preempted_by = (stop['signal'] or signal.SIGTERM) if signalled else 0
-    return step, why, preempted_by
-
-
-def train_step(nets, optimizer, tile_batches, tile_size, step, env):
-    """One optimizer step over grad_accum micro-batches; returns the loss, grad norm and cosine."""
-    # every sample's view is drawn from (seed, step): the same for any number of GPUs
-    views = augment_params(batch_size * grad_accum * env.world, step, tile_size, crop_size)
-    losses, cosines = [], []
-    for micro in range(grad_accum):
-        # uint8 tiles from the loader: pinned, so the copy overlaps the GPU's work
-        tiles = next(tile_batches).to(env.device, non_blocking=True)
-        # this micro-batch's slice of the global batch's views
-        first = (micro * env.world + env.rank) * batch_size
-        mine = slice(first, first + batch_size)
-        micro_views = {name: v[mine].to(env.device) for name, v in views.items()}
-        # one view per tile, the same for teacher and student (G2L), made on the device
-        images = augment(tiles, micro_views, crop_size)
-        # skip the gradient all-reduce on all but the last micro-step
-        last = micro == grad_accum - 1
-        sync = nullcontext() if not env.ddp or last else nets.student_ddp.no_sync()
-        with sync, env.autocast:
-            # the frozen teacher's embeddings of these views, or their replay from teacher_cache
-            t_pooled, t_patches = teacher_outputs(nets, images, step, first, env)
-            # the student and its projection to the teacher's width
-            s_pooled, s_patches = nets.student_forward(images)
-            # the loss on the final embeddings (G2L), plus the optional patch-token term
-            batch_loss = distance(s_pooled, t_pooled)
-            if patch_weight > 0:
-                batch_loss = batch_loss + patch_weight * patch_distance(s_patches, t_patches)
-            # testing aid: a NaN here must be skipped by the loop, not crash the run
-            if step == debug_nan_step:
-                batch_loss = batch_loss * float('nan')
-            # mean over micro-batches, as one big batch
-            (batch_loss / grad_accum).backward()
-        losses.append(batch_loss.detach())
-        # the teacher-student cosine of the projected embeddings: a health signal in the log
-        s_embedding = s_pooled.detach().float()
-        cosines.append(F.cosine_similarity(s_embedding, t_pooled.float()).mean())
-    # clip_grad_norm_ returns the norm before clipping; DDP already averaged the gradients, so
-    # every rank sees the same norm and takes the same decision
-    max_norm = grad_clip or float('inf')
-    grad_norm = torch.nn.utils.clip_grad_norm_(nets.student.parameters(), max_norm)
-    # a non-finite gradient skips the update (the loop counts it and restores BatchNorm)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    # frees the gradients' memory until the next backward
-    optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).mean(), grad_norm, torch.stack(cosines).mean()
-
-
-def teacher_outputs(nets, images, step, first, env):
-    """The teacher's (pooled embeddings, patch tokens) of a micro-batch's images, which are rows
-    first.. of the step's global batch. With a teacher cache: the stored rows, the missing ones
-    computed and stored (patch tokens None)."""
-    if nets.cache is None:
-        nets.teacher_images += len(images)
-        # no_grad, not inference_mode: its tensors cannot enter the student's graph
-        with torch.no_grad():
-            return nets.teacher_embed(images)
-    rows, valid = read_rows(nets.cache, step, first, len(images))
-    if not valid.all():
-        ensure_teacher(nets, f'rows of step {step} in teacher_cache fail their checksum', env)
-        nets.teacher_images += len(images)
-        # the whole micro-batch, as a run without a cache computes it, so the rows match its
-        with torch.no_grad():
-            computed = to_storage(nets.teacher_embed(images)[0], nets.cache)
-        # only missing rows are written; the run uses exactly what the cache then holds
-        write_rows(nets.cache, step, first, computed, ~valid)
-        rows[~valid] = computed[~valid]
-    return from_storage(rows, nets.cache).to(env.device), None
-
-
 def read_tile_batches(tiles, train_idx, step, env):
     """This rank's micro-batches of uint8 training tiles from `step` on, read by loader workers."""
     order = batches(len(train_idx), step, env.rank, env.world, seed)
@@ -877,10 +744,138 @@ def tile_loader(tiles, train_idx, order, env):
         prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
 
 
-def random_tile_batches(env):
-    """--bench's endless micro-batches: random uint8 tiles made on the device, nothing read."""
-    while True:
-        yield torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=env.device)
+def ignore_sigterm(worker_id):
+    # on pre-emption the scheduler may signal every process; loader workers must outlive the
+    # main process's last step and checkpoint, so only the main process reacts
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def embed_held_out(tiles, val_idx, teacher, env):
+    """The held-out tiles as batches of (uint8 centre crops, teacher embeddings) on the device."""
+    # read and embedded once: the teacher is frozen
+    if not len(val_idx):
+        return []
+    start = (tiles.tile_size - crop_size) // 2
+    centre = slice(start, start + crop_size)
+    n_batches = math.ceil(len(val_idx) / batch_size)
+    crops = []
+    for chunk in np.array_split(val_idx, n_batches):
+        crops.append(torch.stack([tiles[i] for i in chunk]).to(env.device)[:, :, centre, centre])
+    targets = teacher.held_out_targets(crops, val_idx, env.autocast)
+    return list(zip(crops, targets))
+
+
+def open_log(step, run, held_out):
+    """The master's out_dir/log.jsonl to append to (None on other ranks), without what a killed
+    run wrote after its checkpoint; a run from step 0 starts it with the held-out cosine."""
+    if not run.env.master:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    trim_log(log_path, step)
+    log_file = open(log_path, 'a')
+    start_cosine = run.student.held_out_cosine(held_out, run.env.autocast) if step == 0 else None
+    if start_cosine is not None:
+        print(f'step 0: held-out teacher-student cosine {start_cosine:.4f}')
+        log_file.write(json.dumps(dict(step=0, val_cosine=start_cosine)) + '\n')
+    return log_file
+
+
+def trim_log(path, step):
+    """On resume, drop log lines the killed run wrote after its last checkpoint (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
+
+
+# -----------------------------------------------------------------------------
+# the loop: one step is schedule -> views -> teacher targets -> student and projection -> loss ->
+# backward -> clip -> optimizer step, then log, measure and checkpoint
+
+def train(run, step, until, tile_batches, tile_size, held_out, log_file):
+    """Train from `step` to `until`; returns the step reached, why it stopped, and the signal
+    that pre-empted it (0 if none). run.state (the loss counters) is updated in place."""
+    student, teacher, optimizer, env = run.student, run.teacher, run.optimizer, run.env
+    global_batch = batch_size * grad_accum * env.world
+    stop = catch_preemption()
+    meter = start_meter(step, teacher, env)
+    bar = tqdm(total=until, initial=step, disable=not log_file, dynamic_ncols=True)
+    why, signalled = 'reached max_iters', False
+    while step < until:
+        # the schedules: this step's learning rate and weight decay (group 0 is the one decayed)
+        for group in optimizer.param_groups:
+            group['lr'] = schedule(step, lr, min_lr, warmup_iters)
+        optimizer.param_groups[0]['weight_decay'] = schedule(step, weight_decay, weight_decay_end)
+        # a non-finite forward also poisons the projection's BatchNorm statistics: keep them
+        head_statistics = student.head_statistics()
+        # the views: every sample's augmentation is drawn from (seed, step), for any world size
+        views = augment_params(global_batch, step, tile_size, crop_size)
+        losses, cosines = [], []
+        for micro in range(grad_accum):
+            # uint8 tiles from the loader: pinned, so the copy overlaps the GPU's work
+            tiles = next(tile_batches).to(env.device, non_blocking=True)
+            # this micro-batch's rows of the global batch, and their views
+            first = (micro * env.world + env.rank) * batch_size
+            mine = {name: v[first:first + batch_size].to(env.device) for name, v in views.items()}
+            # one view per tile, the same for teacher and student (G2L), made on the device
+            images = augment(tiles, mine, crop_size)
+            # DDP all-reduces the gradients on the last micro-step only
+            last = micro == grad_accum - 1
+            sync = nullcontext() if not env.ddp or last else run.ddp.no_sync()
+            with sync, env.autocast:
+                # the teacher's targets: its embeddings of the same views
+                t_pooled, t_patches = teacher.targets(images, step, first)
+                # the student and its projection to the teacher's width
+                s_pooled, s_patches = run.forward(images)
+                # the loss on the final embeddings (G2L), plus the optional patch-token term
+                batch_loss = distance(s_pooled, t_pooled)
+                if patch_weight > 0:
+                    batch_loss = batch_loss + patch_weight * patch_distance(s_patches, t_patches)
+                # testing aid: a NaN here must be skipped by the loop, not crash the run
+                if step == debug_nan_step:
+                    batch_loss = batch_loss * float('nan')
+                # backward of the mean over micro-batches, as one big batch
+                (batch_loss / grad_accum).backward()
+            losses.append(batch_loss.detach())
+            cosines.append(cosine(s_pooled, t_pooled))
+        # clip: the norm before clipping, the same on every rank (DDP averaged the gradients)
+        max_norm = grad_clip or float('inf')
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+        # the optimizer step, skipped when the gradient is not finite
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        # frees the gradients' memory until the next backward
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        # the loss averaged over ranks, so that every rank takes the same decisions below
+        batch_loss, batch_cosine, signalled = agree_across_ranks(losses, cosines, stop, env)
+        finite = math.isfinite(batch_loss) and math.isfinite(grad_norm.item())
+        if finite:
+            meter.losses.append(batch_loss)
+        else:
+            student.restore_head_statistics(head_statistics)
+        # an early stop, or too many non-finite steps in a row
+        stop_reason = record_loss(run.state, batch_loss, finite)
+        if stop_reason:
+            why = stop_reason
+            break
+        # the log line (the master's), with the held-out cosine every eval_interval steps
+        if log_file and (step % log_interval == 0 or step == until):
+            meter = log_progress(run, meter, step, grad_norm, batch_cosine, held_out, log_file,
+                                 bar)
+        if signalled:
+            why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
+                   'rerun with --resume=True to continue')
+            break
+        if step % ckpt_interval == 0 and not bench:
+            save_checkpoint(run, step)
+    bar.close()
+    # this rank's own signal, or SIGTERM when only another rank was signalled
+    preempted_by = (stop['signal'] or signal.SIGTERM) if signalled else 0
+    return step, why, preempted_by
 
 
 def catch_preemption():
@@ -893,16 +888,13 @@ def catch_preemption():
     return stop
 
 
-def ignore_sigterm(worker_id):
-    # on pre-emption the scheduler may signal every process; loader workers must outlive the
-    # main process's last step and checkpoint, so only the main process reacts
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def agree_across_ranks(batch_loss, cosine, stop, env):
-    """The loss and cosine averaged over ranks, and whether any rank was signalled."""
+def agree_across_ranks(losses, cosines, stop, env):
+    """The step's loss and cosine (means over micro-batches and ranks), and whether any rank was
+    signalled."""
     # one small all-reduce per step, so every rank takes the same early-stop / non-finite /
     # pre-emption decision at the same step
+    batch_loss = torch.stack(losses).mean()
+    cosine = torch.stack(cosines).mean()
     signalled = torch.tensor(float(stop['signal'] > 0), device=env.device)
     shared = torch.stack([batch_loss.float(), cosine.float(), signalled])
     if env.ddp:
@@ -935,50 +927,200 @@ def record_loss(state, batch_loss, finite):
     return None
 
 
-def embed_held_out(tiles, val_idx, nets, env):
-    """The held-out tiles as batches of (uint8 centre crops, teacher embeddings) on the device."""
-    # read and embedded once: the teacher is frozen
-    if not len(val_idx):
-        return []
-    start = (tiles.tile_size - crop_size) // 2
-    centre = slice(start, start + crop_size)
-    n_batches = math.ceil(len(val_idx) / batch_size)
-    crops = []
-    for chunk in np.array_split(val_idx, n_batches):
-        crops.append(torch.stack([tiles[i] for i in chunk]).to(env.device)[:, :, centre, centre])
-    # a teacher cache keeps the held-out embeddings too (float32, as measured with)
-    targets = read_held_out(nets.cache, val_idx, crops, env)
-    if targets is None:
-        ensure_teacher(nets, 'the held-out embeddings are not in teacher_cache', env)
-        with torch.no_grad(), env.autocast:
-            targets = [zoo.embed(nets.teacher, nets.t_spec, c)[0].float() for c in crops]
-        write_held_out(nets.cache, val_idx, targets)
-    return list(zip(crops, targets))
+def start_meter(step, teacher, env):
+    """What the next log line's rates are measured from: the time, the step, the images the
+    teacher ran on; and the finite losses since, whose mean it logs (less noisy than a batch)."""
+    return SimpleNamespace(t0=sync_time(env), step=step, teacher_images=teacher.images_run,
+                           losses=[])
 
 
-def held_out_cosine(raw_student, held_out, env):
-    """Mean teacher-student cosine on the held-out slides' centre crops; None without any."""
-    if not held_out:
+def log_progress(run, meter, step, grad_norm, cosine, held_out, log_file, bar):
+    """One line of log.jsonl: the loss, lr, images/s and MFU since the last line; the held-out
+    cosine every eval_interval steps. Returns the meter of the next line."""
+    env = run.env
+    seconds_per_step = (sync_time(env) - meter.t0) / (step - meter.step)
+    images_per_s = batch_size * grad_accum * env.world / seconds_per_step
+    mean_loss = sum(meter.losses) / len(meter.losses) if meter.losses else float('nan')
+    # the share of this rank's images the teacher ran on (1 unless it replays a teacher cache)
+    images = (step - meter.step) * batch_size * grad_accum
+    teacher_share = (run.teacher.images_run - meter.teacher_images) / images
+    row = dict(step=step, loss=mean_loss, lr=run.optimizer.param_groups[0]['lr'],
+               grad_norm=grad_norm.item(), cosine=cosine, images_per_s=round(images_per_s, 1),
+               mfu=model_flops_utilisation(images_per_s, teacher_share, run),
+               skipped=run.state['skipped'])
+    if run.teacher.cache is not None:
+        row['teacher_computed'] = round(teacher_share, 4)
+    if step % eval_interval == 0 or step == max_iters:
+        row['val_cosine'] = run.student.held_out_cosine(held_out, env.autocast)
+    write_log(row, log_file, bar, images_per_s)
+    return start_meter(step, run.teacher, env)
+
+
+def write_log(row, log_file, bar, images_per_s):
+    """One line of log.jsonl, the progress bar's summary, and the held-out cosine if measured."""
+    # NaN/inf as null: log.jsonl stays valid JSON for jq, pandas and friends
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in row.items()}
+    log_file.write(json.dumps(clean) + '\n')
+    log_file.flush()
+    summary = (f"loss {row['loss']:.4f} cos {row['cosine']:.3f} {images_per_s:.0f} img/s "
+               f"MFU {mfu_text(row['mfu'])}")
+    bar.set_postfix_str(summary)
+    if row.get('val_cosine') is not None:
+        bar.write(f"step {row['step']}: loss {row['loss']:.4f}, "
+                  f"held-out teacher-student cosine {row['val_cosine']:.4f}")
+
+
+def save_checkpoint(run, step):
+    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it."""
+    env = run.env
+    # each rank's torch RNG state, gathered on the master
+    rng = [torch.empty(0)] * env.world
+    if env.ddp:
+        dist.all_gather_object(rng, torch.get_rng_state())
+    else:
+        rng = [torch.get_rng_state()]
+    if not env.master:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = dict(student=run.student.state_dict(), optimizer=run.optimizer.state_dict(), step=step,
+                state=run.state, config=effective_config(), world=env.world, rng=rng)
+    # written atomically: a kill leaves the old checkpoint, never half of one
+    tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
+
+
+def finish_run(run, step, why, preempted_by, log_file):
+    """After the loop and its last checkpoint: the export and the loss plot when the run
+    completed, a summary line, the processes' end; an error when non-finite losses stopped it."""
+    if log_file:
+        log_file.close()
+    # pre-empted runs leave quickly; the export and the loss plot come when the run completes
+    if run.env.master and not preempted_by:
+        zoo.export(run.student.backbone, run.student.spec, out_dir)
+        plot_loss(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
+    if run.env.master:
+        print(f"stopped at step {step}: {why}; {run.state['skipped']} non-finite steps skipped; "
+              f"outputs in {out_dir}")
+    finish(run.env.ddp)
+    if why.startswith(f'{max_nonfinite} non-finite'):
+        raise SystemExit(f'error: {why}')
+
+
+def model_flops_utilisation(images_per_s, teacher_share, run):
+    """MFU per GPU: the FLOP/s of the math the step ran (the teacher only on the share of images
+    it ran on) over the device's peak; None if unknown."""
+    if not run.env.peak_flops:
         return None
-    raw_student.eval()
-    linear, bn = raw_student.head
-    with torch.no_grad(), env.autocast:
-        projected = []
-        for crops, _ in held_out:
-            s_pooled = zoo.embed(raw_student.backbone, raw_student.spec, crops)[0]
-            projected.append(linear(s_pooled))
-        projected = torch.cat(projected).float()
-        # the projection's BatchNorm normalises with the held-out set's own statistics ("precise
-        # BN"): its running averages (momentum 0.1) lag a projection that is still moving, and
-        # measured in eval mode the demo's cosine swung between -0.11 and 0.43 while this measure
-        # rose steadily. The projection is discarded after training, so the measure is of the
-        # student's features, not of that lag
-        projected = F.batch_norm(projected, None, None, bn.weight, bn.bias, training=True,
-                                 eps=bn.eps)
-        t_pooled = torch.cat([t for _, t in held_out])
-        cosine = F.cosine_similarity(projected, t_pooled).mean().item()
-    raw_student.train()
-    return cosine
+    flops = step_flops(run.teacher.spec, run.student.spec, teacher_share)
+    return flops * images_per_s / run.env.world / run.env.peak_flops
+
+
+def mfu_text(mfu):
+    return f'{100 * mfu:.1f}%' if mfu is not None else 'n/a (unknown device peak)'
+
+
+def sync_time(env):
+    """Seconds on a monotonic clock once the GPU's queued work is done, so timings measure it."""
+    if env.use_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_rss_gib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def finish(ddp):
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def plot_loss(log_path, png_path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    train = [r for r in rows if 'loss' in r]
+    ax[0].plot([r['step'] for r in train], [r['loss'] for r in train])
+    ax[0].set(xlabel='step', ylabel=f'{loss} loss', title='training loss')
+    val = [r for r in rows if r.get('val_cosine') is not None]
+    ax[1].plot([r['step'] for r in val], [r['val_cosine'] for r in val], marker='o')
+    ax[1].set(xlabel='step', ylabel='cosine', title='held-out teacher-student cosine')
+    fig.tight_layout()
+    tile.save_atomic(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
+
+
+# -----------------------------------------------------------------------------
+# --bench: the loop above timed on random tiles, the teacher computed, then replayed
+
+def run_bench(run):
+    """--bench: time the loop on random uint8 tiles made on the device, first with the teacher
+    computed, then with its embeddings replayed from a throwaway teacher cache."""
+    env = run.env
+    # compilation happens in the first steps
+    warmup = 10 if compile else 3
+    computed = time_steps(run, warmup)
+    name = f"{run.teacher.spec['name']} -> {run.student.spec['name']}"
+    if env.master:
+        print(f"bench {name} at {crop_size} px, batch {batch_size}/GPU, compile={compile} "
+              f"grad_ckpt={grad_ckpt}: {computed.ms:.1f} ms/step, {computed.images_per_s:.1f} "
+              f"images/s, MFU {mfu_text(computed.mfu)}, peak memory {computed.memory_gib:.2f} GiB")
+    if patch_weight > 0:
+        print('bench with a teacher cache: not measured, patch_weight > 0 needs patch tokens')
+        return
+    # the same steps again, their teacher embeddings replayed from a cache of random stand-ins
+    # in a temporary folder (the replay's speed does not depend on the values)
+    global_batch = batch_size * grad_accum * env.world
+    t_spec, computing = run.teacher.spec, run.teacher
+    with tempfile.TemporaryDirectory() as folder:
+        cache = open_cache(folder, global_batch, t_spec['dim'], storage_dtype(env))
+        for step in range(warmup + bench):
+            stand_ins = torch.randn(global_batch, t_spec['dim'])
+            rows = to_storage(stand_ins, cache)
+            write_rows(cache, step, 0, rows, np.ones(global_batch, bool))
+        run.teacher = Teacher(t_spec, None, cache)
+        replayed = time_steps(run, warmup)
+        run.teacher = computing
+    t_flops = zoo.flops_per_image(t_spec, crop_size)
+    teacher_part = t_flops / step_flops(t_spec, run.student.spec)
+    speedup = replayed.images_per_s / computed.images_per_s
+    if env.master:
+        print(f"bench with a teacher cache (the teacher, {100 * teacher_part:.0f}% of a step's "
+              f"FLOPs, not run): {replayed.ms:.1f} ms/step, {replayed.images_per_s:.1f} "
+              f"images/s, MFU {mfu_text(replayed.mfu)} (student FLOPs only), "
+              f"{speedup:.2f}x the images/s")
+
+
+def time_steps(run, warmup):
+    """Time `bench` steps of the loop after `warmup` untimed ones: ms/step, images/s, MFU, peak
+    memory."""
+    env = run.env
+    random_tiles = random_tile_batches(env)
+    train(run, 0, warmup, random_tiles, 256, held_out=[], log_file=None)
+    if env.use_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0, t0_teacher = sync_time(env), run.teacher.images_run
+    train(run, warmup, warmup + bench, random_tiles, 256, held_out=[], log_file=None)
+    seconds_per_step = (sync_time(env) - t0) / bench
+    images_per_s = batch_size * grad_accum * env.world / seconds_per_step
+    teacher_share = (run.teacher.images_run - t0_teacher) / (bench * batch_size * grad_accum)
+    if env.use_cuda:
+        memory_gib = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
+    else:
+        memory_gib = peak_rss_gib()
+    mfu = model_flops_utilisation(images_per_s, teacher_share, run)
+    return SimpleNamespace(ms=seconds_per_step * 1000, images_per_s=images_per_s, mfu=mfu,
+                           memory_gib=memory_gib)
+
+
+def random_tile_batches(env):
+    """--bench's endless micro-batches: random uint8 tiles made on the device, nothing read."""
+    while True:
+        yield torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=env.device)
 
 
 # -----------------------------------------------------------------------------
@@ -1067,8 +1209,8 @@ def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env):
         dtype=str(storage_dtype(env)).removeprefix('torch.'),
         segment_steps=CACHE_SEGMENT_STEPS,
     )
-    # on CUDA the teacher runs in bf16 or float32 weights (teacher_bf16); on CPU always float32,
-    # so CPU keys stay as they were
+    # on CUDA the teacher runs in bf16 or float32 weights (teacher_bf16); on CPU always in
+    # float32, and the key has no such field
     if env.use_cuda:
         key['teacher_dtype'] = str(teacher_dtype(env)).removeprefix('torch.')
     # as JSON reads it back: tuples become lists
@@ -1225,7 +1367,7 @@ def read_rows(cache, step, first, n):
     torn = np.count_nonzero(~valid & (marks != 0))
     if torn:
         print(f'warning: {torn} teacher_cache rows of step {step} fail their checksum (a torn '
-              'or clobbered write): computing them again', file=sys.stderr)
+              'or clobbered write)', file=sys.stderr)
     return rows, valid
 
 
@@ -1278,14 +1420,6 @@ def held_out_path(cache, val_idx):
     return os.path.join(cache.folder, f'held_out_{name}.npy')
 
 
-def read_held_out(cache, val_idx, crops, env):
-    """The held-out embeddings from the cache, batched like crops; None without them."""
-    if cache is None or not os.path.exists(held_out_path(cache, val_idx)):
-        return None
-    targets = torch.from_numpy(np.load(held_out_path(cache, val_idx)))
-    return [t.to(env.device) for t in targets.split([len(c) for c in crops])]
-
-
 def write_held_out(cache, val_idx, targets):
     """The held-out embeddings into the cache, whole or not at all."""
     if cache is None:
@@ -1294,33 +1428,64 @@ def write_held_out(cache, val_idx, targets):
     tile.save_atomic(held_out_path(cache, val_idx), lambda f: np.save(f, values))
 
 
-def ensure_teacher(nets, why, env):
-    """Load and compile the teacher unless it is loaded, saying why (unless why is None). A run
-    loads it at the start for what its cache lacks; later only for a row that fails its checksum
-    (a torn or clobbered write), on the rank that reads it."""
-    if nets.teacher is not None:
-        return
-    where = f'rank {env.rank}: ' if env.ddp else ''
-    if why is not None:
-        print(f'{where}loading the teacher: {why}', flush=True)
-    # in a forked RNG: a teacher loaded late leaves the training's random stream as it was
-    cuda_devices = [env.device] if env.use_cuda else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        nets.teacher = load_teacher(env)
-    nets.teacher_embed = compile_teacher(nets.teacher, nets.t_spec)
+def cache_lacks(cache, step, env):
+    """Whether the run from `step` on needs the teacher: a step from `step` to max_iters, or the
+    held-out set, is missing from teacher_cache (the master's list, the same on every rank)."""
+    n_missing = sum(s >= step for s in cache.missing)
+    if not n_missing and not cache.held_out_missing:
+        return False
+    if env.master:
+        on_ranks = f' on all {env.world} processes' if env.ddp else ''
+        held_out = ' and the held-out set' if cache.held_out_missing else ''
+        print(f'loading the teacher{on_ranks}: {n_missing} of the {max_iters - step} steps to run'
+              f'{held_out} are not in teacher_cache', flush=True)
+    return True
+
+
+def replay_targets(teacher, images, step, first):
+    """The teacher's embeddings of a micro-batch as stored in teacher_cache, rows first.. of the
+    step's global batch (patch tokens: None). The rows it lacks are computed and stored when the
+    teacher is loaded. When it is not (the cache was whole at start-up, and a row has since been
+    torn or clobbered), they are NaN, so the loop skips the step, and marked missing, so that the
+    next run that uses the cache computes them."""
+    cache = teacher.cache
+    rows, valid = read_rows(cache, step, first, len(images))
+    if not valid.all() and teacher.embed is None:
+        forget_rows(cache, step, first, ~valid)
+        print(f'warning: step {step} is skipped: the teacher is not loaded to compute its rows; '
+              'the next run on this teacher_cache loads it to compute them', file=sys.stderr)
+        targets = from_storage(rows, cache)
+        targets[torch.from_numpy(~valid)] = float('nan')
+        return targets.to(images.device), None
+    if not valid.all():
+        # the whole micro-batch, as a run without a cache computes it, so the rows match its
+        computed = to_storage(teacher.compute(images)[0], cache)
+        # only missing rows are written; the run uses exactly what the cache then holds
+        write_rows(cache, step, first, computed, ~valid)
+        rows[~valid] = computed[~valid]
+    return from_storage(rows, cache).to(images.device), None
+
+
+def forget_rows(cache, step, first, which):
+    """Unmark the rows `which` picks of rows first.. of a step: they count as never written."""
+    _, marks_file, i = segment(cache, step)
+    marks_file[i, first + np.flatnonzero(which)] = 0
 
 
 def fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, env):
     """--teacher_only: the teacher's embeddings of the views of every missing step up to
     max_iters, the ranks taking turns over the steps; and the held-out set's. No student."""
-    nets = SimpleNamespace(teacher=None, t_spec=t_spec, teacher_embed=None, cache=cache,
-                           teacher_images=0)
-    if env.master:
-        embed_held_out(tiles, val_idx, nets, env)
     # every world-th missing step: no two ranks write the same rows
     steps = cache.missing[env.rank::env.world]
-    if steps:
-        ensure_teacher(nets, f'{len(cache.missing)} steps to fill on {env.world} processes', env)
+    t_model = None
+    if steps or (env.master and cache.held_out_missing):
+        if env.master:
+            print(f'loading the teacher: {len(cache.missing)} steps to fill on {env.world} '
+                  'processes', flush=True)
+        t_model = load_teacher(env)
+    teacher = Teacher(t_spec, t_model, cache)
+    if env.master:
+        embed_held_out(tiles, val_idx, teacher, env)
     order = (chunk.tolist() for _, chunk in
              global_batches(len(train_idx), steps, global_batch, seed))
     loader = tile_loader(tiles, train_idx, order, env)
@@ -1334,7 +1499,7 @@ def fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, e
         pending.append((step, augment(step_tiles, views, crop_size)))
         # whole steps share forwards of up to fill_batch_size tiles
         if len(pending) * global_batch >= fill_batch_size or step == steps[-1]:
-            embed_and_store(nets, pending, env)
+            embed_and_store(teacher, pending, env)
             bar.update(len(pending))
             pending = []
     bar.close()
@@ -1349,115 +1514,30 @@ def fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, e
         print(f'teacher cache {cache.folder}: {n_stored} of {max_iters} steps stored')
 
 
-def embed_and_store(nets, pending, env):
+def embed_and_store(teacher, pending, env):
     """The teacher's embeddings of pending (step, views), in forwards of up to fill_batch_size
     tiles, each step stored whole."""
+    cache = teacher.cache
     images = torch.cat([views for _, views in pending])
     with torch.inference_mode(), env.autocast:
-        pooled = [nets.teacher_embed(chunk)[0] for chunk in images.split(fill_batch_size)]
-    rows = to_storage(torch.cat(pooled), nets.cache)
-    every_row = np.ones(nets.cache.global_batch, bool)
+        pooled = [teacher.embed(chunk)[0] for chunk in images.split(fill_batch_size)]
+    rows = to_storage(torch.cat(pooled), cache)
+    every_row = np.ones(cache.global_batch, bool)
     for i, (step, _) in enumerate(pending):
-        step_rows = rows[i * nets.cache.global_batch:(i + 1) * nets.cache.global_batch]
-        write_rows(nets.cache, step, 0, step_rows, every_row)
+        step_rows = rows[i * cache.global_batch:(i + 1) * cache.global_batch]
+        write_rows(cache, step, 0, step_rows, every_row)
 
 
-def open_log(step):
-    """out_dir/log.jsonl to append to, without what a killed run wrote after its checkpoint."""
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    trim_log(log_path, step)
-    return open(log_path, 'a')
-
-
-def trim_log(path, step):
-    """On resume, drop log lines the killed run wrote after its last checkpoint (atomically)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
-
-
-def write_log(row, log_file, bar, images_per_s):
-    """One line of log.jsonl, the progress bar's summary, and the held-out cosine if measured."""
-    # NaN/inf as null: log.jsonl stays valid JSON for jq, pandas and friends
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in row.items()}
-    log_file.write(json.dumps(clean) + '\n')
-    log_file.flush()
-    summary = (f"loss {row['loss']:.4f} cos {row['cosine']:.3f} {images_per_s:.0f} img/s "
-               f"MFU {mfu_text(row['mfu'])}")
-    bar.set_postfix_str(summary)
-    if row.get('val_cosine') is not None:
-        bar.write(f"step {row['step']}: loss {row['loss']:.4f}, "
-                  f"held-out teacher-student cosine {row['val_cosine']:.4f}")
-
-
-def save_checkpoint(raw_student, optimizer, step, state, env):
-    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it."""
-    # each rank's torch RNG state, gathered on the master
-    rng = [torch.empty(0)] * env.world
-    if env.ddp:
-        dist.all_gather_object(rng, torch.get_rng_state())
-    else:
-        rng = [torch.get_rng_state()]
-    if not env.master:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = dict(student=raw_student.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                state=state, config=effective_config(), world=env.world, rng=rng)
-    # written atomically: a kill leaves the old checkpoint, never half of one
-    tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
-
-
-def model_flops_utilisation(images_per_s, teacher_share, nets, env):
-    """MFU per GPU: the FLOP/s of the math the step ran (the teacher only on the share of images
-    it ran on) over the device's peak; None if unknown."""
-    if not env.peak_flops:
+def read_held_out(cache, val_idx, crops):
+    """The held-out embeddings from the cache, batched like crops; None without them."""
+    if cache is None or not os.path.exists(held_out_path(cache, val_idx)):
         return None
-    flops = step_flops(nets.t_spec, nets.student.spec, teacher_share)
-    return flops * images_per_s / env.world / env.peak_flops
+    targets = torch.from_numpy(np.load(held_out_path(cache, val_idx)))
+    return [t.to(crops[0].device) for t in targets.split([len(c) for c in crops])]
 
 
-def mfu_text(mfu):
-    return f'{100 * mfu:.1f}%' if mfu is not None else 'n/a (unknown device peak)'
-
-
-def sync_time(env):
-    """Seconds on a monotonic clock once the GPU's queued work is done, so timings measure it."""
-    if env.use_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def peak_rss_gib():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def finish(ddp):
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def plot_loss(log_path, png_path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    train = [r for r in rows if 'loss' in r]
-    ax[0].plot([r['step'] for r in train], [r['loss'] for r in train])
-    ax[0].set(xlabel='step', ylabel=f'{loss} loss', title='training loss')
-    val = [r for r in rows if r.get('val_cosine') is not None]
-    ax[1].plot([r['step'] for r in val], [r['val_cosine'] for r in val], marker='o')
-    ax[1].set(xlabel='step', ylabel='cosine', title='held-out teacher-student cosine')
-    fig.tight_layout()
-    tile.save_atomic(png_path, lambda f: fig.savefig(f, format='png', dpi=100))
-
+# -----------------------------------------------------------------------------
+# the G2L table at the end of a run (eval_data)
 
 def check_eval_data():
     """eval_data's labelled patches, read as evaluate.py will: a one-line error now, not after

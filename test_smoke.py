@@ -1142,6 +1142,28 @@ def test_a_resumed_run_loads_the_teacher_only_for_missing_steps_it_has_still_to_
     assert_same_weights(runs.root / 'plain', out)
 
 
+def test_a_row_torn_after_start_up_skips_its_step_without_loading_the_teacher_and_is_computed_next_run(cache_runs,
+                                                                                                         tmp_path):
+    runs = cache_runs
+    cache = tmp_path / 'cache'
+    shutil.copytree(runs.cache, cache)
+    # a whole cache, so the run never loads the teacher; then a row of step 2 torn after its mark was written
+    rows, marks = cache_files(cache, 'r+')
+    rows[2, 1] += 1
+    rows.flush()
+    torn = run_distill(str(tmp_path / 'torn'), *runs.common, '--max_iters=6', f'--teacher_cache={cache}')
+    assert 'loading the teacher' not in torn.stdout
+    assert '1 teacher_cache rows of step 2 fail their checksum' in torn.stderr
+    assert 'warning: step 2 is skipped' in torn.stderr
+    assert [r['skipped'] for r in log_rows(tmp_path / 'torn') if 'loss' in r][-1] == 1
+    # the row is unmarked: the next run on the cache loads the teacher for it, and trains as without a cache
+    _, marks = cache_files(cache)
+    assert marks[2, 1] == 0 and marks[2, [0, 2, 3]].all()
+    again = run_distill(str(tmp_path / 'again'), *runs.common, '--max_iters=6', f'--teacher_cache={cache}')
+    assert 'loading the teacher: 1 of the 6 steps to run are not in teacher_cache' in again.stdout
+    assert_same_weights(runs.root / 'plain', tmp_path / 'again')
+
+
 def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_runs, tmp_path):
     runs = cache_runs
     shared = tmp_path / 'cache'
