@@ -690,11 +690,6 @@ def build_optimizer(raw_student):
 # the settings a resumed run must share with its checkpoint: the models (the teacher's weights
 # too), the loss, and which tiles train and how each step's views are cut (val_fraction decides
 # the training tiles; the order and the views follow from the seed and the global batch)
-
-
-# the settings a resumed run must share with its checkpoint: the models (the teacher's weights
-# too), the loss, and which tiles train and how each step's views are cut (val_fraction decides
-# the training tiles; the order and the views follow from the seed and the global batch)
 RESUME_KEYS = ('teacher', 'teacher_weights', 'student', 'loss', 'alpha', 'patch_weight',
                'data_dir', 'val_fraction', 'crop_size', 'batch_size', 'grad_accum', 'seed')
 
