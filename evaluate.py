@@ -81,8 +81,8 @@ slides = None                        # CSV slide,label,split[,center]: the slide
 tiles = None                         # the tiles folder tile.py wrote for --slides (and --bench)
 # comma-separated, one row each: model.py names, NAME=WEIGHTS, distilled folders
 models = 'tiny-teacher,tiny-student'
-# the reference row (CKA is measured to it): a name or entry of models, or one more entry;
-# None = the first of models
+# the teacher rows, first in every table (CKA is measured to each): comma-separated names or
+# entries of models (several for a committee), or more entries; None = the first of models
 teacher = None
 # display names of the rows, comma-separated, one per entry of models in its order; '' = the
 # model names
@@ -1164,12 +1164,11 @@ def restandardise(kept, own_scales, train):
         kept[i] = (bag.float() * scale + shift).half()
 
 
-def run_slide_protocols(inputs, labels, split, n_classes, teacher_sample):
-    """Every slide-level protocol on one model's slide_inputs: linear probe and kNN on mean-pooled
-    slides, ABMIL, and CKA to the teacher on the test slides' tiles, resampled by slide."""
+def run_slide_protocols(inputs, labels, split, n_classes):
+    """Every slide-level protocol on one model's slide_inputs but CKA (add_cka, once every row is
+    embedded): linear probe and kNN on mean-pooled slides, ABMIL."""
     results = run_probes(inputs['pooled'], labels, split, n_classes)
     results['abmil'] = run_abmil(inputs['bags'], labels, split, n_classes)
-    results['cka'] = cka_with_ci(inputs['sample'], teacher_sample, inputs['groups'])
     return results
 
 
@@ -1294,16 +1293,31 @@ def table(header, rows):
     return lines[:1] + [rule] + lines[1:]
 
 
+def headline_columns(level, teachers):
+    """A level's compact columns as (protocol, metric): HEADLINE's, with the CKA column once per
+    teacher of a committee (metric: the teacher's row)."""
+    columns = []
+    for protocol, metric in HEADLINE[level]:
+        if protocol == 'cka' and len(teachers) > 1:
+            columns += [('cka', teacher) for teacher in teachers]
+        else:
+            columns.append((protocol, metric))
+    return columns
+
+
 def headline_title(protocol, metric):
-    """A compact table's column title, e.g. 'kNN@20 bal. acc'."""
+    """A compact table's column title, e.g. 'kNN@20 bal. acc', 'CKA to UNI2-h'."""
     if protocol == 'cka':
-        return 'CKA to teacher'
+        return f'CKA to {metric}' if metric else 'CKA to teacher'
     protocol_names = {'linear': 'linear', 'knn': f'kNN@{knn_k}', 'abmil': 'ABMIL'}
     return f'{protocol_names[protocol]} {METRICS[metric]}'
 
 
 def headline_entry(level_results, protocol, metric):
-    """A compact table cell's {'value', 'ci'}: a protocol's metric, or the level's CKA."""
+    """A compact table cell's {'value', 'ci'}: a protocol's metric, or the level's CKA (to the
+    teacher, or to the committee's teacher `metric`)."""
+    if protocol == 'cka' and metric:
+        return level_results['cka_teachers'][metric]
     entry = level_results[protocol]
     return entry if metric is None else entry[metric]
 
@@ -1324,9 +1338,10 @@ def headline_lines(results):
              'slide': [f'ABMIL: gated attention (Ilse et al. 2018), mean of {abmil_seeds} seeds; '
                        "linear: on each slide's mean tile"]}
     lines = []
-    for level, columns in HEADLINE.items():
+    for level in HEADLINE:
         if level not in first:
             continue
+        columns = headline_columns(level, results['teachers'])
         header = ['model'] + [headline_title(p, m) for p, m in columns]
         body = [[name] + [short_ci_cell(headline_entry(r[level], p, m)) for p, m in columns]
                 for name, r in rows.items()]
@@ -1338,23 +1353,39 @@ def headline_lines(results):
 
 def gap_lines(results, level):
     """'<row> closes X% of the gap to the teacher on <metric>: <before> -> <row> (teacher t)', a
-    line per row but the teacher and the baseline, on the level's first headline column."""
+    line per row but the teachers and the baseline, on the level's first headline column; with a
+    committee the gap is to the best teacher on that column, and a row above every teacher says
+    by how much."""
     gaps = results['gap'].get(level, {})
     if not gaps:
         return []
     protocol, metric = HEADLINE[level][0]
     title = headline_title(protocol, metric)
     value = {name: r[level][protocol][metric]['value'] for name, r in results['models'].items()}
-    before, teacher_value = value[results['baseline']], value[results['teacher']]
+    best = best_teacher(results, value)
+    before, teacher_value = value[results['baseline']], value[best]
+    single = len(results['teachers']) == 1
+    teacher_words = 'the teacher' if single else 'the best teacher'
+    teacher_label = 'teacher' if single else best
     lines = ['']
     for name, closed in gaps.items():
         if closed is None:
             lines.append(f"{name}: no gap to close on {title}: {results['baseline']} scores as "
-                         'the teacher does')
+                         f'{teacher_words} does')
             continue
-        lines.append(f'{name} closes {closed:.0%} of the gap to the teacher on {title}: '
-                     f'{before:.3f} -> {value[name]:.3f} (teacher {teacher_value:.3f})')
+        lines.append(f'{name} closes {closed:.0%} of the gap to {teacher_words} on {title}: '
+                     f'{before:.3f} -> {value[name]:.3f} ({teacher_label} {teacher_value:.3f})')
+        # above every teacher: by how much
+        if value[name] > teacher_value:
+            every = 'the teacher' if single else 'every teacher'
+            lines.append(f'{name} is above {every} on {title} by '
+                         f'{value[name] - teacher_value:.3f}')
     return lines
+
+
+def best_teacher(results, value):
+    """The teacher row with the highest value (of {row: value}); the first of equals."""
+    return max(results['teachers'], key=lambda t: value[t])
 
 
 def write_markdown(results, path):
@@ -1363,13 +1394,19 @@ def write_markdown(results, path):
     rows = results['models']
     sources = [results[k]['source'] for k in ('data', 'slides') if k in results]
     intro = [f"# {', '.join(rows)} on {' and '.join(sources)}", '',
-             f"The teacher, the first row and the reference of CKA: {results['teacher']}. The "
+             f"{teachers_sentence(results['teachers'])} The "
              f'test split, with 95% bootstrap CIs ({bootstrap} resamples of the test tiles or '
              'slides, the same for every row).']
     headline = headline_lines(results)
     text = '\n'.join(intro + headline + detail_lines(results)) + '\n'
     save_atomic(path, lambda f: f.write(text.encode()))
     return '\n'.join(headline)
+
+
+def teachers_sentence(teachers):
+    if len(teachers) == 1:
+        return f'The teacher, the first row and the reference of CKA: {teachers[0]}.'
+    return f"The teachers, the first rows and the references of CKA: {', '.join(teachers)}."
 
 
 def detail_lines(results):
@@ -1383,7 +1420,7 @@ def detail_lines(results):
              f'{cka_tiles} tiles of the test slides, resampled by slide.']
     for level in HEADLINE:
         if level in first:
-            lines += level_section(rows, level)
+            lines += level_section(rows, level, results['teachers'])
     if 'robustness_index' in first:
         lines += robustness_section(rows)
     failed = results.get('slides', {}).get('failed', {})
@@ -1393,7 +1430,7 @@ def detail_lines(results):
     return lines
 
 
-def level_section(rows, level):
+def level_section(rows, level, teachers):
     """Markdown lines of one level: every metric of every protocol with its CI, and CKA to the
     teacher, a row per model; then what each model's probes chose."""
     first = next(iter(rows.values()))
@@ -1403,13 +1440,14 @@ def level_section(rows, level):
     header = ['model', 'params']
     for p in protocols:
         header += [f'{titles[p]} {label}' for label in METRICS.values()]
-    header.append('CKA to teacher')
+    cka_columns = [c for c in headline_columns(level, teachers) if c[0] == 'cka']
+    header += [headline_title(p, m) for p, m in cka_columns]
     body = []
     for name, r in rows.items():
         cells = [name, f"{r['params'] / 1e6:.1f}M"]
         for p in protocols:
             cells += [ci_cell(r[level][p][m]) for m in METRICS]
-        cells.append(ci_cell(r[level]['cka']))
+        cells += [ci_cell(headline_entry(r[level], p, m)) for p, m in cka_columns]
         body.append(cells)
     chosen = [chosen_settings(name, r[level]) for name, r in rows.items()]
     chosen_line = 'Chosen on val (or by CV on train): ' + '; '.join(chosen)
@@ -1463,7 +1501,7 @@ def plot(results, path):
     n_panels = len(levels) + with_index
     fig, axes = plt.subplots(1, n_panels, figsize=(4 + 5 * n_panels, 4.5), squeeze=False)
     for ax, level in zip(axes[0], levels):
-        plot_headline(ax, rows, level)
+        plot_headline(ax, rows, level, results['teachers'])
     axes[0, 0].legend(fontsize=8, loc='lower left')
     if with_index:
         plot_robustness(axes[0, -1], rows)
@@ -1472,9 +1510,9 @@ def plot(results, path):
     plt.close(fig)
 
 
-def plot_headline(ax, rows, level):
+def plot_headline(ax, rows, level, teachers):
     """Bars of one level's compact table: a group per column, a bar per row, CI error bars."""
-    columns = HEADLINE[level]
+    columns = headline_columns(level, teachers)
     width = 0.8 / len(rows)
     positions = np.arange(len(columns))
     for i, (name, r) in enumerate(rows.items()):
@@ -1540,37 +1578,42 @@ def display_names(entries, listing):
 
 
 def ordered_rows(entries, reference=None, listing=''):
-    """{row name: entry} with the teacher first, as in G2L's tables, then the others in the order
-    given. reference: a row name, an entry, or one more entry to add; None is the first entry.
-    listing: --names, display names for the entries."""
+    """({row name: entry} with the teachers first, as in G2L's tables, then the others in the
+    order given; the teachers' row names). reference: comma-separated row names, entries, or more
+    entries to add (several for a committee); None is the first entry. listing: --names, display
+    names for the entries."""
     display = display_names(entries, listing)
-    named = reference or entries[0]
+    named = reference.split(',') if reference else [entries[0]]
     # a row name stands for its entry; anything else is an entry itself
     by_name = row_names(entries) | {name: entry for entry, name in display.items()}
-    first = by_name.get(named, named)
-    if first not in entries and first in [e.partition('=')[0] for e in entries]:
-        raise SystemExit(f'error: --teacher {first} is the name of several --models entries: '
-                         'give the whole entry')
-    others = [e for e in entries if e != first]
-    rows = {display.get(entry, name): entry for name, entry in row_names([first] + others).items()}
-    if len(rows) <= len(others):
-        raise SystemExit(f'error: --names {listing}: the teacher {first} would share a row name '
-                         'with another row; rename it')
-    return rows
+    firsts = [by_name.get(n.strip(), n.strip()) for n in named]
+    model_names = [e.partition('=')[0] for e in entries]
+    for first in firsts:
+        if first not in entries and first in model_names:
+            raise SystemExit(f'error: --teacher {first} is the name of several --models '
+                             'entries: give the whole entry')
+    if len(set(firsts)) < len(firsts):
+        raise SystemExit(f'error: --teacher {reference} names one row twice')
+    others = [e for e in entries if e not in firsts]
+    rows = {display.get(entry, name): entry for name, entry in row_names(firsts + others).items()}
+    if len(rows) < len(firsts) + len(others):
+        raise SystemExit(f'error: --names {listing}: a teacher would share a row name with '
+                         'another row; rename it')
+    return rows, list(rows)[:len(firsts)]
 
 
-def baseline_row(rows, listing):
+def baseline_row(rows, teachers, listing):
     """The row "closes X% of the gap to the teacher" is measured from: --baseline (a row name or
-    entry), or the second of exactly three rows (teacher, student before, student after); None
-    when there is neither (then there are no gap lines)."""
-    names_of_rows = list(rows)
+    entry), or the first of exactly two rows after the teachers (student before, student after);
+    None when there is neither (then there are no gap lines)."""
+    students = [name for name in rows if name not in teachers]
     if not listing:
-        return names_of_rows[1] if len(rows) == 3 else None
+        return students[0] if len(students) == 2 else None
     by_entry = {entry: name for name, entry in rows.items()}
     name = listing if listing in rows else by_entry.get(listing)
-    if name is None or name == names_of_rows[0]:
+    if name not in students:
         raise SystemExit(f'error: --baseline {listing} is not one of the student rows '
-                         f"({', '.join(names_of_rows[1:])})")
+                         f"({', '.join(students)})")
     return name
 
 # -----------------------------------------------------------------------------
@@ -1603,24 +1646,19 @@ def describe_cohort(cohort):
     return dict(source=cohort['source'], tiles=cohort['tiles'], slides=counts, n_tiles=n_tiles)
 
 
-def run_protocols(emb, dataset, reference, with_slides):
-    """Every protocol on one model's tile embeddings: tile probes and CKA to the teacher; with a
-    slide column (and with_slides), the slide protocols on its slides; with two centres or more,
-    the robustness index. reference: the teacher's CKA inputs, set by its row (the first)."""
+def run_protocols(emb, dataset, samples, with_slides):
+    """Every protocol on one model's tile embeddings but CKA: tile probes; with a slide column
+    (and with_slides), the slide protocols on its slides; with two centres or more, the
+    robustness index. samples: what CKA will compare, filled in per level (add_cka)."""
     labels, split = dataset['labels'], dataset['split']
     n_classes = len(dataset['classes'])
-    test = split == 'test'
-    reference.setdefault('tile', emb[test])
+    samples['tile'] = (emb[split == 'test'], None)
     row = dict(tile=run_probes(emb, labels, split, n_classes))
-    row['tile']['cka'] = cka_with_ci(emb[test], reference['tile'])
-    # the tile level's CKA where scripts that read results.json find it
-    row['cka_to_teacher'] = row['tile']['cka']['value']
     if dataset['slide'] is not None and with_slides:
         bags, slide_labels, slide_split = slide_bags(emb, dataset)
         inputs = slide_inputs(bags, slide_split)
-        reference.setdefault('slide', inputs['sample'])
-        row['slide'] = run_slide_protocols(inputs, slide_labels, slide_split, n_classes,
-                                           reference['slide'])
+        samples['slide'] = (inputs['sample'], inputs['groups'])
+        row['slide'] = run_slide_protocols(inputs, slide_labels, slide_split, n_classes)
     # the robustness index needs neighbours from other centres
     if (distinct(dataset['center']) or 0) >= 2:
         centers, slide_names = dataset['center'], dataset['slide']
@@ -1628,9 +1666,10 @@ def run_protocols(emb, dataset, reference, with_slides):
     return row
 
 
-def evaluate_model(name, entry, dataset, cohort, reference, started):
+def evaluate_model(name, entry, dataset, cohort, samples, started):
     """One row: the model built once, its tile embeddings and their protocols (--data), and its
-    slides' feature files (--slides). started: when this run started (time.time())."""
+    slides' feature files (--slides). samples: the row's CKA inputs, filled in. started: when this
+    run started (time.time())."""
     model_name, _, weights = entry.partition('=')
     net, spec = create(model_name, weights or None, device=device)
     n_params = sum(p.numel() for p in net.parameters())
@@ -1643,7 +1682,7 @@ def evaluate_model(name, entry, dataset, cohort, reference, started):
               f"in {info['seconds']:.1f} s ({info['cache']})")
         row |= info
         if not extract_only:
-            row |= run_protocols(emb, dataset, reference, with_slides=cohort is None)
+            row |= run_protocols(emb, dataset, samples, with_slides=cohort is None)
     if cohort is not None:
         row['features'] = features_folder(entry)
         remove_stale_temporaries(row['features'], started)
@@ -1651,9 +1690,9 @@ def evaluate_model(name, entry, dataset, cohort, reference, started):
     return row
 
 
-def score_cohort(results, cohort):
+def score_cohort(results, cohort, samples):
     """The slide level of every row, on the slides every model embedded: the same slides for
-    every row."""
+    every row. samples: {row: its CKA inputs}, their slide level filled in."""
     scored = [r for r in cohort['rows'] if r['slide'] not in cohort['failed']]
     classes = sorted({r['label'] for r in scored})
     labels = np.array([classes.index(r['label']) for r in scored], dtype=int)
@@ -1663,20 +1702,34 @@ def score_cohort(results, cohort):
     results['slides'] |= dict(classes=classes, scored=counts, failed=cohort['failed'])
     if cohort['failed']:
         print(f"{len(cohort['failed'])} slides not scored (listed above and in results.md)")
-    reference = None
     for name, row in results['models'].items():
         paths = [os.path.join(row['features'], r['tiles']['stem'] + '.h5') for r in scored]
         # read one file at a time: only the bags in float16 are kept
         inputs = slide_inputs((read_features(path)[0] for path in paths), split)
-        # the teacher's row comes first: its CKA sample is every row's reference
-        reference = inputs['sample'] if reference is None else reference
-        row['slide'] = run_slide_protocols(inputs, labels, split, len(classes), reference)
+        samples[name]['slide'] = (inputs['sample'], inputs['groups'])
+        row['slide'] = run_slide_protocols(inputs, labels, split, len(classes))
+
+
+def add_cka(results, samples):
+    """Each row's CKA to each teacher, at every level it was scored at: 'cka' (to the teacher,
+    or the first of a committee), and 'cka_teachers' {teacher: CKA} with a committee. samples:
+    {row: {level: (CKA sample, its test slides or None)}}, the same tiles for every row."""
+    teachers = results['teachers']
+    for name, row in results['models'].items():
+        for level, (x, groups) in samples[name].items():
+            per_teacher = {t: cka_with_ci(x, samples[t][level][0], groups) for t in teachers}
+            row[level]['cka'] = per_teacher[teachers[0]]
+            if len(teachers) > 1:
+                row[level]['cka_teachers'] = per_teacher
+        # the tile level's CKA where scripts that read results.json find it
+        if 'tile' in row:
+            row['cka_to_teacher'] = row['tile']['cka']['value']
 
 
 def gaps(results):
     """{level: {row: share of the gap closed}}: (row - baseline) / (teacher - baseline) on the
-    level's first compact column, for each row but the teacher and the baseline; None where the
-    baseline scores as the teacher does."""
+    level's first compact column (the best teacher's, with a committee), for each row but the
+    teachers and the baseline; None where the baseline scores as the teacher does."""
     rows, before = results['models'], results['baseline']
     if before is None:
         return {}
@@ -1686,8 +1739,9 @@ def gaps(results):
             continue
         protocol, metric = columns[0]
         value = {name: r[level][protocol][metric]['value'] for name, r in rows.items()}
-        span = value[results['teacher']] - value[before]
-        others = [name for name in rows if name not in (results['teacher'], before)]
+        # to the best teacher on this column: a committee student is measured against the best
+        span = value[best_teacher(results, value)] - value[before]
+        others = [name for name in rows if name not in results['teachers'] + [before]]
         if abs(span) < 1e-9:
             gap[level] = dict.fromkeys(others)
             continue
@@ -1723,12 +1777,15 @@ def main(argv=None):
     # which rows, named how, the teacher first. extract_only embeds the --models entries alone: a
     # --teacher that is one more entry (as a config file may set it) is the scoring run's
     entries = model_entries(models)
-    rows = row_names(entries) if extract_only else ordered_rows(entries, teacher, names)
+    rows, teachers = row_names(entries), []
+    if not extract_only:
+        rows, teachers = ordered_rows(entries, teacher, names)
     if bench:
         return dict(config=config, bench=bench_extraction(rows))
-    results = dict(config=config, teacher=next(iter(rows)), baseline=None, models={})
+    results = dict(config=config, teacher=next(iter(rows)), teachers=teachers, baseline=None,
+                   models={})
     if not extract_only:
-        results['baseline'] = baseline_row(rows, baseline)
+        results['baseline'] = baseline_row(rows, teachers, baseline)
 
     # data: labelled images (--data), labelled slides (--slides with --tiles), or both
     if data is None and slides is None:
@@ -1743,11 +1800,12 @@ def main(argv=None):
         results['slides'] = describe_cohort(cohort)
 
     # per model its embeddings, the protocols on them and its slides' feature files. One model in
-    # memory at a time: a ViT-g and a ViT-L need not share the GPU. The teacher's row comes first:
-    # its test embeddings are there for every row's CKA
-    reference = {}
+    # memory at a time: a ViT-g and a ViT-L need not share the GPU. CKA comes once every row is
+    # embedded, from what each row keeps of its test embeddings
+    samples = {name: {} for name in rows}
     for name, entry in rows.items():
-        results['models'][name] = evaluate_model(name, entry, dataset, cohort, reference, started)
+        row = evaluate_model(name, entry, dataset, cohort, samples[name], started)
+        results['models'][name] = row
     if extract_only:
         # no results.*: a table of this run's rows alone would look like the whole comparison
         print(f"extract_only: {', '.join(rows)} embedded under {out}, nothing scored; run again "
@@ -1755,7 +1813,8 @@ def main(argv=None):
         return results
     # the slide level once every model has embedded every slide, so all rows score the same slides
     if cohort is not None:
-        score_cohort(results, cohort)
+        score_cohort(results, cohort, samples)
+    add_cka(results, samples)
 
     # outputs
     results['gap'] = gaps(results)

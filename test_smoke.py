@@ -1930,7 +1930,7 @@ def test_abmil_finds_a_few_tiles_of_a_distinct_tissue_that_mean_pooling_misses(t
     paths, labels, split = planted_cohort(tmp_path, np.random.default_rng(0))
     bags = (evaluate.read_features(path)[0] for path in paths)
     inputs = evaluate.slide_inputs(bags, split)
-    slide = evaluate.run_slide_protocols(inputs, labels, split, 2, inputs['sample'])
+    slide = evaluate.run_slide_protocols(inputs, labels, split, 2)
     abmil, mean_pooled = slide['abmil']['auroc']['value'], slide['linear']['auroc']['value']
     print(f'\nplanted signal, test AUROC: ABMIL {abmil:.3f} (seeds {slide["abmil"]["per_seed"]["auroc"]}), '
           f'linear probe on mean-pooled slides {mean_pooled:.3f}')
