@@ -71,8 +71,14 @@ ckpt_interval = 1000  # steps between checkpoints (one is also written at the en
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
 # models (names from model.py --list, or a distilled output folder)
-teacher = 'H-optimus-0'  # frozen; G2L's teacher
-teacher_weights = ''  # '' = the model's default (the hub), 'random', or a local file/folder
+# frozen; G2L's teacher. Or a committee, comma-separated (H-optimus-1,UNI2-h,Virchow2): one
+# projection and one loss term per teacher (several teachers beat one: Pathryoshka, AM-RADIO)
+teacher = 'H-optimus-0'
+# each teacher's weights, comma-separated in teacher's order: '' (or an empty entry) = the
+# model's default (the hub), 'random', or a local file/folder
+teacher_weights = ''
+# each teacher's share of the loss, comma-separated in teacher's order; '' = equal shares
+teacher_loss_weights = ''
 student = 'Hibou-L'  # trained; G2L's student
 student_weights = ''  # G2L starts from the pretrained student (CKA 0.76 before, 0.97 after)
 # data and augmentation: same view for teacher and student (G2L)
@@ -107,7 +113,10 @@ compile_backend = 'inductor'  # 'aot_eager' traces the same graphs, generates no
 grad_ckpt = True  # recompute student activations in backward: bigger batches, ~25% more compute
 fused_adam = True  # the whole AdamW update in fused CUDA kernels
 tf32 = True  # TF32 matmuls for what runs outside bf16 autocast
-teacher_bf16 = True  # keep the frozen teacher's weights in bf16 on CUDA (half its memory)
+# 'auto': bf16 autocast on CUDA, float32 on CPU (where bf16 measured 3-4x slower); 'bf16': the
+# CUDA path on any device, so a CPU test runs the step exactly as a GPU does; 'float32'
+precision = 'auto'
+teacher_bf16 = True  # with bf16: keep the frozen teachers' weights in bf16 (half their memory)
 seed = 1337  # decides the held-out slides, tile order, augmentations and projection init
 bench = 0  # >0: time this many steps on random tiles (no data loading) and exit
 # teacher cache: the frozen teacher's embedding of every view is a function of (seed, step), so
@@ -250,7 +259,7 @@ def gaussian_blur(images, p):
 
 
 # -----------------------------------------------------------------------------
-# the loss: the student's projected embedding against the teacher's
+# the loss: the student's projected embedding against each teacher's
 
 def distance(s, t):
     """Per-row distance between student (projected) and teacher features, averaged over rows."""
@@ -270,60 +279,73 @@ def distance(s, t):
 
 
 class Student(nn.Module):
-    """The student backbone plus the heads distillation adds; only the backbone is exported. The
-    projection's details stay here: the loop and the held-out measure use its methods only."""
+    """The student backbone plus the heads distillation adds, one per teacher; only the backbone
+    is exported. The heads' details stay here: the loop and the held-out measure use its methods
+    only."""
 
-    def __init__(self, backbone, spec, teacher_spec):
+    def __init__(self, backbone, spec, teacher_specs):
         super().__init__()
         self.backbone, self.spec = backbone, spec
-        # G2L's projection to the teacher's embedding width: Linear + BatchNorm. No bias before
-        # BatchNorm: BN removes any shift, so the bias would get no gradient
-        width = teacher_spec['dim']
-        self.head = nn.Sequential(nn.Linear(spec['dim'], width, bias=False), nn.BatchNorm1d(width))
-        # a Linear on the patch tokens, only for the optional patch term (patch_weight > 0)
-        self.patch_head = None
+        # G2L's projection to a teacher's embedding width, one per teacher (RADIO's adaptor
+        # heads): Linear + BatchNorm. No bias before BatchNorm: BN removes any shift, so the bias
+        # would get no gradient
+        self.heads = nn.ModuleList(projection(spec['dim'], t['dim']) for t in teacher_specs)
+        # a Linear on the patch tokens per teacher, only for the patch term (patch_weight > 0)
+        self.patch_heads = None
         if patch_weight > 0:
-            self.patch_head = nn.Linear(spec['width'], teacher_spec['width'])
+            self.patch_heads = nn.ModuleList(nn.Linear(spec['width'], t['width'])
+                                             for t in teacher_specs)
 
     def forward(self, images):
+        """The student's embedding projected to each teacher's width, and its patch tokens
+        projected likewise (None without the patch term)."""
         pooled, patches = zoo.embed(self.backbone, self.spec, images)
-        if self.patch_head is None:
-            return self.head(pooled), None
-        return self.head(pooled), self.patch_head(patches)
+        projected = [head(pooled) for head in self.heads]
+        if self.patch_heads is None:
+            return projected, None
+        return projected, [head(patches) for head in self.patch_heads]
 
     def head_statistics(self):
-        """A copy of the heads' running statistics (the projection's BatchNorm)."""
+        """A copy of the heads' running statistics (the projections' BatchNorm)."""
         # a non-finite forward poisons them: the loop puts this copy back after such a step
-        return {name: buffer.clone() for name, buffer in self.head.named_buffers()}
+        return {name: buffer.clone() for name, buffer in self.heads.named_buffers()}
 
     def restore_head_statistics(self, saved):
-        for name, buffer in self.head.named_buffers():
+        for name, buffer in self.heads.named_buffers():
             buffer.copy_(saved[name])
 
-    def held_out_cosine(self, held_out, autocast):
-        """Mean teacher-student cosine over held_out, batches of (centre crops, teacher
-        embeddings); None without any."""
+    def held_out_cosines(self, held_out, autocast):
+        """The mean cosine of the projected student embedding to each teacher's, over held_out:
+        batches of (centre crops, [each teacher's embeddings]); None without any."""
         if not held_out:
             return None
         self.eval()
-        linear, bn = self.head
+        cosines = []
         with torch.no_grad(), autocast:
-            projected = []
-            for crops, _ in held_out:
-                s_pooled = zoo.embed(self.backbone, self.spec, crops)[0]
-                projected.append(linear(s_pooled))
-            projected = torch.cat(projected).float()
-            # the projection's BatchNorm normalises with the held-out set's own statistics
-            # ("precise BN"): its running averages (momentum 0.1) lag a projection that is still
-            # moving, and measured in eval mode the demo's cosine swung between -0.11 and 0.43
-            # while this measure rose steadily. The projection is discarded after training, so
-            # the measure is of the student's features, not of that lag
-            projected = F.batch_norm(projected, None, None, bn.weight, bn.bias, training=True,
-                                     eps=bn.eps)
-            t_pooled = torch.cat([t for _, t in held_out])
-            cosine = F.cosine_similarity(projected, t_pooled).mean().item()
+            pooled = [zoo.embed(self.backbone, self.spec, crops)[0] for crops, _ in held_out]
+            for k, (linear, bn) in enumerate(self.heads):
+                projected = torch.cat([linear(p) for p in pooled]).float()
+                # the projection's BatchNorm normalises with the held-out set's own statistics
+                # ("precise BN"): its running averages (momentum 0.1) lag a projection that is
+                # still moving, and measured in eval mode the demo's cosine swung between -0.11
+                # and 0.43 while this measure rose steadily. The projection is discarded after
+                # training, so the measure is of the student's features, not of that lag
+                projected = F.batch_norm(projected, None, None, bn.weight, bn.bias,
+                                         training=True, eps=bn.eps)
+                t_pooled = torch.cat([targets[k] for _, targets in held_out])
+                cosines.append(F.cosine_similarity(projected, t_pooled).mean().item())
         self.train()
-        return cosine
+        return cosines
+
+
+def projection(width, teacher_width):
+    return nn.Sequential(nn.Linear(width, teacher_width, bias=False),
+                         nn.BatchNorm1d(teacher_width))
+
+
+def weighted_mean(values, shares):
+    """The loss of a committee: each teacher's term by its share of the loss."""
+    return sum(share * value for share, value in zip(shares, values)) / sum(shares)
 
 
 def cosine(s_pooled, t_pooled):
@@ -342,12 +364,12 @@ def patch_distance(s_patches, t_patches):
 
 
 # -----------------------------------------------------------------------------
-# the teacher's targets: one seam, whether the frozen teacher computes them or a teacher cache
-# replays what it computed before (the cache's code is below the run)
+# the teachers' targets: one seam per teacher, whether the frozen teacher computes them or a
+# teacher cache replays what it computed before (the cache's code is below the run)
 
 class Teacher:
-    """What the loop asks of the frozen teacher: its embeddings of a micro-batch's views and of
-    the held-out crops. The loop never knows whether they are computed or replayed."""
+    """What the loop asks of a frozen teacher: its embeddings of a micro-batch's views and of the
+    held-out crops. The loop never knows whether they are computed or replayed."""
 
     def __init__(self, spec, model, cache):
         self.spec, self.model, self.cache = spec, model, cache
@@ -380,44 +402,79 @@ class Teacher:
         return targets
 
 
-def start_teacher(t_spec, cache, step, env):
-    """The teacher seam for a run from `step` on. The frozen teacher is loaded here, before the
-    first step and on every rank, unless a teacher cache holds every step still to run and the
-    held-out set; never later: a giga teacher's download and compile on one rank, mid-run, would
-    keep the others waiting in their all-reduce past its timeout."""
-    if cache is not None and not cache_lacks(cache, step, env):
-        return Teacher(t_spec, None, cache)
-    # in a forked RNG: loading the teacher leaves the training's random stream as it was
+def start_teachers(sources, caches, step, env):
+    """The teacher seams of a run from `step` on, one per teacher. A teacher is loaded here,
+    before the first step and on every rank, unless its teacher cache holds every step still to
+    run and the held-out set; never later: a giga teacher's download and compile on one rank,
+    mid-run, would keep the others waiting in their all-reduce past its timeout."""
+    teachers = []
+    for k, ((spec, weights), cache) in enumerate(zip(sources, caches)):
+        t_model = None
+        if cache is None or cache_lacks(cache, step, teacher_name(k, spec, len(sources)), env):
+            t_model = load_teacher(spec, weights, env)
+        teachers.append(Teacher(spec, t_model, cache))
+    return teachers
+
+
+def load_teacher(spec, weights, env):
+    """A frozen teacher on the device, its weights in bf16 with bf16 precision (teacher_bf16)."""
+    # in a forked RNG: loading a teacher leaves the training's random stream as it was
     cuda_devices = [env.device] if env.use_cuda else []
     with torch.random.fork_rng(devices=cuda_devices):
-        t_model = load_teacher(env)
-    return Teacher(t_spec, t_model, cache)
-
-
-def load_teacher(env):
-    """The frozen teacher on the device, in bf16 on CUDA (teacher_bf16)."""
-    # the spec and weights the teacher cache's key names
-    t_model, _ = zoo.create(*teacher_source(), device=env.device)
+        t_model, _ = zoo.create(spec, weights, device=env.device)
     t_model.requires_grad_(False)
     return t_model.to(teacher_dtype(env))
 
 
-def teacher_source():
-    """The teacher's (spec, weights) as model.create resolves them, nothing built: the spec of its
-    model.py row or a distilled folder's student.json; weights 'random', 'hub' or a local path."""
+def committee():
+    """The teachers as configured: [(name, weights, share of the loss)] in the order given;
+    weights '' means the model's default."""
+    names = teacher.split(',')
+    # one teacher: its weights are the whole setting, a path with a comma included
+    weights = teacher_weights.split(',') if len(names) > 1 else [teacher_weights]
+    weights = weights if teacher_weights else [''] * len(names)
+    shares = teacher_loss_weights.split(',') if teacher_loss_weights else ['1'] * len(names)
+    if len(weights) != len(names) or len(shares) != len(names):
+        raise SystemExit(f'error: {len(names)} teachers ({teacher}) but {len(weights)} '
+                         f'teacher_weights and {len(shares)} teacher_loss_weights: give one '
+                         "entry per teacher, comma-separated ('' entries for the defaults)")
+    try:
+        shares = [float(s) for s in shares]
+    except ValueError:
+        shares = [-1.0]
+    if min(shares) <= 0:
+        raise SystemExit(f'error: teacher_loss_weights={teacher_loss_weights!r}: give a '
+                         'positive number per teacher, e.g. 1,1,2')
+    members = list(zip(names, weights))
+    twice = [m for m in members if members.count(m) > 1]
+    if twice:
+        raise SystemExit(f'error: teacher {twice[0][0]} is in the committee twice with the same '
+                         'weights: give each teacher once, or other weights')
+    return [(name, weights, share) for (name, weights), share in zip(members, shares)]
+
+
+def teacher_sources():
+    """Each teacher's (spec, weights) as model.create resolves them, nothing built: the spec of
+    its model.py row or a distilled folder's student.json; weights 'random', 'hub' or a path."""
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
-    return zoo.resolve(teacher, teacher_weights or default_weights)
+    return [zoo.resolve(name, weights or default_weights) for name, weights, _ in committee()]
+
+
+def teacher_name(k, spec, n_teachers):
+    """How a line names teacher k: 'the teacher' alone, 'teacher 2 (UNI2-h)' in a committee."""
+    return 'the teacher' if n_teachers == 1 else f"teacher {k + 1} ({spec['name']})"
 
 
 def teacher_dtype(env):
-    """The frozen teacher's weights: bf16 on CUDA with teacher_bf16, else float32 (the cache's key
-    names it: bf16 weights give other embeddings than float32 ones, even under autocast)."""
-    return torch.bfloat16 if env.use_cuda and teacher_bf16 else torch.float32
+    """The frozen teachers' weights: bf16 with bf16 precision and teacher_bf16, else float32 (the
+    cache's key names it: bf16 weights give other embeddings than float32 ones, even under
+    autocast)."""
+    return torch.bfloat16 if env.bf16 and teacher_bf16 else torch.float32
 
 
 def compile_teacher(t_model, t_spec):
-    """The function the step calls to run the teacher: model.embed, compiled if `compile`."""
+    """The function the step calls to run a teacher: model.embed, compiled if `compile`."""
     # the teacher is compiled as the function it runs (model.embed): torch.compile(module) would
     # only compile its __call__
     teacher_embed = lambda images: zoo.embed(t_model, t_spec, images)
@@ -496,18 +553,19 @@ def main():
     if not bench:
         tiles, train_idx, val_idx = split_tiles(global_batch, env)
 
-    # the teacher cache, checked against what it was made from before any model is built;
-    # --teacher_only fills it and stops there
-    t_spec, cache = teacher_source()[0], None
+    # the teacher cache, a folder per teacher, checked against what it was made from before
+    # any model is built; --teacher_only fills what it lacks and stops there
+    sources = teacher_sources()
+    caches = [None] * len(sources)
     if teacher_cache and not bench:
-        cache = open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env)
+        caches = open_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env)
     if teacher_only:
-        fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, env)
+        fill_teacher_cache(caches, sources, tiles, train_idx, val_idx, global_batch, env)
         finish(env.ddp)
         return
 
-    # the student, its optimizer and the teacher, resumed from ckpt_path with --resume=True
-    run, step = build_run(t_spec, cache, ckpt_path, env)
+    # the student, its optimizer and the teachers, resumed from ckpt_path with --resume=True
+    run, step = build_run(sources, caches, ckpt_path, env)
     if bench:
         run_bench(run)
         finish(env.ddp)
@@ -515,7 +573,7 @@ def main():
 
     # the loop, until max_iters, an early stop, too many non-finite losses, or pre-emption
     tile_batches = read_tile_batches(tiles, train_idx, step, env)
-    held_out = embed_held_out(tiles, val_idx, run.teacher, env) if env.master else []
+    held_out = embed_held_out(tiles, val_idx, run.teachers, env) if env.master else []
     log_file = open_log(step, run, held_out)
     step, why, preempted_by = train(run, step, max_iters, tile_batches, tiles.tile_size, held_out,
                                     log_file)
@@ -546,6 +604,8 @@ def effective_config():
 
 def check_run_mode(ckpt_path):
     """One line, before any work, for settings that cannot go together."""
+    # the committee's lists, checked before anything is made
+    committee()
     if not bench and not teacher_only and os.path.exists(ckpt_path) and not resume:
         raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it '
                          'or choose another out_dir')
@@ -581,11 +641,15 @@ def start_processes():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         gpu_name = torch.cuda.get_device_name(dev)
         peak = next((flops for name, flops in PEAK_FLOPS.items() if name in gpu_name), None)
-    # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 measured 3-4x slower
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_cuda else nullcontext()
+    # precision lives here: bf16 autocast on CUDA; float32 on CPU, where bf16 measured 3-4x
+    # slower (precision='bf16' runs the CUDA path there too, for tests)
+    if precision not in ('auto', 'bf16', 'float32'):
+        raise SystemExit(f"error: precision={precision!r}: use auto, bf16 or float32")
+    bf16 = precision == 'bf16' or (precision == 'auto' and use_cuda)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world,
-                           master=rank == 0, use_cuda=use_cuda, device=dev, autocast=autocast,
-                           peak_flops=peak)
+                           master=rank == 0, use_cuda=use_cuda, device=dev, bf16=bf16,
+                           autocast=autocast, peak_flops=peak)
 
 
 def split_tiles(global_batch, env):
@@ -616,11 +680,12 @@ def split_tiles(global_batch, env):
     return tiles, train_idx, val_idx
 
 
-def build_run(t_spec, cache, ckpt_path, env):
+def build_run(sources, caches, ckpt_path, env):
     """The models of the run and the step it starts at, in the deliberate order: the student with
-    its projection -> the optimizer -> their state from a checkpoint (freed on return) -> the
-    teacher -> DDP -> compile. The raw student is kept for saving and measuring."""
-    raw_student = build_student(t_spec, env)
+    its projections -> the optimizer -> their state from a checkpoint (freed on return) -> the
+    teachers -> DDP -> compile. The raw student is kept for saving and measuring."""
+    t_specs = [spec for spec, _ in sources]
+    raw_student = build_student(t_specs, env)
     optimizer = build_optimizer(raw_student)
     step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
     if resume and not bench and os.path.exists(ckpt_path):
@@ -628,8 +693,8 @@ def build_run(t_spec, cache, ckpt_path, env):
     else:
         # each rank its own torch random stream; a resumed run restores the saved ones instead
         torch.manual_seed(seed + env.rank)
-    # the teacher seam: the frozen teacher, or teacher_cache's replay of it
-    teacher = start_teacher(t_spec, cache, step, env)
+    # the teacher seams: each frozen teacher, or teacher_cache's replay of it
+    teachers = start_teachers(sources, caches, step, env)
     # DDP first, then compile: the compiler then splits the student's graph at DDP's gradient
     # buckets so their all-reduce overlaps the backward
     student_ddp = None
@@ -638,37 +703,42 @@ def build_run(t_spec, cache, ckpt_path, env):
     forward = student_ddp or raw_student
     if compile:
         forward = torch.compile(forward, backend=compile_backend)
-    run = SimpleNamespace(student=raw_student, forward=forward, ddp=student_ddp, teacher=teacher,
-                          optimizer=optimizer, state=state, env=env)
+    shares = [share for _, _, share in committee()]
+    run = SimpleNamespace(student=raw_student, forward=forward, ddp=student_ddp,
+                          teachers=teachers, shares=shares, optimizer=optimizer, state=state,
+                          env=env)
     return run, step
 
 
-def build_student(t_spec, env):
-    """The student with its projection to the teacher's width, on the device."""
+def build_student(t_specs, env):
+    """The student with its projection to each teacher's width, on the device."""
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
     s_backbone, s_spec = zoo.create(student, student_weights or default_weights, device=env.device)
-    if t_spec['img_size'] != crop_size or s_spec['img_size'] != crop_size:
-        raise SystemExit(f"error: crop_size {crop_size} must equal both models' input sizes "
-                         f"({t_spec['img_size']}, {s_spec['img_size']})")
+    sizes = [t['img_size'] for t in t_specs] + [s_spec['img_size']]
+    if set(sizes) != {crop_size}:
+        raise SystemExit(f"error: crop_size {crop_size} must equal every model's input size "
+                         f"({', '.join(map(str, sizes))})")
     # the same projection init on every rank and for any world size
     torch.manual_seed(seed)
-    raw_student = Student(s_backbone, s_spec, t_spec).to(env.device).train()
+    raw_student = Student(s_backbone, s_spec, t_specs).to(env.device).train()
     s_backbone.set_grad_checkpointing(grad_ckpt)
     if env.master:
-        t_params = zoo.param_count(t_spec) / 1e6
+        teachers = ', '.join(f"{t['name']} {zoo.param_count(t) / 1e6:.0f}M" for t in t_specs)
         s_params = zoo.param_count(s_spec) / 1e6
-        gflops = step_flops(t_spec, s_spec) / 1e9
-        print(f"teacher {t_spec['name']} {t_params:.0f}M, student {s_spec['name']} "
-              f"{s_params:.0f}M, {gflops:.1f} GFLOP per image per step")
+        gflops = step_flops(t_specs, s_spec) / 1e9
+        print(f"teacher {teachers}, student {s_spec['name']} {s_params:.0f}M, "
+              f"{gflops:.1f} GFLOP per image per step")
     return raw_student
 
 
-def step_flops(t_spec, s_spec, teacher_share=1.0):
-    """FLOPs of one image in one step: the teacher's forward (for the share of images it ran on;
+def step_flops(t_specs, s_spec, teacher_shares=None):
+    """FLOPs of one image in one step: each teacher's forward (for the share of images it ran on;
     a teacher cache replays the rest), the student's forward + backward."""
+    teacher_shares = teacher_shares or [1.0] * len(t_specs)
+    t_flops = sum(share * zoo.flops_per_image(t, crop_size)
+                  for t, share in zip(t_specs, teacher_shares))
     # fwd + bwd = 3x fwd: the backward costs about twice the forward
-    t_flops = teacher_share * zoo.flops_per_image(t_spec, crop_size)
     return t_flops + 3 * zoo.flops_per_image(s_spec, crop_size)
 
 
@@ -690,8 +760,9 @@ def build_optimizer(raw_student):
 # the settings a resumed run must share with its checkpoint: the models (the teacher's weights
 # too), the loss, and which tiles train and how each step's views are cut (val_fraction decides
 # the training tiles; the order and the views follow from the seed and the global batch)
-RESUME_KEYS = ('teacher', 'teacher_weights', 'student', 'loss', 'alpha', 'patch_weight',
-               'data_dir', 'val_fraction', 'crop_size', 'batch_size', 'grad_accum', 'seed')
+RESUME_KEYS = ('teacher', 'teacher_weights', 'teacher_loss_weights', 'student', 'loss', 'alpha',
+               'patch_weight', 'data_dir', 'val_fraction', 'crop_size', 'batch_size',
+               'grad_accum', 'seed')
 
 
 def load_checkpoint(path, raw_student, optimizer, env):
@@ -745,8 +816,9 @@ def ignore_sigterm(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def embed_held_out(tiles, val_idx, teacher, env):
-    """The held-out tiles as batches of (uint8 centre crops, teacher embeddings) on the device."""
+def embed_held_out(tiles, val_idx, teachers, env):
+    """The held-out tiles as batches of (uint8 centre crops, [each teacher's embeddings]) on the
+    device."""
     # read and embedded once: the teacher is frozen
     if not len(val_idx):
         return []
@@ -756,8 +828,8 @@ def embed_held_out(tiles, val_idx, teacher, env):
     crops = []
     for chunk in np.array_split(val_idx, n_batches):
         crops.append(torch.stack([tiles[i] for i in chunk]).to(env.device)[:, :, centre, centre])
-    targets = teacher.held_out_targets(crops, val_idx, env.autocast)
-    return list(zip(crops, targets))
+    targets = [t.held_out_targets(crops, val_idx, env.autocast) for t in teachers]
+    return list(zip(crops, zip(*targets)))
 
 
 def open_log(step, run, held_out):
@@ -769,10 +841,11 @@ def open_log(step, run, held_out):
     log_path = os.path.join(out_dir, 'log.jsonl')
     trim_log(log_path, step)
     log_file = open(log_path, 'a')
-    start_cosine = run.student.held_out_cosine(held_out, run.env.autocast) if step == 0 else None
-    if start_cosine is not None:
-        print(f'step 0: held-out teacher-student cosine {start_cosine:.4f}')
-        log_file.write(json.dumps(dict(step=0, val_cosine=start_cosine)) + '\n')
+    start_cosines = run.student.held_out_cosines(held_out, run.env.autocast) if step == 0 else None
+    if start_cosines is not None:
+        row = dict(step=0) | held_out_fields(start_cosines)
+        print(f"step 0: held-out teacher-student cosine {row['val_cosine']:.4f}")
+        log_file.write(json.dumps(row) + '\n')
     return log_file
 
 
@@ -792,12 +865,12 @@ def trim_log(path, step):
 def train(run, step, until, tile_batches, tile_size, held_out, log_file):
     """Train from `step` to `until`; returns the step reached, why it stopped, and the signal
     that pre-empted it (0 if none). run.state (the loss counters) is updated in place."""
-    student, teacher, optimizer, env = run.student, run.teacher, run.optimizer, run.env
+    student, teachers, optimizer, env = run.student, run.teachers, run.optimizer, run.env
     global_batch = batch_size * grad_accum * env.world
     stop = catch_preemption()
-    meter = start_meter(step, teacher, env)
+    meter = start_meter(step, teachers, env)
     bar = tqdm(total=until, initial=step, disable=not log_file, dynamic_ncols=True)
-    why, signalled = 'reached max_iters', False
+    why, agreed = 'reached max_iters', SimpleNamespace(signalled=False)
     while step < until:
         # the schedules: this step's learning rate and weight decay (group 0 is the one decayed)
         for group in optimizer.param_groups:
@@ -807,34 +880,41 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
         head_statistics = student.head_statistics()
         # the views: every sample's augmentation is drawn from (seed, step), for any world size
         views = augment_params(global_batch, step, tile_size, crop_size)
-        losses, cosines = [], []
+        losses, teacher_stats = [], []
         for micro in range(grad_accum):
             # uint8 tiles from the loader: pinned, so the copy overlaps the GPU's work
             tiles = next(tile_batches).to(env.device, non_blocking=True)
             # this micro-batch's rows of the global batch, and their views
             first = (micro * env.world + env.rank) * batch_size
             mine = {name: v[first:first + batch_size].to(env.device) for name, v in views.items()}
-            # one view per tile, the same for teacher and student (G2L), made on the device
+            # one view per tile, the same for teachers and student (G2L), made on the device
             images = augment(tiles, mine, crop_size)
             # DDP all-reduces the gradients on the last micro-step only
             last = micro == grad_accum - 1
             sync = nullcontext() if not env.ddp or last else run.ddp.no_sync()
             with sync, env.autocast:
-                # the teacher's targets: its embeddings of the same views
-                t_pooled, t_patches = teacher.targets(images, step, first)
-                # the student and its projection to the teacher's width
-                s_pooled, s_patches = run.forward(images)
-                # the loss on the final embeddings (G2L), plus the optional patch-token term
-                batch_loss = distance(s_pooled, t_pooled)
+                # the teachers' targets: each one's embeddings of the same views
+                targets = [teacher.targets(images, step, first) for teacher in teachers]
+                # the student and its projection to each teacher's width
+                projected, projected_patches = run.forward(images)
+                # the loss on the final embeddings (G2L) to each teacher, by its share
+                teacher_losses = [distance(s, t) for s, (t, _) in zip(projected, targets)]
+                batch_loss = weighted_mean(teacher_losses, run.shares)
+                # plus the optional patch-token term, likewise
                 if patch_weight > 0:
-                    batch_loss = batch_loss + patch_weight * patch_distance(s_patches, t_patches)
+                    patch_losses = [patch_distance(s, t)
+                                    for s, (_, t) in zip(projected_patches, targets)]
+                    patch_loss = weighted_mean(patch_losses, run.shares)
+                    batch_loss = batch_loss + patch_weight * patch_loss
                 # testing aid: a NaN here must be skipped by the loop, not crash the run
                 if step == debug_nan_step:
                     batch_loss = batch_loss * float('nan')
                 # backward of the mean over micro-batches, as one big batch
                 (batch_loss / grad_accum).backward()
             losses.append(batch_loss.detach())
-            cosines.append(cosine(s_pooled, t_pooled))
+            # each teacher's loss and cosine, for the log
+            cosines = [cosine(s, t) for s, (t, _) in zip(projected, targets)]
+            teacher_stats.append(torch.stack([l.detach() for l in teacher_losses] + cosines))
         # clip: the norm before clipping, the same on every rank (DDP averaged the gradients)
         max_norm = grad_clip or float('inf')
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
@@ -846,22 +926,21 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
         step += 1
         bar.update(1)
         # the loss averaged over ranks, so that every rank takes the same decisions below
-        batch_loss, batch_cosine, signalled = agree_across_ranks(losses, cosines, stop, env)
-        finite = math.isfinite(batch_loss) and math.isfinite(grad_norm.item())
+        agreed = agree_across_ranks(losses, teacher_stats, stop, env)
+        finite = math.isfinite(agreed.loss) and math.isfinite(grad_norm.item())
         if finite:
-            meter.losses.append(batch_loss)
+            meter.losses.append(agreed.loss)
         else:
             student.restore_head_statistics(head_statistics)
         # an early stop, or too many non-finite steps in a row
-        stop_reason = record_loss(run.state, batch_loss, finite)
+        stop_reason = record_loss(run.state, agreed.loss, finite)
         if stop_reason:
             why = stop_reason
             break
         # the log line (the master's), with the held-out cosine every eval_interval steps
         if log_file and (step % log_interval == 0 or step == until):
-            meter = log_progress(run, meter, step, grad_norm, batch_cosine, held_out, log_file,
-                                 bar)
-        if signalled:
+            meter = log_progress(run, meter, step, grad_norm, agreed, held_out, log_file, bar)
+        if agreed.signalled:
             why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
                    'rerun with --resume=True to continue')
             break
@@ -869,7 +948,7 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
             save_checkpoint(run, step)
     bar.close()
     # this rank's own signal, or SIGTERM when only another rank was signalled
-    preempted_by = (stop['signal'] or signal.SIGTERM) if signalled else 0
+    preempted_by = (stop['signal'] or signal.SIGTERM) if agreed.signalled else 0
     return step, why, preempted_by
 
 
@@ -883,19 +962,24 @@ def catch_preemption():
     return stop
 
 
-def agree_across_ranks(losses, cosines, stop, env):
-    """The step's loss and cosine (means over micro-batches and ranks), and whether any rank was
-    signalled."""
+def agree_across_ranks(losses, teacher_stats, stop, env):
+    """The step's loss, and each teacher's loss and cosine (means over micro-batches and ranks);
+    their mean cosine; and whether any rank was signalled."""
     # one small all-reduce per step, so every rank takes the same early-stop / non-finite /
     # pre-emption decision at the same step
     batch_loss = torch.stack(losses).mean()
-    cosine = torch.stack(cosines).mean()
+    stats = torch.stack(teacher_stats).mean(0)
     signalled = torch.tensor(float(stop['signal'] > 0), device=env.device)
-    shared = torch.stack([batch_loss.float(), cosine.float(), signalled])
+    shared = torch.cat([torch.stack([batch_loss.float(), signalled]), stats.float()])
     if env.ddp:
         dist.all_reduce(shared)
-        shared[:2] /= env.world
-    return shared[0].item(), shared[1].item(), shared[2].item() > 0
+        shared[0] /= env.world
+        shared[2:] /= env.world
+    n_teachers = len(stats) // 2
+    losses, cosines = shared[2:2 + n_teachers], shared[2 + n_teachers:]
+    return SimpleNamespace(loss=shared[0].item(), signalled=shared[1].item() > 0,
+                           cosine=cosines.mean().item(), teacher_losses=losses.tolist(),
+                           teacher_cosines=cosines.tolist())
 
 
 def record_loss(state, batch_loss, finite):
@@ -922,33 +1006,48 @@ def record_loss(state, batch_loss, finite):
     return None
 
 
-def start_meter(step, teacher, env):
-    """What the next log line's rates are measured from: the time, the step, the images the
+def start_meter(step, teachers, env):
+    """What the next log line's rates are measured from: the time, the step, the images each
     teacher ran on; and the finite losses since, whose mean it logs (less noisy than a batch)."""
-    return SimpleNamespace(t0=sync_time(env), step=step, teacher_images=teacher.images_run,
+    teacher_images = [t.images_run for t in teachers]
+    return SimpleNamespace(t0=sync_time(env), step=step, teacher_images=teacher_images,
                            losses=[])
 
 
-def log_progress(run, meter, step, grad_norm, cosine, held_out, log_file, bar):
+def log_progress(run, meter, step, grad_norm, agreed, held_out, log_file, bar):
     """One line of log.jsonl: the loss, lr, images/s and MFU since the last line; the held-out
-    cosine every eval_interval steps. Returns the meter of the next line."""
-    env = run.env
+    cosine every eval_interval steps; each teacher's loss and cosine in a committee. Returns the
+    meter of the next line."""
+    env, teachers = run.env, run.teachers
     seconds_per_step = (sync_time(env) - meter.t0) / (step - meter.step)
     images_per_s = batch_size * grad_accum * env.world / seconds_per_step
     mean_loss = sum(meter.losses) / len(meter.losses) if meter.losses else float('nan')
-    # the share of this rank's images the teacher ran on (1 unless it replays a teacher cache)
+    # the share of this rank's images each teacher ran on (1 unless it replays a teacher cache)
     images = (step - meter.step) * batch_size * grad_accum
-    teacher_share = (run.teacher.images_run - meter.teacher_images) / images
+    shares = [(t.images_run - n) / images for t, n in zip(teachers, meter.teacher_images)]
     row = dict(step=step, loss=mean_loss, lr=run.optimizer.param_groups[0]['lr'],
-               grad_norm=grad_norm.item(), cosine=cosine, images_per_s=round(images_per_s, 1),
-               mfu=model_flops_utilisation(images_per_s, teacher_share, run),
+               grad_norm=grad_norm.item(), cosine=agreed.cosine,
+               images_per_s=round(images_per_s, 1),
+               mfu=model_flops_utilisation(images_per_s, shares, run),
                skipped=run.state['skipped'])
-    if run.teacher.cache is not None:
-        row['teacher_computed'] = round(teacher_share, 4)
+    if len(teachers) > 1:
+        row |= dict(teacher_loss=agreed.teacher_losses, teacher_cosine=agreed.teacher_cosines)
+    if any(t.cache is not None for t in teachers):
+        computed = [round(share, 4) for share in shares]
+        row['teacher_computed'] = computed[0] if len(teachers) == 1 else computed
     if step % eval_interval == 0 or step == max_iters:
-        row['val_cosine'] = run.student.held_out_cosine(held_out, env.autocast)
+        cosines = run.student.held_out_cosines(held_out, env.autocast)
+        row |= held_out_fields(cosines) if cosines else dict(val_cosine=None)
     write_log(row, log_file, bar, images_per_s)
-    return start_meter(step, run.teacher, env)
+    return start_meter(step, teachers, env)
+
+
+def held_out_fields(cosines):
+    """The held-out cosine in the log: the mean over teachers, and each one's in a committee."""
+    fields = dict(val_cosine=sum(cosines) / len(cosines))
+    if len(cosines) > 1:
+        fields['val_cosines'] = cosines
+    return fields
 
 
 def write_log(row, log_file, bar, images_per_s):
@@ -1001,12 +1100,13 @@ def finish_run(run, step, why, preempted_by, log_file):
         raise SystemExit(f'error: {why}')
 
 
-def model_flops_utilisation(images_per_s, teacher_share, run):
-    """MFU per GPU: the FLOP/s of the math the step ran (the teacher only on the share of images
+def model_flops_utilisation(images_per_s, teacher_shares, run):
+    """MFU per GPU: the FLOP/s of the math the step ran (each teacher only on the share of images
     it ran on) over the device's peak; None if unknown."""
     if not run.env.peak_flops:
         return None
-    flops = step_flops(run.teacher.spec, run.student.spec, teacher_share)
+    t_specs = [t.spec for t in run.teachers]
+    flops = step_flops(t_specs, run.student.spec, teacher_shares)
     return flops * images_per_s / run.env.world / run.env.peak_flops
 
 
@@ -1053,13 +1153,14 @@ def plot_loss(log_path, png_path):
 # --bench: the loop above timed on random tiles, the teacher computed, then replayed
 
 def run_bench(run):
-    """--bench: time the loop on random uint8 tiles made on the device, first with the teacher
-    computed, then with its embeddings replayed from a throwaway teacher cache."""
+    """--bench: time the loop on random uint8 tiles made on the device, first with the teachers
+    computed, then with their embeddings replayed from throwaway teacher caches."""
     env = run.env
     # compilation happens in the first steps
     warmup = 10 if compile else 3
     computed = time_steps(run, warmup)
-    name = f"{run.teacher.spec['name']} -> {run.student.spec['name']}"
+    t_specs = [t.spec for t in run.teachers]
+    name = f"{'+'.join(t['name'] for t in t_specs)} -> {run.student.spec['name']}"
     if env.master:
         print(f"bench {name} at {crop_size} px, batch {batch_size}/GPU, compile={compile} "
               f"grad_ckpt={grad_ckpt}: {computed.ms:.1f} ms/step, {computed.images_per_s:.1f} "
@@ -1067,27 +1168,36 @@ def run_bench(run):
     if patch_weight > 0:
         print('bench with a teacher cache: not measured, patch_weight > 0 needs patch tokens')
         return
-    # the same steps again, their teacher embeddings replayed from a cache of random stand-ins
+    # the same steps again, the teachers' embeddings replayed from caches of random stand-ins
     # in a temporary folder (the replay's speed does not depend on the values)
-    global_batch = batch_size * grad_accum * env.world
-    t_spec, computing = run.teacher.spec, run.teacher
+    computing = run.teachers
     with tempfile.TemporaryDirectory() as folder:
-        cache = open_cache(folder, global_batch, t_spec['dim'], storage_dtype(env))
-        for step in range(warmup + bench):
-            stand_ins = torch.randn(global_batch, t_spec['dim'])
-            rows = to_storage(stand_ins, cache)
-            write_rows(cache, step, 0, rows, np.ones(global_batch, bool))
-        run.teacher = Teacher(t_spec, None, cache)
+        run.teachers = [Teacher(t, None, stand_in_cache(os.path.join(folder, str(k)), t,
+                                                        warmup + bench, env))
+                        for k, t in enumerate(t_specs)]
         replayed = time_steps(run, warmup)
-        run.teacher = computing
-    t_flops = zoo.flops_per_image(t_spec, crop_size)
-    teacher_part = t_flops / step_flops(t_spec, run.student.spec)
+        run.teachers = computing
+    t_flops = sum(zoo.flops_per_image(t, crop_size) for t in t_specs)
+    teacher_part = t_flops / step_flops(t_specs, run.student.spec)
     speedup = replayed.images_per_s / computed.images_per_s
+    who = 'the teacher' if len(t_specs) == 1 else 'the teachers'
     if env.master:
-        print(f"bench with a teacher cache (the teacher, {100 * teacher_part:.0f}% of a step's "
+        print(f"bench with a teacher cache ({who}, {100 * teacher_part:.0f}% of a step's "
               f"FLOPs, not run): {replayed.ms:.1f} ms/step, {replayed.images_per_s:.1f} "
               f"images/s, MFU {mfu_text(replayed.mfu)} (student FLOPs only), "
               f"{speedup:.2f}x the images/s")
+
+
+def stand_in_cache(folder, t_spec, n_steps, env):
+    """A teacher cache of random embeddings for steps 0..n_steps, for --bench's replay."""
+    global_batch = batch_size * grad_accum * env.world
+    os.makedirs(folder)
+    cache = open_cache(folder, global_batch, t_spec['dim'], storage_dtype(env))
+    for step in range(n_steps):
+        stand_ins = torch.randn(global_batch, t_spec['dim'])
+        rows = to_storage(stand_ins, cache)
+        write_rows(cache, step, 0, rows, np.ones(global_batch, bool))
+    return cache
 
 
 def time_steps(run, warmup):
@@ -1098,16 +1208,17 @@ def time_steps(run, warmup):
     train(run, 0, warmup, random_tiles, 256, held_out=[], log_file=None)
     if env.use_cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0, t0_teacher = sync_time(env), run.teacher.images_run
+    t0, t0_images = sync_time(env), [t.images_run for t in run.teachers]
     train(run, warmup, warmup + bench, random_tiles, 256, held_out=[], log_file=None)
     seconds_per_step = (sync_time(env) - t0) / bench
     images_per_s = batch_size * grad_accum * env.world / seconds_per_step
-    teacher_share = (run.teacher.images_run - t0_teacher) / (bench * batch_size * grad_accum)
+    images = bench * batch_size * grad_accum
+    teacher_shares = [(t.images_run - n) / images for t, n in zip(run.teachers, t0_images)]
     if env.use_cuda:
         memory_gib = torch.cuda.max_memory_allocated(env.device) / 2 ** 30
     else:
         memory_gib = peak_rss_gib()
-    mfu = model_flops_utilisation(images_per_s, teacher_share, run)
+    mfu = model_flops_utilisation(images_per_s, teacher_shares, run)
     return SimpleNamespace(ms=seconds_per_step * 1000, images_per_s=images_per_s, mfu=mfu,
                            memory_gib=memory_gib)
 
@@ -1119,14 +1230,17 @@ def random_tile_batches(env):
 
 
 # -----------------------------------------------------------------------------
-# the teacher cache: every view of a step is a function of (seed, step), so the frozen teacher's
+# the teacher cache: every view of a step is a function of (seed, step), so a frozen teacher's
 # embedding of each one can be stored once and replayed (FKD and Theia store teacher outputs
-# offline the same way). Layout of the folder:
-#   key.json                what the embeddings were made from; a run with other settings stops
-#   steps_<first>.bin       CACHE_SEGMENT_STEPS steps x global batch x dim, float32 or raw bf16
-#   steps_<first>.crc       one uint32 mark per row: crc32 of its bytes | 1 (0 = not written)
-#   held_out_<hash>.npy     the held-out tiles' embeddings (float32), for the cosine measurement
-#   weights_sha256.json     the teacher weight files' hashes, by path, size and mtime
+# offline the same way). Each teacher has a folder of its own, named by what it is (model row,
+# weights, precision), so a committee reuses what each member stored alone, in any order:
+#   weights_sha256.json       the teacher weight files' hashes, by path, size and mtime
+#   <name>-<hash>/key.json    what the embeddings were made from; a run with other settings stops
+#   <name>-<hash>/steps_<first>.bin   CACHE_SEGMENT_STEPS steps x global batch x dim, float32 or
+#                             raw bf16
+#   <name>-<hash>/steps_<first>.crc   one uint32 mark per row: crc32 of its bytes | 1 (0 = not
+#                             written)
+#   <name>-<hash>/held_out_<hash>.npy the held-out tiles' embeddings (float32), for the cosine
 
 # steps per pair of files: every file has a fixed size, so processes that create or grow one
 # concurrently never shrink it under another
@@ -1142,49 +1256,83 @@ CACHE_KEY_WORDS = dict(
     crop_size='crop_size',
     augmentation='augmentation recipe (AUGMENT_VERSION)',
     split='training split (val_fraction, seed)',
-    dtype='precision (float32 on CPU, bfloat16 on CUDA)',
-    teacher_dtype="teacher weights' precision (teacher_bf16, on CUDA)",
+    dtype='precision (float32, or bfloat16 with bf16 precision)',
+    teacher_dtype="teacher weights' precision (teacher_bf16, with bf16)",
     segment_steps='file layout (CACHE_SEGMENT_STEPS)',
 )
 
 
 def storage_dtype(env):
-    """The teacher's embeddings as stored: float32 on CPU, bf16 on CUDA, where the teacher runs
-    under bf16 autocast (about 3 KB a tile for 1536 dims)."""
-    return torch.bfloat16 if env.use_cuda else torch.float32
+    """A teacher's embeddings as stored: bf16 with bf16 precision (CUDA's), where the teacher
+    runs under bf16 autocast (about 3 KB a tile for 1536 dims); else float32."""
+    return torch.bfloat16 if env.bf16 else torch.float32
 
 
-def open_teacher_cache(tiles, train_idx, val_idx, t_spec, global_batch, env):
-    """teacher_cache, checked against what it was made from, its size printed and its free disk
-    checked; holds the steps still missing and whether the held-out set is, the same on every
-    rank."""
-    cache = open_cache(teacher_cache, global_batch, t_spec['dim'], storage_dtype(env))
-    problem, missing, held_out_missing = None, [], False
+def open_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env):
+    """A teacher cache per teacher of `sources`, in its folder below teacher_cache, checked
+    against what it was made from, its size printed and the free disk checked; each holds the
+    steps still missing and whether the held-out set is, the same on every rank."""
+    problem, folders, stored, missing, held_out_missing = None, [], [], [], []
     if env.master:
         os.makedirs(teacher_cache, exist_ok=True)
-        key = cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env)
-        problem = claim_key(teacher_cache, key)
-        if problem is None:
-            stored = stored_steps(cache, max_iters)
-            problem = check_cache_space(cache, max_iters - len(stored))
-        if problem is None:
-            missing = np.setdiff1d(np.arange(max_iters), stored).tolist()
-            held_out_stored = os.path.exists(held_out_path(cache, val_idx))
-            held_out_missing = len(val_idx) > 0 and not held_out_stored
+        problem = check_cache_layout()
+    for spec, weights in sources if env.master and problem is None else []:
+        key = cache_key(tiles, train_idx, spec, weights, global_batch, env)
+        folders.append(os.path.join(teacher_cache, teacher_folder(key)))
+        os.makedirs(folders[-1], exist_ok=True)
+        problem = problem or claim_key(folders[-1], key)
+        cache = open_cache(folders[-1], global_batch, spec['dim'], storage_dtype(env))
+        stored.append(stored_steps(cache, max_iters) if problem is None else [])
+        held_out_stored = os.path.exists(held_out_path(cache, val_idx))
+        held_out_missing.append(len(val_idx) > 0 and not held_out_stored)
+    if env.master and problem is None:
+        problem = check_cache_space(folders, sources, stored, global_batch, env)
+    if env.master and problem is None:
+        missing = [np.setdiff1d(np.arange(max_iters), s).tolist() for s in stored]
     # the master's verdict on every rank
-    verdict = [problem, missing, held_out_missing]
+    verdict = [problem, folders, missing, held_out_missing]
     if env.ddp:
         dist.broadcast_object_list(verdict)
     if verdict[0]:
         finish(env.ddp)
         # the error line once, from the master
         raise SystemExit(verdict[0] if env.master else 1)
-    cache.missing, cache.held_out_missing = verdict[1], verdict[2]
-    return cache
+    caches = []
+    for (spec, _), folder, lacks, held_out in zip(sources, *verdict[1:]):
+        caches.append(open_cache(folder, global_batch, spec['dim'], storage_dtype(env)))
+        caches[-1].missing, caches[-1].held_out_missing = lacks, held_out
+    return caches
 
 
-def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env):
-    """All that the teacher's embedding of a step's views depends on."""
+def check_cache_layout():
+    """An error line when teacher_cache holds one teacher's embeddings at its top, as an older
+    distill.py wrote them; else None."""
+    old_key = os.path.join(teacher_cache, 'key.json')
+    if not os.path.exists(old_key):
+        return None
+    with open(old_key) as f:
+        folder = os.path.join(teacher_cache, teacher_folder(json.load(f)))
+    return (f'error: teacher_cache {teacher_cache} keeps its embeddings at its top, as an older '
+            f'distill.py wrote them; this one reads a folder per teacher: move them there with '
+            f'`mkdir {folder} && mv {teacher_cache}/key.json {teacher_cache}/steps_* '
+            f'{teacher_cache}/held_out_* {folder}/`, or use another folder')
+
+
+# the fields of a teacher cache's key that say which teacher it holds: they name its folder
+TEACHER_FIELDS = ('teacher', 'teacher_model', 'teacher_weights', 'dtype', 'teacher_dtype')
+
+
+def teacher_folder(key):
+    """The folder of a teacher's embeddings below teacher_cache: its name and a hash of what the
+    teacher is (model row, weights, precision), never its place in the committee."""
+    identity = {k: key.get(k) for k in TEACHER_FIELDS}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    name = ''.join(c if c.isalnum() or c in '.-_' else '_' for c in key['teacher'])
+    return f'{name}-{digest[:12]}'
+
+
+def cache_key(tiles, train_idx, t_spec, weights, global_batch, env):
+    """All that a teacher's embedding of a step's views depends on."""
     # rows are indexed by their place in the global batch, as augment_params() and batches()
     # index them, so any split of the same global batch over GPUs and accumulation reads the same
     model_fields = ('arch', 'kwargs', 'mean', 'std', 'pool', 'img_size', 'resize')
@@ -1192,7 +1340,7 @@ def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env):
     key = dict(
         teacher=t_spec['name'],
         teacher_model={k: t_spec.get(k) for k in model_fields},
-        teacher_weights=weights_identity(),
+        teacher_weights=weights_identity(t_spec, weights),
         # the tiles as TileDataset reads them: slides, levels, sizes, coordinates
         tiles=fingerprint(tile_layout, tiles.coords, tiles.slide_index),
         seed=seed,
@@ -1204,9 +1352,9 @@ def cache_key(tiles, train_idx, val_idx, t_spec, global_batch, env):
         dtype=str(storage_dtype(env)).removeprefix('torch.'),
         segment_steps=CACHE_SEGMENT_STEPS,
     )
-    # on CUDA the teacher runs in bf16 or float32 weights (teacher_bf16); on CPU always in
+    # in bf16 the teacher runs in bf16 or float32 weights (teacher_bf16); in float32 always in
     # float32, and the key has no such field
-    if env.use_cuda:
+    if env.bf16:
         key['teacher_dtype'] = str(teacher_dtype(env)).removeprefix('torch.')
     # as JSON reads it back: tuples become lists
     return json.loads(json.dumps(key))
@@ -1221,10 +1369,9 @@ def fingerprint(text, *arrays):
     return digest.hexdigest()
 
 
-def weights_identity():
-    """The teacher's weights in a cache key: the sha256 of the file model.create loads, or the
+def weights_identity(t_spec, weights):
+    """A teacher's weights in a cache key: the sha256 of the file model.create loads, or the
     name that seeds random weights (model.build_random)."""
-    t_spec, weights = teacher_source()
     if weights == 'random':
         return f"random ({t_spec['name']})"
     return 'sha256:' + file_sha256(str(zoo.weight_file(t_spec, weights)))
@@ -1289,22 +1436,29 @@ def short(value):
     return text[:20] + '...' if len(text) > 24 else text
 
 
-def check_cache_space(cache, n_missing):
-    """Print the cache's size; an error line if its disk cannot take the missing steps."""
-    row_bytes = cache.dim * np.dtype(cache.np_dtype).itemsize
-    # each row also has its 4-byte mark
-    step_bytes = cache.global_batch * (row_bytes + 4)
-    needed = n_missing * step_bytes
-    free = shutil.disk_usage(cache.folder).free
-    dtype_name = str(cache.dtype).removeprefix('torch.')
-    print(f'teacher cache {cache.folder}: {max_iters} steps x {cache.global_batch} tiles x '
-          f'{cache.dim}-d {dtype_name} ({row_bytes} B a tile) = '
-          f'{human_bytes(max_iters * step_bytes)}; {max_iters - n_missing} steps stored, '
-          f'{human_bytes(needed)} to write, {human_bytes(free)} free')
+def check_cache_space(folders, sources, stored, global_batch, env):
+    """Print each teacher's cache size; an error line if the disk cannot take the steps still
+    missing."""
+    needed, n_missing = 0, 0
+    for folder, (spec, _), steps in zip(folders, sources, stored):
+        row_bytes = spec['dim'] * torch.finfo(storage_dtype(env)).bits // 8
+        # each row also has its 4-byte mark
+        step_bytes = global_batch * (row_bytes + 4)
+        lacking = max_iters - len(steps)
+        needed += lacking * step_bytes
+        n_missing += lacking
+        dtype_name = str(storage_dtype(env)).removeprefix('torch.')
+        print(f"teacher cache {folder}: {max_iters} steps x {global_batch} tiles x "
+              f"{spec['dim']}-d {dtype_name} ({row_bytes} B a tile) = "
+              f'{human_bytes(max_iters * step_bytes)}; {len(steps)} steps stored, '
+              f'{human_bytes(lacking * step_bytes)} to write')
+    free = shutil.disk_usage(teacher_cache).free
+    print(f'teacher cache {teacher_cache}: {human_bytes(needed)} to write, '
+          f'{human_bytes(free)} free')
     if needed <= free:
         return None
     return (f'error: teacher_cache needs {human_bytes(needed)} for {n_missing} more steps but '
-            f'{cache.folder} has {human_bytes(free)} free: free some, point teacher_cache at a '
+            f'{teacher_cache} has {human_bytes(free)} free: free some, point teacher_cache at a '
             'larger disk, or lower max_iters')
 
 
@@ -1423,16 +1577,17 @@ def write_held_out(cache, val_idx, targets):
     tile.save_atomic(held_out_path(cache, val_idx), lambda f: np.save(f, values))
 
 
-def cache_lacks(cache, step, env):
-    """Whether the run from `step` on needs the teacher: a step from `step` to max_iters, or the
-    held-out set, is missing from teacher_cache (the master's list, the same on every rank)."""
+def cache_lacks(cache, step, who, env):
+    """Whether the run from `step` on needs the teacher `who` names: a step from `step` to
+    max_iters, or the held-out set, is missing from its teacher cache (the master's list, the
+    same on every rank)."""
     n_missing = sum(s >= step for s in cache.missing)
     if not n_missing and not cache.held_out_missing:
         return False
     if env.master:
         on_ranks = f' on all {env.world} processes' if env.ddp else ''
         held_out = ' and the held-out set' if cache.held_out_missing else ''
-        print(f'loading the teacher{on_ranks}: {n_missing} of the {max_iters - step} steps to run'
+        print(f'loading {who}{on_ranks}: {n_missing} of the {max_iters - step} steps to run'
               f'{held_out} are not in teacher_cache', flush=True)
     return True
 
@@ -1467,50 +1622,60 @@ def forget_rows(cache, step, first, which):
     marks_file[i, first + np.flatnonzero(which)] = 0
 
 
-def fill_teacher_cache(cache, t_spec, tiles, train_idx, val_idx, global_batch, env):
-    """--teacher_only: the teacher's embeddings of the views of every missing step up to
-    max_iters, the ranks taking turns over the steps; and the held-out set's. No student."""
-    # every world-th missing step: no two ranks write the same rows
-    steps = cache.missing[env.rank::env.world]
-    t_model = None
-    if steps or (env.master and cache.held_out_missing):
-        if env.master:
-            print(f'loading the teacher: {len(cache.missing)} steps to fill on {env.world} '
-                  'processes', flush=True)
-        t_model = load_teacher(env)
-    teacher = Teacher(t_spec, t_model, cache)
+def fill_teacher_cache(caches, sources, tiles, train_idx, val_idx, global_batch, env):
+    """--teacher_only: each teacher's embeddings of the views of every step up to max_iters that
+    its cache lacks, the ranks taking turns over the steps; and the held-out set's. No student;
+    a teacher whose cache is whole is never loaded."""
+    # every world-th step that some teacher lacks: no two ranks write the same rows
+    all_missing = sorted(set().union(*(cache.missing for cache in caches)))
+    steps = all_missing[env.rank::env.world]
+    teachers = []
+    for k, ((spec, weights), cache) in enumerate(zip(sources, caches)):
+        mine = set(steps) & set(cache.missing)
+        t_model = None
+        if mine or (env.master and cache.held_out_missing):
+            if env.master:
+                print(f'loading {teacher_name(k, spec, len(sources))}: {len(cache.missing)} '
+                      f'steps to fill on {env.world} processes', flush=True)
+            t_model = load_teacher(spec, weights, env)
+        teachers.append(Teacher(spec, t_model, cache))
     if env.master:
-        embed_held_out(tiles, val_idx, teacher, env)
+        embed_held_out(tiles, val_idx, teachers, env)
     order = (chunk.tolist() for _, chunk in
              global_batches(len(train_idx), steps, global_batch, seed))
     loader = tile_loader(tiles, train_idx, order, env)
     bar = tqdm(total=len(steps), disable=not env.master, desc='teacher cache', unit='step')
-    pending = []
+    pending = [[] for _ in teachers]
+    lacking = [set(cache.missing) for cache in caches]
     for step, step_tiles in zip(steps, loader):
         # exactly the views the training step will make (augment_params, augment)
         views = augment_params(global_batch, step, tiles.tile_size, crop_size)
         views = {name: v.to(env.device) for name, v in views.items()}
         step_tiles = step_tiles.to(env.device, non_blocking=True)
-        pending.append((step, augment(step_tiles, views, crop_size)))
-        # whole steps share forwards of up to fill_batch_size tiles
-        if len(pending) * global_batch >= fill_batch_size or step == steps[-1]:
-            embed_and_store(teacher, pending, env)
-            bar.update(len(pending))
-            pending = []
+        images = augment(step_tiles, views, crop_size)
+        for teacher, waiting, lacks in zip(teachers, pending, lacking):
+            if step in lacks:
+                waiting.append((step, images))
+            # whole steps share forwards of up to fill_batch_size tiles
+            if waiting and (len(waiting) * global_batch >= fill_batch_size or step == steps[-1]):
+                embed_and_store(teacher, waiting, env)
+                waiting.clear()
+        bar.update(1)
     bar.close()
     # on disk before the job ends (the marks make any order of write-back safe)
-    for rows_file, marks_file in cache.segments.values():
-        rows_file.flush()
-        marks_file.flush()
+    for cache in caches:
+        for rows_file, marks_file in cache.segments.values():
+            rows_file.flush()
+            marks_file.flush()
     if env.ddp:
         dist.barrier()
-    if env.master:
+    for cache in caches if env.master else []:
         n_stored = len(stored_steps(cache, max_iters))
         print(f'teacher cache {cache.folder}: {n_stored} of {max_iters} steps stored')
 
 
 def embed_and_store(teacher, pending, env):
-    """The teacher's embeddings of pending (step, views), in forwards of up to fill_batch_size
+    """A teacher's embeddings of pending (step, views), in forwards of up to fill_batch_size
     tiles, each step stored whole."""
     cache = teacher.cache
     images = torch.cat([views for _, views in pending])
@@ -1546,17 +1711,24 @@ def check_eval_data():
 
 
 def evaluate_g2l(env):
-    """evaluate.py on the teacher, the student before distillation and after, in that order, on
+    """evaluate.py on the teachers, the student before distillation and after, in that order, on
     eval_data: out_dir/eval/results.{json,md,png}, and the headline printed."""
     import evaluate
     # each model as evaluate.py names it: a model name, NAME=WEIGHTS, or this run's export
-    teacher_entry = f'{teacher}={teacher_weights}' if teacher_weights else teacher
+    members = committee()
+    teacher_entries = [f'{name}={weights}' if weights else name for name, weights, _ in members]
     before_entry = f'{student}={student_weights}' if student_weights else student
-    print(f'evaluating the G2L effect on {eval_data}: {teacher_entry}, {before_entry}, {out_dir}')
+    models = teacher_entries + [before_entry, out_dir]
+    # a committee's rows are its teachers' names (with their place when a name repeats)
+    names = [name for name, _, _ in members]
+    names = [n if names.count(n) == 1 else f'{n} #{k + 1}' for k, n in enumerate(names)]
+    names = ['teacher'] if len(members) == 1 else names
+    print(f"evaluating the G2L effect on {eval_data}: {', '.join(models)}")
     results = evaluate.main([
         f'--data={eval_data}',
-        f'--models={teacher_entry},{before_entry},{out_dir}',
-        '--names=teacher,student before,student after',
+        f"--models={','.join(models)}",
+        f"--names={','.join(names + ['student before', 'student after'])}",
+        f"--teacher={','.join(names)}",
         f'--out={os.path.join(out_dir, "eval")}',
         f'--device={env.device.type}',
         f'--num_workers={num_workers}',

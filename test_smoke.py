@@ -7,6 +7,7 @@ OpenSlide reads, real timm models and real torchrun processes (gloo); nothing is
 """
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -1023,7 +1024,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(demo_tiles,
     assert a['step'] == b['step'] == stopped + 3
     for k in uninterrupted:
         assert torch.equal(resumed[k], uninterrupted[k]), k
-    assert torch.equal(a['student']['head.1.running_mean'], b['student']['head.1.running_mean'])
+    assert torch.equal(a['student']['heads.0.1.running_mean'], b['student']['heads.0.1.running_mean'])
     steps = [r['step'] for r in log_rows(killed) if 'loss' in r]
     assert steps == list(range(1, stopped + 4))  # the log has each step once after the resume
 
@@ -1084,10 +1085,17 @@ def cache_runs(demo_tiles, tmp_path_factory):
                            first=first, completed=completed, weights=weights)
 
 
-def cache_files(folder, mode='r', global_batch=4, dim=96):
-    """The rows (float32 on CPU) and marks of a teacher cache's first file, as memory maps."""
-    rows = np.memmap(os.path.join(folder, 'steps_00000000.bin'), np.float32, mode, shape=(1000, global_batch, dim))
-    marks = np.memmap(os.path.join(folder, 'steps_00000000.crc'), np.uint32, mode, shape=(1000, global_batch))
+def teacher_folders(cache):
+    """The folders of a teacher cache, one per teacher, by the time they were made."""
+    return sorted((p for p in Path(cache).iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+
+
+def cache_files(cache, mode='r', global_batch=4, dim=96, teacher=0):
+    """The rows (float32 on CPU) and marks of the first file of a teacher cache's teacher (0: the first
+    one cached), as memory maps."""
+    folder = teacher_folders(cache)[teacher]
+    rows = np.memmap(folder / 'steps_00000000.bin', np.float32, mode, shape=(1000, global_batch, dim))
+    marks = np.memmap(folder / 'steps_00000000.crc', np.uint32, mode, shape=(1000, global_batch))
     return rows, marks
 
 
@@ -1102,7 +1110,7 @@ def assert_same_weights(out_a, out_b):
     assert a['step'] == b['step']
     for k in params_a:
         assert torch.equal(params_a[k], params_b[k]), k
-    assert torch.equal(a['student']['head.1.running_mean'], b['student']['head.1.running_mean'])
+    assert torch.equal(a['student']['heads.0.1.running_mean'], b['student']['heads.0.1.running_mean'])
 
 
 def test_a_teacher_cache_replays_bit_identically_and_a_partial_one_is_completed(cache_runs, tmp_path):
@@ -1164,6 +1172,71 @@ def test_a_row_torn_after_start_up_skips_its_step_without_loading_the_teacher_an
     assert_same_weights(runs.root / 'plain', tmp_path / 'again')
 
 
+@pytest.fixture(scope='module')
+def second_teacher(cache_runs):
+    """Teacher B of a committee: tiny-teacher again, with other weights (A's, shifted)."""
+    from safetensors.torch import load_file, save_file
+    path = str(cache_runs.root / 'teacher_b.safetensors')
+    state = load_file(cache_runs.weights)
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}, path)
+    return path
+
+
+def committee_args(runs, weights_b):
+    """Two tiny teachers told apart by their weights, on the cache runs' data and layout."""
+    common = [a for a in runs.common if not a.startswith('--teacher_weights')]
+    return [*common, '--teacher=tiny-teacher,tiny-teacher', f'--teacher_weights={runs.weights},{weights_b}']
+
+
+def test_a_committee_computes_only_the_teacher_its_cache_lacks_and_replays_bit_identically(cache_runs,
+                                                                                         second_teacher, tmp_path):
+    runs = cache_runs
+    committee = [*committee_args(runs, second_teacher), '--max_iters=6']
+    # teacher A's six steps are cached already (the cache runs): only B is loaded, and computes every step
+    cache = tmp_path / 'cache'
+    shutil.copytree(runs.cache, cache)
+    a_rows = np.array(cache_files(cache)[0][:6])
+    filled = run_distill(str(tmp_path / 'filled'), *committee, f'--teacher_cache={cache}')
+    loads = [line for line in filled.stdout.splitlines() if line.startswith('loading')]
+    assert loads == ['loading teacher 2 (tiny-teacher): 6 of the 6 steps to run and the held-out set are not '
+                     'in teacher_cache']
+    assert len(teacher_folders(cache)) == 2 and np.array_equal(cache_files(cache)[0][:6], a_rows)
+    rows_b, marks_b = cache_files(cache, teacher=1)
+    assert valid_marks(rows_b[:6], marks_b[:6]) and not np.array_equal(rows_b[:6], a_rows)
+    # a full cache loads neither teacher and replays the run that filled it, to the bit (in float32 that is
+    # the run without a cache: the single-teacher tests above show it)
+    replay = run_distill(str(tmp_path / 'replay'), *committee, f'--teacher_cache={cache}')
+    assert 'loading' not in replay.stdout
+    assert_same_weights(tmp_path / 'filled', tmp_path / 'replay')
+    # one projection per teacher; the log has each teacher's loss and cosine, and the loss is their mean
+    ckpt, _ = student_params(tmp_path / 'replay')
+    assert ckpt['student']['heads.1.1.running_mean'].shape == (96,)
+    last = [r for r in log_rows(tmp_path / 'replay') if 'loss' in r][-1]
+    assert len(last['teacher_loss']) == 2 and len(last['teacher_cosine']) == 2
+    assert last['loss'] == pytest.approx(sum(last['teacher_loss']) / 2, rel=1e-5)
+
+
+def test_the_gpu_precision_path_runs_on_cpu_with_a_committee_compiled_and_checkpointed(cache_runs, second_teacher,
+                                                                                     tmp_path):
+    runs = cache_runs
+    # bf16 autocast, the teachers' weights in bf16, the cache in bf16, the loss in float32: the step as it runs
+    # on a GPU, with torch.compile (aot_eager: the same graphs, no kernels generated) and gradient checkpointing
+    gpu_path = [*committee_args(runs, second_teacher), '--max_iters=3', '--precision=bf16', '--compile=True',
+                '--compile_backend=aot_eager', '--grad_ckpt=True', f'--teacher_cache={tmp_path / "cache"}']
+    first = run_distill(str(tmp_path / 'first'), *gpu_path)
+    for folder in teacher_folders(tmp_path / 'cache'):
+        key = json.loads((folder / 'key.json').read_text())
+        assert key['dtype'] == 'bfloat16' and key['teacher_dtype'] == 'bfloat16'
+        # 2 bytes a value: 1000 steps x 4 tiles x 96 dims
+        assert (folder / 'steps_00000000.bin').stat().st_size == 1000 * 4 * 96 * 2
+    losses = [r['loss'] for r in log_rows(tmp_path / 'first') if 'loss' in r]
+    assert len(losses) == 3 and all(math.isfinite(l) for l in losses)
+    # the run that wrote the cache trained on the stored bf16 rows: a replay gives its weights to the bit
+    replay = run_distill(str(tmp_path / 'replay'), *gpu_path)
+    assert 'loading' not in replay.stdout and 'loading' in first.stdout
+    assert_same_weights(tmp_path / 'first', tmp_path / 'replay')
+
+
 def test_two_gloo_processes_read_and_write_a_teacher_cache_as_one_process(cache_runs, tmp_path):
     runs = cache_runs
     shared = tmp_path / 'cache'
@@ -1209,7 +1282,7 @@ def test_a_teacher_only_fill_killed_mid_write_is_resumed_by_two_processes_and_ma
     # the fill embeds several steps per forward (fill_batch_size); the training step embedded 2 tiles at
     # a time. Equal on this CPU (its float32 forward does not depend on the batch); a GPU may round apart
     np.testing.assert_allclose(rows[:6], one_rows[:6], rtol=0, atol=1e-6)
-    held_out = [np.load(next(Path(folder).glob('held_out_*.npy'))) for folder in (cache, runs.cache)]
+    held_out = [np.load(next(Path(folder).glob('*/held_out_*.npy'))) for folder in (cache, runs.cache)]
     assert np.array_equal(*held_out)
 
 
@@ -1225,29 +1298,30 @@ def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tm
     for name, path in choices:
         monkeypatch.setattr(distill, 'teacher', name)
         monkeypatch.setattr(distill, 'teacher_weights', path)
-        assert distill.weights_identity() == expected, (name, path)
+        assert distill.weights_identity(*distill.teacher_sources()[0]) == expected, (name, path)
     monkeypatch.setattr(distill, 'teacher_weights', '')
     monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
-    assert distill.weights_identity() == 'random (tiny-teacher)'  # the tiny rows' default: seeded by the name
+    # the tiny rows' default: seeded by the name
+    assert distill.weights_identity(*distill.teacher_sources()[0]) == 'random (tiny-teacher)'
 
 
-def test_on_cuda_the_teacher_cache_key_holds_the_teachers_precision(demo_tiles, monkeypatch, tmp_path):
+def test_in_bf16_the_teacher_cache_key_holds_the_teachers_precision(demo_tiles, monkeypatch, tmp_path):
     tiles = tile.TileDataset(demo_tiles)
     train_idx = np.arange(len(tiles))
-    monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
-    monkeypatch.setattr(distill, 'teacher_weights', '')
 
-    def key(use_cuda, teacher_bf16):
+    def key(bf16, teacher_bf16):
         monkeypatch.setattr(distill, 'teacher_bf16', teacher_bf16)
-        # only the device decides the precisions: a CUDA process's environment, as far as the key reads it
-        env = SimpleNamespace(use_cuda=use_cuda)
-        return distill.cache_key(tiles, train_idx, train_idx[:0], model.MODELS['tiny-teacher'], 4, env)
-    # on CPU the teacher always runs in float32: no field, so the keys of CPU caches are as before
+        # only the precision decides the dtypes: a bf16 process's environment, as far as the key reads it
+        env = SimpleNamespace(bf16=bf16)
+        return distill.cache_key(tiles, train_idx, model.MODELS['tiny-teacher'], 'random', 4, env)
+    # in float32 the teacher always runs in float32: no field, so the keys of CPU caches are as before
     assert 'teacher_dtype' not in key(False, True) and key(False, True) == key(False, False)
     assert key(True, True)['teacher_dtype'] == 'bfloat16' and key(True, False)['teacher_dtype'] == 'float32'
+    # each precision is a teacher of its own: its own folder in the cache
+    assert distill.teacher_folder(key(True, True)) != distill.teacher_folder(key(True, False))
     assert distill.claim_key(str(tmp_path), key(True, True)) is None
     message = distill.claim_key(str(tmp_path), key(True, False))
-    assert "another teacher weights' precision (teacher_bf16, on CUDA): bfloat16 there, float32 here" in message
+    assert "another teacher weights' precision (teacher_bf16, with bf16): bfloat16 there, float32 here" in message
 
 
 @pytest.fixture
@@ -1271,13 +1345,18 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
     runs = cache_runs
     same = [*runs.common, '--max_iters=6', f'--teacher_cache={runs.cache}', f'--out_dir={tmp_path / "out"}']
     # the weights are known by their content: a copy elsewhere is the same teacher (the run gets as far
-    # as the disk check), and the copy rewritten in place with other values is another one
+    # as the disk check, with the 6 steps stored)
     weights = str(tmp_path / 'teacher.safetensors')
     shutil.copy(runs.weights, weights)
-    assert 'more steps but' in in_process_distill(*same, f'--teacher_weights={weights}', f'--max_iters={10 ** 12}')
+    assert 'needs 1.55 PB for 999999999994 more steps but' in in_process_distill(
+        *same, f'--teacher_weights={weights}', f'--max_iters={10 ** 12}')
+    # rewritten in place with other values, it is another teacher: a folder of its own, where no step is stored
     state = load_file(weights)
     state['norm.weight'] += 1e-3
     save_file(state, weights)
+    assert 'needs 1.55 PB for 1000000000000 more steps but' in in_process_distill(
+        *same, f'--teacher_weights={weights}', f'--max_iters={10 ** 12}')
+    assert len(teacher_folders(runs.cache)) == 2
     other_tiles = tmp_path / 'tiles'
     shutil.copytree(demo_tiles, other_tiles)
     npz = sorted(other_tiles.glob('*.npz'))[0]
@@ -1287,7 +1366,6 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
     errors = {
         '--seed=7': 'another seed: 1337 there, 7 here',
         '--batch_size=4': 'another global batch (batch_size x grad_accum x processes): 4 there, 8 here',
-        f'--teacher_weights={weights}': 'another teacher weights (sha256 of the file): sha256:',
         f'--data_dir={other_tiles}': 'another tiles in data_dir (slides and coordinates)',
         '--patch_weight=0.5': 'patch_weight > 0 needs its patch tokens',
         f'--max_iters={10 ** 12}': 'needs 1.55 PB for 999999999994 more steps but',
@@ -1296,7 +1374,14 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
         message = in_process_distill(*same, arg)
         assert expected in message and message.startswith('error: ') and '\n' not in message, (arg, message)
     # nothing was written over: the key still says how the cache was made
-    assert json.load(open(os.path.join(runs.cache, 'key.json')))['seed'] == 1337
+    assert json.load(open(teacher_folders(runs.cache)[0] / 'key.json'))['seed'] == 1337
+    # a cache of an older distill.py, its files at the top: one line saying where to move them
+    older = tmp_path / 'older'
+    shutil.copytree(teacher_folders(runs.cache)[0], older)
+    message = in_process_distill(*runs.common, '--max_iters=6', f'--teacher_cache={older}', f'--out_dir={tmp_path / "o"}')
+    folder = older / teacher_folders(runs.cache)[0].name
+    assert message.startswith(f'error: teacher_cache {older} keeps its embeddings at its top') and '\n' not in message
+    assert f'mkdir {folder} && mv {older}/key.json {older}/steps_* {older}/held_out_* {folder}/' in message
 
 
 def test_resume_refuses_a_checkpoint_of_other_weights_tiles_split_crop_or_alpha(cache_runs, demo_tiles,
