@@ -119,6 +119,12 @@ MODELS = {r['name']: r for r in [
     row('DINOv2-L-reg4', 'vit_large_patch14_reg4_dinov2',
         'timm/vit_large_patch14_reg4_dinov2.lvd142m', 1024, 14,
         dict(), num_registers=4, weights='hub, ungated (Apache-2.0)'),
+    # huggingface.co/owkin/phikon-v2: transformers Dinov2 ViT-L/16 (arXiv 2409.09173), no
+    # registers, plain MLP, embedding = CLS (last_hidden_state[:, 0]); Owkin non-commercial
+    # licence, ungated. Converted to timm on load (convert_hibou). ImageNet mean/std, as in
+    # kaiko-ai/eva's and TRIDENT's Phikon-v2 recipes.
+    row('Phikon-v2', 'vit_large_patch16_224', 'owkin/phikon-v2', 1024, 16,
+        dict(init_values=1e-5), weights='hub, ungated (Owkin non-commercial)'),
     # a ViT-L/14-reg4 student trained from scratch (random init), with H-optimus-0's normalisation
     row('ViT-L-scratch', 'vit_large_patch14_reg4_dinov2', None, 1024, 14,
         dict(), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),

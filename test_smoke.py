@@ -545,9 +545,11 @@ REPO = Path(__file__).resolve().parent
 
 def test_parameter_counts_match_the_published_figures():
     # model cards / papers: H-optimus-0 1.13B, UNI2-h 681M, Virchow2 632M, Prov-GigaPath 1.13B (Nature 2024),
-    # UNI ViT-L/16 0.30B; built on the meta device, so this costs no memory and downloads nothing
+    # UNI ViT-L/16 0.30B, Phikon-v2 ViT-L/16 0.3B (arXiv 2409.09173); built on the meta device, so this costs no
+    # memory and downloads nothing
     published = {'H-optimus-0': 1.13e9, 'H-optimus-1': 1.13e9, 'Midnight': 1.13e9, 'UNI2-h': 681e6,
-                 'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01}
+                 'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01,
+                 'Phikon-v2': 0.30e9 * 1.01}
     for name, expected in published.items():
         assert abs(model.param_count(name) / expected - 1) < 0.01, (name, model.param_count(name))
     # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) scaled to ViT-B
@@ -714,6 +716,34 @@ def test_dinov2_conversion_resamples_positions_like_transformers(tmp_path):
     assert (pooled - expected).abs().max() < 1e-4 and (patches - reference[:, 1:]).abs().max() < 1e-4
 
 
+def tiny(name, **kwargs):
+    """A zoo row at 64 wide and 2 deep: its layout (arch, registers, MLP, pooling), CPU-cheap."""
+    spec = model.MODELS[name]
+    dim = 128 if spec['pool'] == 'cls+mean' else 64
+    kwargs = dict(spec['kwargs'], embed_dim=64, depth=2, num_heads=4, **kwargs)
+    return dict(spec, name=f'{name}-small', width=64, dim=dim, kwargs=kwargs)
+
+
+def test_phikon_v2_conversion_matches_transformers(tmp_path):
+    # a small transformers Dinov2Model in Phikon-v2's layout: patch 16, no registers, plain GELU MLP, layer scale
+    from transformers import Dinov2Config, Dinov2Model
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16)
+    torch.manual_seed(2)
+    hf = Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # nonzero CLS, uneven layer scale
+    hf.save_pretrained(tmp_path / 'phikon-v2')
+    vit, spec = model.create(tiny('Phikon-v2'), weights=str(tmp_path / 'phikon-v2'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = hf(pixel_values=model.prepare(spec, images)).last_hidden_state
+        pooled, patches = model.embed(vit, spec, images)
+    # the card's embedding: last_hidden_state[:, 0]
+    assert pooled.shape == (2, 64) and (pooled - reference[:, 0]).abs().max() < 1e-5
+    assert (patches - reference[:, 1:]).abs().max() < 1e-5
+
+
 def test_gated_model_without_network_fails_fast_with_advice(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -735,6 +765,7 @@ def test_list_shows_every_model_with_its_size():
     assert set(rows) == set(model.MODELS)
     assert rows['H-optimus-0'][2] == '1.13B' and rows['H-optimus-0'][3] == '1536' and rows['H-optimus-0'][4] == '261'
     assert rows['Virchow2'][3] == '2560'
+    assert rows['Phikon-v2'][2] == '303.4M' and rows['Phikon-v2'][3] == '1024'
 
 
 def test_configure_overrides_from_file_and_flags(tmp_path):
