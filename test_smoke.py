@@ -545,11 +545,11 @@ REPO = Path(__file__).resolve().parent
 
 def test_parameter_counts_match_the_published_figures():
     # model cards / papers: H-optimus-0 1.13B, UNI2-h 681M, Virchow2 632M, Prov-GigaPath 1.13B (Nature 2024),
-    # UNI ViT-L/16 0.30B, Phikon-v2 ViT-L/16 0.3B (arXiv 2409.09173); built on the meta device, so this costs no
-    # memory and downloads nothing
+    # UNI ViT-L/16 0.30B, Phikon-v2 ViT-L/16 0.3B (arXiv 2409.09173), Phikon ViT-B/16 86M; built on the meta
+    # device, so this costs no memory and downloads nothing
     published = {'H-optimus-0': 1.13e9, 'H-optimus-1': 1.13e9, 'Midnight': 1.13e9, 'UNI2-h': 681e6,
                  'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01,
-                 'Phikon-v2': 0.30e9 * 1.01}
+                 'Phikon-v2': 0.30e9 * 1.01, 'Phikon': 86e6}
     for name, expected in published.items():
         assert abs(model.param_count(name) / expected - 1) < 0.01, (name, model.param_count(name))
     # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) scaled to ViT-B
@@ -724,6 +724,34 @@ def tiny(name, **kwargs):
     return dict(spec, name=f'{name}-small', width=64, dim=dim, kwargs=kwargs)
 
 
+def test_phikon_conversion_matches_transformers(tmp_path):
+    # a small transformers ViTModel in Phikon's layout (ViT/16, no registers, no layer scale, GELU MLP, pooler
+    # saved as the hub ships it), every weight random, loaded as timm: its CLS is the card's embedding
+    from transformers import ViTConfig, ViTModel
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    torch.manual_seed(0)
+    hf = ViTModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / 'phikon')
+    vit, spec = model.create(tiny('Phikon'), weights=str(tmp_path / 'phikon'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = hf(pixel_values=model.prepare(spec, images)).last_hidden_state  # [CLS, patches]
+        pooled, patches = model.embed(vit, spec, images)
+        # transformers>=5 names the in-memory weights differently (layers.N, q_proj): same conversion result
+        converted = model.convert_vit(hf.state_dict(), vit)
+    # the ~1e-5 left is LayerNorm's eps, timm's 1e-6 against ViTConfig's default 1e-12 (0 with equal eps)
+    assert pooled.shape == (2, 64) and (pooled - reference[:, 0]).abs().max() < 1e-4
+    assert (patches - reference[:, 1:]).abs().max() < 1e-4
+    assert all(torch.equal(converted[k], v) for k, v in vit.state_dict().items())
+    # the ViT checkpoint offered for a Dinov2 row (Phikon-v2: layer scale) fails in one line naming keys
+    with pytest.raises(model.WeightsError) as error:
+        model.create(tiny('Phikon-v2'), weights=str(tmp_path / 'phikon'))
+    assert 'missing keys (blocks.0.ls1.gamma' in str(error.value) and '\n' not in str(error.value)
+
+
 def test_phikon_v2_conversion_matches_transformers(tmp_path):
     # a small transformers Dinov2Model in Phikon-v2's layout: patch 16, no registers, plain GELU MLP, layer scale
     from transformers import Dinov2Config, Dinov2Model
@@ -766,6 +794,7 @@ def test_list_shows_every_model_with_its_size():
     assert rows['H-optimus-0'][2] == '1.13B' and rows['H-optimus-0'][3] == '1536' and rows['H-optimus-0'][4] == '261'
     assert rows['Virchow2'][3] == '2560'
     assert rows['Phikon-v2'][2] == '303.4M' and rows['Phikon-v2'][3] == '1024'
+    assert rows['Phikon'][2] == '85.8M' and rows['Phikon'][3] == '768' and rows['Phikon'][4] == '197'
 
 
 def test_configure_overrides_from_file_and_flags(tmp_path):
