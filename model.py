@@ -43,6 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 224 px at 0.5 um/px
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+# Hibou-L and Hibou-B cards (huggingface.co/histai, github.com/HistAI/hibou): their own mean/std
+HIBOU_MEAN = (0.7068, 0.5755, 0.7220)
+HIBOU_STD = (0.1950, 0.2316, 0.1816)
 # DINOv2-style giant MLP: SwiGLU with 2/3 of 4x the width, packed into one fc1
 # (timm's vit_giant_patch14_dinov2)
 SWIGLU = dict(mlp_layer='swiglu_packed', act_layer='silu')
@@ -110,7 +113,7 @@ MODELS = {r['name']: r for r in [
     # JSON-able kwargs, so an export loads in plain timm
     row('Hibou-L', 'vit_giant_patch14_reg4_dinov2', 'histai/hibou-L', 1024, 14,
         dict(embed_dim=1024, depth=24, num_heads=16, init_values=1.0, mlp_ratio=5472 / 1024),
-        num_registers=4, mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816),
+        num_registers=4, mean=HIBOU_MEAN, std=HIBOU_STD,
         weights='hub, gated: histai/hibou-L'),
     # huggingface.co/MahmoodLab/uni: ViT-L/16, init_values 1e-5, ImageNet mean/std, gated
     row('UNI', 'vit_large_patch16_224', 'MahmoodLab/uni', 1024, 16,
@@ -126,6 +129,20 @@ MODELS = {r['name']: r for r in [
     row('Phikon-v2', 'vit_large_patch16_224', 'owkin/phikon-v2', 1024, 16,
         dict(init_values=1e-5), weights='hub, ungated (Owkin non-commercial)'),
     # ViT-B students: about a quarter of a ViT-L's parameters and FLOPs per tile.
+    # huggingface.co/bioptimus/H0-mini: timm ViT-B/14 distilled from H-optimus-0
+    # (arXiv 2501.16239), 4 registers, SwiGLU + SiLU passed by hand as for UNI2-h,
+    # H-optimus-0's mean/std, embedding = CLS || mean of patch tokens (1536-d); gated
+    row('H0-mini', 'vit_base_patch14_reg4_dinov2', 'bioptimus/H0-mini', 768, 14,
+        dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), num_registers=4,
+        pool='cls+mean', mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+        weights='hub, gated: bioptimus/H0-mini'),
+    # huggingface.co/histai/hibou-b (github.com/HistAI/hibou): Hibou-L's layout at ViT-B/14
+    # (4 registers, SwiGLU, layer scale, 224-px positions), Hibou's mean/std, embedding = CLS
+    # (pooler_output); Apache-2.0. Converted to timm on load (convert_hibou).
+    row('Hibou-B', 'vit_giant_patch14_reg4_dinov2', 'histai/hibou-b', 768, 14,
+        dict(embed_dim=768, depth=12, num_heads=12, init_values=1.0, mlp_ratio=4096 / 768),
+        num_registers=4, mean=HIBOU_MEAN, std=HIBOU_STD,
+        weights='hub, ungated (Apache-2.0)'),
     # huggingface.co/owkin/phikon: transformers ViTModel ViT-B/16 trained with iBOT, embedding =
     # CLS (last_hidden_state[:, 0]); Owkin non-commercial licence, ungated. Converted to timm on
     # load (convert_vit). ImageNet mean/std, as in kaiko-ai/eva's and TRIDENT's Phikon recipes.

@@ -545,18 +545,16 @@ REPO = Path(__file__).resolve().parent
 
 def test_parameter_counts_match_the_published_figures():
     # model cards / papers: H-optimus-0 1.13B, UNI2-h 681M, Virchow2 632M, Prov-GigaPath 1.13B (Nature 2024),
-    # UNI ViT-L/16 0.30B, Phikon-v2 ViT-L/16 0.3B (arXiv 2409.09173), Phikon ViT-B/16 86M; built on the meta
-    # device, so this costs no memory and downloads nothing
+    # UNI ViT-L/16 0.30B, Phikon-v2 ViT-L/16 0.3B (arXiv 2409.09173), H0-mini ViT-B/14 86M (arXiv 2501.16239),
+    # Phikon ViT-B/16 86M; built on the meta device, so this costs no memory and downloads nothing
     published = {'H-optimus-0': 1.13e9, 'H-optimus-1': 1.13e9, 'Midnight': 1.13e9, 'UNI2-h': 681e6,
                  'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01,
-                 'Phikon-v2': 0.30e9 * 1.01, 'Phikon': 86e6}
+                 'Phikon-v2': 0.30e9 * 1.01, 'H0-mini': 86e6, 'Phikon': 86e6}
     for name, expected in published.items():
         assert abs(model.param_count(name) / expected - 1) < 0.01, (name, model.param_count(name))
-    # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) scaled to ViT-B
-    # must reproduce Hibou-B's published 85.7M exactly, and Hibou-L itself rounds to 0.30B
-    hibou = model.MODELS['Hibou-L']
-    hibou_b = dict(hibou, kwargs=dict(hibou['kwargs'], embed_dim=768, depth=12, num_heads=12, mlp_ratio=4096 / 768))
-    assert round(model.param_count(hibou_b) / 1e6, 1) == 85.7
+    # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) at ViT-B, the
+    # Hibou-B row, must reproduce Hibou-B's published 85.7M exactly (arXiv 2406.05074)
+    assert round(model.param_count('Hibou-B') / 1e6, 1) == 85.7
     assert round(model.param_count('Hibou-L') / 1e9, 2) == 0.30
     # every row's declared width / registers / patch size is what timm actually builds
     for name, spec in model.MODELS.items():
@@ -772,6 +770,28 @@ def test_phikon_v2_conversion_matches_transformers(tmp_path):
     assert (patches - reference[:, 1:]).abs().max() < 1e-5
 
 
+def test_h0_mini_loads_from_its_timm_file_and_embeds_cls_and_mean_patch(tmp_path):
+    # the card's own call at 64 wide (SwiGLU 4x, as 5.33334 x 64 is odd): timm with SwiGLUPacked + SiLU passed
+    # by hand, where the row names them as strings; global_pool='' so that, as on the card, it returns every token
+    from safetensors.torch import save_file
+    spec = tiny('H0-mini', mlp_ratio=4.0)
+    torch.manual_seed(3)
+    card = timm.create_model('vit_base_patch14_reg4_dinov2', num_classes=0, img_size=224, embed_dim=64, depth=2,
+                             num_heads=4, init_values=1e-5, mlp_ratio=4.0, global_pool='',
+                             mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU).eval()
+    (tmp_path / 'H0-mini').mkdir()
+    save_file(card.state_dict(), str(tmp_path / 'H0-mini' / 'model.safetensors'))
+    vit, spec = model.create(spec, weights=str(tmp_path / 'H0-mini'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        output = card(model.prepare(spec, images))  # (2, 1 + 4 + 256, 64)
+        pooled, _ = model.embed(vit, spec, images)
+    # the card's embedding: CLS || mean of the patch tokens, the 4 registers left out
+    expected = torch.cat([output[:, 0], output[:, card.num_prefix_tokens:].mean(1)], dim=-1)
+    assert card.num_prefix_tokens == 5 and pooled.shape == (2, 128) == (2, spec['dim'])
+    assert torch.allclose(pooled, expected, atol=1e-6)
+
+
 def test_gated_model_without_network_fails_fast_with_advice(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -793,8 +813,11 @@ def test_list_shows_every_model_with_its_size():
     assert set(rows) == set(model.MODELS)
     assert rows['H-optimus-0'][2] == '1.13B' and rows['H-optimus-0'][3] == '1536' and rows['H-optimus-0'][4] == '261'
     assert rows['Virchow2'][3] == '2560'
-    assert rows['Phikon-v2'][2] == '303.4M' and rows['Phikon-v2'][3] == '1024'
+    # the ViT-B students and Phikon-v2, each with its card's size and embedding width
+    assert rows['H0-mini'][2] == '85.7M' and rows['H0-mini'][3] == '1536' and rows['H0-mini'][4] == '261'
+    assert rows['Hibou-B'][2] == '85.7M' and rows['Hibou-B'][3] == '768'
     assert rows['Phikon'][2] == '85.8M' and rows['Phikon'][3] == '768' and rows['Phikon'][4] == '197'
+    assert rows['Phikon-v2'][2] == '303.4M' and rows['Phikon-v2'][3] == '1024'
 
 
 def test_configure_overrides_from_file_and_flags(tmp_path):
