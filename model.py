@@ -43,6 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 224 px at 0.5 um/px
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+# Hibou-L and Hibou-B cards (huggingface.co/histai, github.com/HistAI/hibou): their own mean/std
+HIBOU_MEAN = (0.7068, 0.5755, 0.7220)
+HIBOU_STD = (0.1950, 0.2316, 0.1816)
 # DINOv2-style giant MLP: SwiGLU with 2/3 of 4x the width, packed into one fc1
 # (timm's vit_giant_patch14_dinov2)
 SWIGLU = dict(mlp_layer='swiglu_packed', act_layer='silu')
@@ -110,7 +113,7 @@ MODELS = {r['name']: r for r in [
     # JSON-able kwargs, so an export loads in plain timm
     row('Hibou-L', 'vit_giant_patch14_reg4_dinov2', 'histai/hibou-L', 1024, 14,
         dict(embed_dim=1024, depth=24, num_heads=16, init_values=1.0, mlp_ratio=5472 / 1024),
-        num_registers=4, mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816),
+        num_registers=4, mean=HIBOU_MEAN, std=HIBOU_STD,
         weights='hub, gated: histai/hibou-L'),
     # huggingface.co/MahmoodLab/uni: ViT-L/16, init_values 1e-5, ImageNet mean/std, gated
     row('UNI', 'vit_large_patch16_224', 'MahmoodLab/uni', 1024, 16,
@@ -119,6 +122,32 @@ MODELS = {r['name']: r for r in [
     row('DINOv2-L-reg4', 'vit_large_patch14_reg4_dinov2',
         'timm/vit_large_patch14_reg4_dinov2.lvd142m', 1024, 14,
         dict(), num_registers=4, weights='hub, ungated (Apache-2.0)'),
+    # huggingface.co/owkin/phikon-v2: transformers Dinov2 ViT-L/16 (arXiv 2409.09173), no
+    # registers, plain MLP, embedding = CLS (last_hidden_state[:, 0]); Owkin non-commercial
+    # licence, ungated. Converted to timm on load (convert_hibou). ImageNet mean/std, as in
+    # kaiko-ai/eva's and TRIDENT's Phikon-v2 recipes.
+    row('Phikon-v2', 'vit_large_patch16_224', 'owkin/phikon-v2', 1024, 16,
+        dict(init_values=1e-5), weights='hub, ungated (Owkin non-commercial)'),
+    # ViT-B students: about a quarter of a ViT-L's parameters and FLOPs per tile.
+    # huggingface.co/bioptimus/H0-mini: timm ViT-B/14 distilled from H-optimus-0
+    # (arXiv 2501.16239), 4 registers, SwiGLU + SiLU passed by hand as for UNI2-h,
+    # H-optimus-0's mean/std, embedding = CLS || mean of patch tokens (1536-d); gated
+    row('H0-mini', 'vit_base_patch14_reg4_dinov2', 'bioptimus/H0-mini', 768, 14,
+        dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), num_registers=4,
+        pool='cls+mean', mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+        weights='hub, gated: bioptimus/H0-mini'),
+    # huggingface.co/histai/hibou-b (github.com/HistAI/hibou): Hibou-L's layout at ViT-B/14
+    # (4 registers, SwiGLU, layer scale, 224-px positions), Hibou's mean/std, embedding = CLS
+    # (pooler_output); Apache-2.0. Converted to timm on load (convert_hibou).
+    row('Hibou-B', 'vit_giant_patch14_reg4_dinov2', 'histai/hibou-b', 768, 14,
+        dict(embed_dim=768, depth=12, num_heads=12, init_values=1.0, mlp_ratio=4096 / 768),
+        num_registers=4, mean=HIBOU_MEAN, std=HIBOU_STD,
+        weights='hub, ungated (Apache-2.0)'),
+    # huggingface.co/owkin/phikon: transformers ViTModel ViT-B/16 trained with iBOT, embedding =
+    # CLS (last_hidden_state[:, 0]); Owkin non-commercial licence, ungated. Converted to timm on
+    # load (convert_vit). ImageNet mean/std, as in kaiko-ai/eva's and TRIDENT's Phikon recipes.
+    row('Phikon', 'vit_base_patch16_224', 'owkin/phikon', 768, 16,
+        dict(), weights='hub, ungated (Owkin non-commercial)'),
     # a ViT-L/14-reg4 student trained from scratch (random init), with H-optimus-0's normalisation
     row('ViT-L-scratch', 'vit_large_patch14_reg4_dinov2', None, 1024, 14,
         dict(), num_registers=4, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, weights='random'),
@@ -313,9 +342,11 @@ def read_state_dict(path):
 
 def fit_state_dict(state, spec, vit, source):
     """Make a checkpoint fit the timm model exactly, or fail naming the keys that do not."""
-    # the transformers Dinov2 layout (Hibou-L, Midnight) gets timm's names first
-    if any(k.startswith(('embeddings.', 'dinov2.embeddings.')) for k in state):
-        state = convert_hibou(state, vit)
+    # transformers checkpoints get timm's names first: a ViT block (Phikon) has layernorm_before,
+    # a Dinov2 block (Hibou, Midnight, Phikon-v2) norm1
+    if any(k.startswith(('embeddings.', 'dinov2.embeddings.', 'vit.embeddings.')) for k in state):
+        is_vit = any('.layernorm_before.' in k for k in state)
+        state = convert_vit(state, vit) if is_vit else convert_hibou(state, vit)
     # a classifier head is not part of the backbone (every row has num_classes=0)
     state = {k: v for k, v in state.items() if not k.startswith('head.')}
     expected = vit.state_dict()
@@ -358,7 +389,7 @@ def take(state, *keys):
     missing = [k for k in keys if k not in state]
     if missing:
         raise WeightsError(f"error: transformers checkpoint lacks {', '.join(missing)}: "
-                           "incomplete or not a Dinov2")
+                           "incomplete, or neither a Dinov2 nor a ViT")
     tensors = [state.pop(k) for k in keys]
     return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
@@ -374,15 +405,16 @@ def resample_patch_positions(patch_pos, grid, antialias):
 
 
 def dinov2_embeddings(state, vit):
-    """timm's patch embedding, class and register tokens, positions and final norm."""
+    """timm's patch embedding, class and register tokens, positions and final norm (transformers'
+    Dinov2 and ViT name them alike)."""
     has_registers = 'embeddings.register_tokens' in state
     pos = take(state, 'embeddings.position_embeddings')
     cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
     grid = tuple(vit.patch_embed.grid_size) if vit is not None else None
     if grid and patch_pos.shape[1] != grid[0] * grid[1]:
         # transformers interpolates at run time (bicubic; antialiased in Dinov2WithRegisters, not
-        # in Dinov2); doing the same once here gives timm the exact positions transformers uses
-        # at this input size
+        # in Dinov2 or ViT); doing the same once here gives timm the exact positions transformers
+        # uses at this input size
         patch_pos = resample_patch_positions(patch_pos, grid, antialias=has_registers)
     out = {'patch_embed.proj.weight': take(state, 'embeddings.patch_embeddings.projection.weight'),
            'patch_embed.proj.bias': take(state, 'embeddings.patch_embeddings.projection.bias'),
@@ -439,8 +471,26 @@ def dinov2_block_keys(state, i):
     return keys
 
 
+def take_blocks(state, block_keys, layout):
+    """Every block's timm tensors, taken out of state by block_keys(state, i); a key left over
+    belongs to another layout."""
+    # blocks are 'encoder.layer.N.' on the hub, 'layers.N.' in memory in transformers>=5's ViT
+    block_ids = [int(k.removeprefix('encoder.').split('.')[1]) for k in state
+                 if k.startswith(('encoder.layer.', 'layers.'))]
+    depth = 1 + max(block_ids, default=-1)
+    out = {}
+    for i in range(depth):
+        for timm_key, hf_keys in block_keys(state, i).items():
+            out[timm_key] = take(state, *hf_keys)
+    left = sorted(state)
+    if left:
+        raise WeightsError(f"error: {len(left)} transformers keys have no timm counterpart "
+                           f"({', '.join(left[:4])}): not a {layout} checkpoint")
+    return out
+
+
 def convert_hibou(state, vit=None):
-    """transformers Dinov2(-with-registers) keys (Hibou-L, Midnight) -> timm VisionTransformer keys.
+    """transformers Dinov2(-with-registers) keys (Hibou, Midnight, Phikon-v2) -> timm keys.
     Reads the hub's on-disk names (attention.attention.query, mlp.weights_in) and transformers>=5's
     in-memory ones (q_proj, gate_proj/up_proj)."""
     # a copy: take() removes what it converts, so what is left at the end has no timm place
@@ -448,15 +498,47 @@ def convert_hibou(state, vit=None):
     # only used for masked-image training, never by the encoder
     state.pop('embeddings.mask_token', None)
     out = dinov2_embeddings(state, vit)
-    depth = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.layer.'))
-    for i in range(depth):
-        for timm_key, hf_keys in dinov2_block_keys(state, i).items():
-            out[timm_key] = take(state, *hf_keys)
-    left = sorted(state)
-    if left:
-        raise WeightsError(f"error: {len(left)} transformers keys have no timm counterpart "
-                           f"({', '.join(left[:4])}): "
-                           "not a Dinov2 / Dinov2-with-registers checkpoint")
+    out.update(take_blocks(state, dinov2_block_keys, 'Dinov2 / Dinov2-with-registers'))
+    return out
+
+
+def vit_block_keys(state, i):
+    """For block i of a transformers ViT: each timm key -> the transformers keys it is made of."""
+    tm = f'blocks.{i}.'
+    # the hub's on-disk names, or transformers>=5's in-memory ones
+    if f'layers.{i}.attention.q_proj.weight' in state:
+        hf = f'layers.{i}.'
+        qkv = ('attention.q_proj', 'attention.k_proj', 'attention.v_proj')
+        proj, fc1, fc2 = 'attention.o_proj', 'mlp.fc1', 'mlp.fc2'
+    else:
+        hf = f'encoder.layer.{i}.'
+        qkv = ('attention.attention.query', 'attention.attention.key', 'attention.attention.value')
+        proj, fc1, fc2 = 'attention.output.dense', 'intermediate.dense', 'output.dense'
+    keys = {}
+    for p in ('weight', 'bias'):
+        keys[f'{tm}attn.qkv.{p}'] = [f'{hf}{n}.{p}' for n in qkv]
+        keys[f'{tm}attn.proj.{p}'] = [f'{hf}{proj}.{p}']
+        keys[f'{tm}mlp.fc1.{p}'] = [f'{hf}{fc1}.{p}']
+        keys[f'{tm}mlp.fc2.{p}'] = [f'{hf}{fc2}.{p}']
+        keys[f'{tm}norm1.{p}'] = [f'{hf}layernorm_before.{p}']
+        keys[f'{tm}norm2.{p}'] = [f'{hf}layernorm_after.{p}']
+    return keys
+
+
+def convert_vit(state, vit=None):
+    """transformers ViTModel keys (Phikon) -> timm VisionTransformer keys: Dinov2's embeddings and
+    final norm, blocks without layer scale whose norms are layernorm_before/after.
+
+    timm's LayerNorm eps is 1e-6, transformers' ViT default 1e-12: for activations of unit
+    variance the normalised values differ by about 5e-7 of themselves."""
+    # a copy without the prefix ViTFor* models add; take() removes what it converts
+    state = {k.removeprefix('vit.'): v for k, v in state.items()}
+    # the masked-image token, and the pooler (dense + tanh on CLS) that the card's
+    # add_pooling_layer=False leaves out: neither is part of the embedding
+    state.pop('embeddings.mask_token', None)
+    state = {k: v for k, v in state.items() if not k.startswith('pooler.')}
+    out = dinov2_embeddings(state, vit)
+    out.update(take_blocks(state, vit_block_keys, 'ViT'))
     return out
 
 

@@ -546,16 +546,16 @@ REPO = Path(__file__).resolve().parent
 
 def test_parameter_counts_match_the_published_figures():
     # model cards / papers: H-optimus-0 1.13B, UNI2-h 681M, Virchow2 632M, Prov-GigaPath 1.13B (Nature 2024),
-    # UNI ViT-L/16 0.30B; built on the meta device, so this costs no memory and downloads nothing
+    # UNI ViT-L/16 0.30B, Phikon-v2 ViT-L/16 0.3B (arXiv 2409.09173), H0-mini ViT-B/14 86M (arXiv 2501.16239),
+    # Phikon ViT-B/16 86M; built on the meta device, so this costs no memory and downloads nothing
     published = {'H-optimus-0': 1.13e9, 'H-optimus-1': 1.13e9, 'Midnight': 1.13e9, 'UNI2-h': 681e6,
-                 'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01}
+                 'Virchow2': 632e6, 'Prov-GigaPath': 1.13e9, 'UNI': 0.30e9 * 1.01, 'DINOv2-L-reg4': 0.30e9 * 1.01,
+                 'Phikon-v2': 0.30e9 * 1.01, 'H0-mini': 86e6, 'Phikon': 86e6}
     for name, expected in published.items():
         assert abs(model.param_count(name) / expected - 1) < 0.01, (name, model.param_count(name))
-    # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) scaled to ViT-B
-    # must reproduce Hibou-B's published 85.7M exactly, and Hibou-L itself rounds to 0.30B
-    hibou = model.MODELS['Hibou-L']
-    hibou_b = dict(hibou, kwargs=dict(hibou['kwargs'], embed_dim=768, depth=12, num_heads=12, mlp_ratio=4096 / 768))
-    assert round(model.param_count(hibou_b) / 1e6, 1) == 85.7
+    # Hibou-L is published only as "0.3B"; its layout (SwiGLU, 4 registers, 224-px positions) at ViT-B, the
+    # Hibou-B row, must reproduce Hibou-B's published 85.7M exactly (arXiv 2406.05074)
+    assert round(model.param_count('Hibou-B') / 1e6, 1) == 85.7
     assert round(model.param_count('Hibou-L') / 1e9, 2) == 0.30
     # every row's declared width / registers / patch size is what timm actually builds
     for name, spec in model.MODELS.items():
@@ -715,6 +715,84 @@ def test_dinov2_conversion_resamples_positions_like_transformers(tmp_path):
     assert (pooled - expected).abs().max() < 1e-4 and (patches - reference[:, 1:]).abs().max() < 1e-4
 
 
+def tiny(name, **kwargs):
+    """A zoo row at 64 wide and 2 deep: its layout (arch, registers, MLP, pooling), CPU-cheap."""
+    spec = model.MODELS[name]
+    dim = 128 if spec['pool'] == 'cls+mean' else 64
+    kwargs = dict(spec['kwargs'], embed_dim=64, depth=2, num_heads=4, **kwargs)
+    return dict(spec, name=f'{name}-small', width=64, dim=dim, kwargs=kwargs)
+
+
+def test_phikon_conversion_matches_transformers(tmp_path):
+    # a small transformers ViTModel in Phikon's layout (ViT/16, no registers, no layer scale, GELU MLP, pooler
+    # saved as the hub ships it), every weight random, loaded as timm: its CLS is the card's embedding
+    from transformers import ViTConfig, ViTModel
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    torch.manual_seed(0)
+    hf = ViTModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / 'phikon')
+    vit, spec = model.create(tiny('Phikon'), weights=str(tmp_path / 'phikon'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = hf(pixel_values=model.prepare(spec, images)).last_hidden_state  # [CLS, patches]
+        pooled, patches = model.embed(vit, spec, images)
+        # transformers>=5 names the in-memory weights differently (layers.N, q_proj): same conversion result
+        converted = model.convert_vit(hf.state_dict(), vit)
+    # the ~1e-5 left is LayerNorm's eps, timm's 1e-6 against ViTConfig's default 1e-12 (0 with equal eps)
+    assert pooled.shape == (2, 64) and (pooled - reference[:, 0]).abs().max() < 1e-4
+    assert (patches - reference[:, 1:]).abs().max() < 1e-4
+    assert all(torch.equal(converted[k], v) for k, v in vit.state_dict().items())
+    # the ViT checkpoint offered for a Dinov2 row (Phikon-v2: layer scale) fails in one line naming keys
+    with pytest.raises(model.WeightsError) as error:
+        model.create(tiny('Phikon-v2'), weights=str(tmp_path / 'phikon'))
+    assert 'missing keys (blocks.0.ls1.gamma' in str(error.value) and '\n' not in str(error.value)
+
+
+def test_phikon_v2_conversion_matches_transformers(tmp_path):
+    # a small transformers Dinov2Model in Phikon-v2's layout: patch 16, no registers, plain GELU MLP, layer scale
+    from transformers import Dinov2Config, Dinov2Model
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16)
+    torch.manual_seed(2)
+    hf = Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # nonzero CLS, uneven layer scale
+    hf.save_pretrained(tmp_path / 'phikon-v2')
+    vit, spec = model.create(tiny('Phikon-v2'), weights=str(tmp_path / 'phikon-v2'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = hf(pixel_values=model.prepare(spec, images)).last_hidden_state
+        pooled, patches = model.embed(vit, spec, images)
+    # the card's embedding: last_hidden_state[:, 0]
+    assert pooled.shape == (2, 64) and (pooled - reference[:, 0]).abs().max() < 1e-5
+    assert (patches - reference[:, 1:]).abs().max() < 1e-5
+
+
+def test_h0_mini_loads_from_its_timm_file_and_embeds_cls_and_mean_patch(tmp_path):
+    # the card's own call at 64 wide (SwiGLU 4x, as 5.33334 x 64 is odd): timm with SwiGLUPacked + SiLU passed
+    # by hand, where the row names them as strings; global_pool='' so that, as on the card, it returns every token
+    from safetensors.torch import save_file
+    spec = tiny('H0-mini', mlp_ratio=4.0)
+    torch.manual_seed(3)
+    card = timm.create_model('vit_base_patch14_reg4_dinov2', num_classes=0, img_size=224, embed_dim=64, depth=2,
+                             num_heads=4, init_values=1e-5, mlp_ratio=4.0, global_pool='',
+                             mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU).eval()
+    (tmp_path / 'H0-mini').mkdir()
+    save_file(card.state_dict(), str(tmp_path / 'H0-mini' / 'model.safetensors'))
+    vit, spec = model.create(spec, weights=str(tmp_path / 'H0-mini'))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        output = card(model.prepare(spec, images))  # (2, 1 + 4 + 256, 64)
+        pooled, _ = model.embed(vit, spec, images)
+    # the card's embedding: CLS || mean of the patch tokens, the 4 registers left out
+    expected = torch.cat([output[:, 0], output[:, card.num_prefix_tokens:].mean(1)], dim=-1)
+    assert card.num_prefix_tokens == 5 and pooled.shape == (2, 128) == (2, spec['dim'])
+    assert torch.allclose(pooled, expected, atol=1e-6)
+
+
 def test_gated_model_without_network_fails_fast_with_advice(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -736,6 +814,11 @@ def test_list_shows_every_model_with_its_size():
     assert set(rows) == set(model.MODELS)
     assert rows['H-optimus-0'][2] == '1.13B' and rows['H-optimus-0'][3] == '1536' and rows['H-optimus-0'][4] == '261'
     assert rows['Virchow2'][3] == '2560'
+    # the ViT-B students and Phikon-v2, each with its card's size and embedding width
+    assert rows['H0-mini'][2] == '85.7M' and rows['H0-mini'][3] == '1536' and rows['H0-mini'][4] == '261'
+    assert rows['Hibou-B'][2] == '85.7M' and rows['Hibou-B'][3] == '768'
+    assert rows['Phikon'][2] == '85.8M' and rows['Phikon'][3] == '768' and rows['Phikon'][4] == '197'
+    assert rows['Phikon-v2'][2] == '303.4M' and rows['Phikon-v2'][3] == '1024'
 
 
 def test_configure_overrides_from_file_and_flags(tmp_path):
