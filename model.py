@@ -234,20 +234,24 @@ def hub_reachable(timeout=3.0):
 
 def download(spec):
     """Path of the hub checkpoint (from the local cache when offline). Honours HF_TOKEN."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
-    repo = spec['hub']
-    if repo is None:
+    if spec['hub'] is None:
         raise WeightsError(f"error: {spec['name']} has no hub weights: "
                            "use weights='random' or a local file")
+    # the two file names timm and transformers publish
+    return hub_file(spec['hub'], ('model.safetensors', 'pytorch_model.bin'))
+
+
+def hub_file(repo, filenames):
+    """Path of the first of filenames in a hub repository (from the local cache when offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
     advice = (f"request access at https://huggingface.co/{repo} and set HF_TOKEN, "
               f"or download it where there is network (hf download {repo}) "
               "and pass weights=<that folder>")
     offline_by_env = os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes')
     offline = offline_by_env or not hub_reachable()
     token = os.environ.get('HF_TOKEN') or None
-    # the two file names timm and transformers publish
-    for filename in ('model.safetensors', 'pytorch_model.bin'):
+    for filename in filenames:
         try:
             return hf_hub_download(repo, filename, token=token, local_files_only=offline)
         except GatedRepoError:
@@ -266,7 +270,7 @@ def download(spec):
     if offline:
         raise WeightsError(f"error: no network (or its proxy is down, or HF_HUB_OFFLINE is set) "
                            f"and {repo} is not in the local cache: {advice}")
-    raise WeightsError(f"error: {repo} has neither model.safetensors nor pytorch_model.bin: "
+    raise WeightsError(f"error: {repo} has none of {', '.join(filenames)}: "
                        "pass weights=<local file>")
 
 
