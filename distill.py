@@ -55,7 +55,7 @@ import tile
 # -----------------------------------------------------------------------------
 # defaults: the G2L recipe (arXiv 2510.11176); config/*.py and --key=value override them
 # I/O
-out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student
+out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student (out_dir/student/)
 data_dir = 'tiles'  # a tiles folder written by tile.py
 # after the export, evaluate.py on [teacher, student before, student after]: a labels CSV
 # path,label,split[,center][,slide] or an ImageFolder root; results in out_dir/eval/
@@ -70,7 +70,8 @@ eval_interval = 250  # steps between held-out teacher-student cosine measurement
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end and on SIGTERM)
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
-# models (names from model.py --list, or a distilled output folder)
+# models: names from model.py --list, timm hub names (local-dir:FOLDER, hf-hub:USER/NAME), or a
+# distilled output folder
 teacher = 'H-optimus-0'  # frozen; G2L's teacher
 teacher_weights = ''  # '' = the model's default (the hub), 'random', or a local file/folder
 student = 'Hibou-L'  # trained; G2L's student
@@ -404,7 +405,8 @@ def load_teacher(env):
 
 def teacher_source():
     """The teacher's (spec, weights) as model.create resolves them, nothing built: the spec of its
-    model.py row or a distilled folder's student.json; weights 'random', 'hub' or a local path."""
+    model.py row or of a folder's config.json (or an older export's student.json); weights
+    'random', 'hub' or a local path."""
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
     return zoo.resolve(teacher, teacher_weights or default_weights)
@@ -996,7 +998,7 @@ def finish_run(run, step, why, preempted_by, log_file):
         log_file.close()
     # pre-empted runs leave quickly; the export and the loss plot come when the run completes
     if run.env.master and not preempted_by:
-        zoo.export(run.student.backbone, run.student.spec, out_dir)
+        zoo.export(run.student.backbone, run.student.spec, export_folder())
         plot_loss(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
     if run.env.master:
         print(f"stopped at step {step}: {why}; {run.state['skipped']} non-finite steps skipped; "
@@ -1554,19 +1556,30 @@ def evaluate_g2l(env):
     """evaluate.py on the teacher, the student before distillation and after, in that order, on
     eval_data: out_dir/eval/results.{json,md,png}, and the headline printed."""
     import evaluate
-    # each model as evaluate.py names it: a model name, NAME=WEIGHTS, or this run's export
+    # each model as evaluate.py names it: a model name, NAME=WEIGHTS, or this run's export by its
+    # timm hub name
     teacher_entry = f'{teacher}={teacher_weights}' if teacher_weights else teacher
     before_entry = f'{student}={student_weights}' if student_weights else student
-    print(f'evaluating the G2L effect on {eval_data}: {teacher_entry}, {before_entry}, {out_dir}')
+    after_entry = f'local-dir:{export_folder()}'
+    print(f'evaluating the G2L effect on {eval_data}: {teacher_entry}, {before_entry}, '
+          f'{after_entry}')
     results = evaluate.main([
         f'--data={eval_data}',
-        f'--models={teacher_entry},{before_entry},{out_dir}',
+        f'--models={teacher_entry},{before_entry},{after_entry}',
         '--names=teacher,student before,student after',
         f'--out={os.path.join(out_dir, "eval")}',
         f'--device={env.device.type}',
         f'--num_workers={num_workers}',
     ])
     return results
+
+
+# -----------------------------------------------------------------------------
+# the model card: what the export was distilled from and how
+
+def export_folder():
+    """Where the student is exported: a timm hub folder (model.export)."""
+    return os.path.join(out_dir, 'student')
 
 
 if __name__ == '__main__':
