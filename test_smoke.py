@@ -6,6 +6,7 @@ OpenSlide reads, real timm models and real torchrun processes (gloo); nothing is
     python -m pytest -q test_smoke.py
 """
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -1370,7 +1371,6 @@ def test_a_teacher_only_fill_killed_mid_write_is_resumed_by_two_processes_and_ma
 
 
 def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tmp_path, monkeypatch):
-    import hashlib
     vit, spec = model.create('tiny-teacher')
     model.export(vit, spec, tmp_path / 'run' / 'student')
     weights = tmp_path / 'run' / 'student' / 'model.safetensors'
@@ -1383,6 +1383,11 @@ def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tm
         monkeypatch.setattr(distill, 'teacher', name)
         monkeypatch.setattr(distill, 'teacher_weights', path)
         assert distill.weights_identity() == expected, (name, path)
+    # without a teacher cache (the model card's hash at the end of a run) nothing is remembered anywhere
+    monkeypatch.setattr(distill, 'teacher_cache', '')
+    monkeypatch.chdir(tmp_path / 'run')
+    assert distill.weights_identity() == expected
+    assert sorted(os.listdir(tmp_path / 'run')) == ['student']
     monkeypatch.setattr(distill, 'teacher_weights', '')
     monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
     assert distill.weights_identity() == 'random (tiny-teacher)'  # the tiny rows' default: seeded by the name
@@ -2216,5 +2221,15 @@ def test_distill_ends_with_the_g2l_table_teacher_student_before_after(g2l_demo):
     assert (root / 'out' / 'eval' / 'results.md').read_text().startswith('#')
     assert (root / 'out' / 'eval' / 'results.png').stat().st_size > 0
     assert 'student after closes ' in stdout
+    # the export is a timm hub folder; its model card says what it was distilled from and, once the run
+    # evaluated, has the table
+    card = (root / 'out' / 'student' / 'README.md').read_text()
+    teacher_sha256 = hashlib.sha256((root / 'data' / 'teacher.safetensors').read_bytes()).hexdigest()
+    assert card.startswith('---\nlibrary_name: timm\nlicense: other\n')  # a random start has no licence
+    assert f"| tiny-teacher | `vit_giant_patch14_reg4_dinov2` | {root / 'data' / 'teacher.safetensors'} | " \
+           f"{teacher_sha256} |" in card
+    assert 'tiny-student (`vit_tiny_patch16_224`), random weights' in card
+    assert 'tiles of 256 px at 0.5 µm/px from 3 slides' in card and '| steps | 150 |' in card
+    assert '### tile level: ' in card and '| student after  |' in card and 'Not evaluated' not in card
     # the demo material is made once and reused: its teacher file is there for the next run
     assert (root / 'data' / 'teacher.safetensors').stat().st_size > 0
