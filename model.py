@@ -492,7 +492,7 @@ def resolve(name_or_path, weights=None):
         # neither a model name nor a path: get_spec's error names the model perhaps meant
         get_spec(name)
     # local-dir: means what it means to timm, the folder that holds config.json
-    folder = path if is_local_dir else export_folder(path)
+    folder = path if is_local_dir else model_folder(path)
     is_old_file = path.name in ('student.json', 'student.safetensors')
     if (folder / 'config.json').is_file() and not is_old_file:
         return hub_spec(folder / 'config.json', name), weights or str(folder)
@@ -505,7 +505,7 @@ def resolve(name_or_path, weights=None):
     return spec, weights or str(folder / 'student.safetensors')
 
 
-def export_folder(path):
+def model_folder(path):
     """The folder a distilled model's path means: a file's folder, a run's out_dir's export
     (out_dir/student), or the folder itself."""
     if path.is_file():
@@ -856,7 +856,8 @@ def card_evaluation(evaluation, folder):
 
 def card_details(spec, lineage):
     """The model as timm builds it, its licence and what to cite."""
-    pooling = 'CLS token' if spec['pool'] == 'cls' else 'CLS || mean of the patch tokens'
+    # '‖', not '||': a bar would end the table's cell
+    pooling = 'CLS token' if spec['pool'] == 'cls' else 'CLS ‖ mean of the patch tokens'
     licence = lineage.get('license') or 'other'
     params = f'{param_count(spec) / 1e6:.1f}M parameters'
     return ['## Model', '', '| | |', '|---|---|',
