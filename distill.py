@@ -55,7 +55,10 @@ import tile
 # -----------------------------------------------------------------------------
 # defaults: the G2L recipe (arXiv 2510.11176); config/*.py and --key=value override them
 # I/O
-out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student
+out_dir = 'out'  # checkpoints, log.jsonl, loss.png, the exported student (out_dir/student/)
+# the model card's licence, a hub licence id (apache-2.0, cc-by-nc-4.0, ...): '' = the licence of
+# the student's starting weights
+license = ''
 data_dir = 'tiles'  # a tiles folder written by tile.py
 # after the export, evaluate.py on [teacher, student before, student after]: a labels CSV
 # path,label,split[,center][,slide] or an ImageFolder root; results in out_dir/eval/
@@ -70,7 +73,8 @@ eval_interval = 250  # steps between held-out teacher-student cosine measurement
 ckpt_interval = 1000  # steps between checkpoints (one is also written at the end and on SIGTERM)
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
-# models (names from model.py --list, or a distilled output folder)
+# models: names from model.py --list, timm hub names (local-dir:FOLDER, hf-hub:USER/NAME), or a
+# distilled output folder
 # frozen; G2L's teacher. Or a committee, comma-separated (H-optimus-1,UNI2-h,Virchow2): one
 # projection and one loss term per teacher (several teachers beat one: Pathryoshka, AM-RADIO)
 teacher = 'H-optimus-0'
@@ -455,7 +459,8 @@ def committee():
 
 def teacher_sources():
     """Each teacher's (spec, weights) as model.create resolves them, nothing built: the spec of
-    its model.py row or a distilled folder's student.json; weights 'random', 'hub' or a path."""
+    its model.py row or of a folder's config.json (or an older export's student.json); weights
+    'random', 'hub' or a local path."""
     # --bench times random weights unless told otherwise: speed does not depend on them
     default_weights = 'random' if bench else None
     return [zoo.resolve(name, weights or default_weights) for name, weights, _ in committee()]
@@ -580,12 +585,14 @@ def main():
 
     # the end: every rank takes part in the last checkpoint (it gathers their RNG states)
     save_checkpoint(run, step)
-    finish_run(run, step, why, preempted_by, log_file)
+    exports = env.master and not preempted_by
+    lineage = model_lineage(tiles, train_idx, step, global_batch) if exports else None
+    finish_run(run, step, why, preempted_by, log_file, lineage)
     # G2L's evidence, once the processes are done (an evaluation outlasts any collective's
     # timeout): the models trained here are freed first, evaluate.py loads its own
-    if env.master and eval_data and not preempted_by:
+    if exports and eval_data:
         del run, held_out
-        evaluate_g2l(env)
+        evaluate_g2l(env, lineage)
     # not finished: a non-zero status (128 + signal, the shell's convention) says so
     if preempted_by:
         raise SystemExit(128 + preempted_by)
@@ -1083,14 +1090,15 @@ def save_checkpoint(run, step):
     tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
 
 
-def finish_run(run, step, why, preempted_by, log_file):
-    """After the loop and its last checkpoint: the export and the loss plot when the run
-    completed, a summary line, the processes' end; an error when non-finite losses stopped it."""
+def finish_run(run, step, why, preempted_by, log_file, lineage):
+    """After the loop and its last checkpoint: the export with its model card (lineage, see
+    model_lineage) and the loss plot when the run completed, a summary line, the processes' end;
+    an error when non-finite losses stopped it."""
     if log_file:
         log_file.close()
     # pre-empted runs leave quickly; the export and the loss plot come when the run completes
     if run.env.master and not preempted_by:
-        zoo.export(run.student.backbone, run.student.spec, out_dir)
+        zoo.export(run.student.backbone, run.student.spec, export_folder(), lineage)
         plot_loss(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
     if run.env.master:
         print(f"stopped at step {step}: {why}; {run.state['skipped']} non-finite steps skipped; "
@@ -1369,12 +1377,12 @@ def fingerprint(text, *arrays):
     return digest.hexdigest()
 
 
-def weights_identity(t_spec, weights):
-    """A teacher's weights in a cache key: the sha256 of the file model.create loads, or the
-    name that seeds random weights (model.build_random)."""
+def weights_identity(spec, weights):
+    """A model's weights, as a cache key and a model card name them: the sha256 of the file
+    model.create loads, or the name that seeds random weights (model.build_random)."""
     if weights == 'random':
-        return f"random ({t_spec['name']})"
-    return 'sha256:' + file_sha256(str(zoo.weight_file(t_spec, weights)))
+        return f"random ({spec['name']})"
+    return 'sha256:' + file_sha256(str(zoo.weight_file(spec, weights)))
 
 
 def file_sha256(path):
@@ -1382,9 +1390,10 @@ def file_sha256(path):
     # the whole file, not a sample: two checkpoints may differ in a few tensors only. Hashing
     # H-optimus-0's 4.5 GB takes ~2.5 s of CPU (1.8 GB/s measured) plus the read; a stat
     # takes microseconds, and a rewritten file has a new size or mtime
-    memo_path = os.path.join(teacher_cache, 'weights_sha256.json')
+    # remembered beside a teacher cache; a run without one hashes again
+    memo_path = os.path.join(teacher_cache, 'weights_sha256.json') if teacher_cache else None
     memo = {}
-    if os.path.exists(memo_path):
+    if memo_path and os.path.exists(memo_path):
         with open(memo_path) as f:
             memo = json.load(f)
     stat = os.stat(path)
@@ -1398,7 +1407,8 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 24), b''):
             digest.update(block)
     memo[real_path] = dict(seen, sha256=digest.hexdigest())
-    tile.save_atomic(memo_path, lambda f: f.write(json.dumps(memo, indent=1).encode()))
+    if memo_path:
+        tile.save_atomic(memo_path, lambda f: f.write(json.dumps(memo, indent=1).encode()))
     return digest.hexdigest()
 
 
@@ -1710,15 +1720,17 @@ def check_eval_data():
         raise SystemExit(f'error: eval_data={eval_data}: {reason}') from None
 
 
-def evaluate_g2l(env):
+def evaluate_g2l(env, lineage):
     """evaluate.py on the teachers, the student before distillation and after, in that order, on
-    eval_data: out_dir/eval/results.{json,md,png}, and the headline printed."""
+    eval_data: out_dir/eval/results.{json,md,png}, the headline printed and added to the
+    export's model card."""
     import evaluate
-    # each model as evaluate.py names it: a model name, NAME=WEIGHTS, or this run's export
+    # each model as evaluate.py names it: a model name, NAME=WEIGHTS, or this run's export by
+    # its timm hub name
     members = committee()
     teacher_entries = [f'{name}={weights}' if weights else name for name, weights, _ in members]
     before_entry = f'{student}={student_weights}' if student_weights else student
-    models = teacher_entries + [before_entry, out_dir]
+    models = teacher_entries + [before_entry, f'local-dir:{export_folder()}']
     # a committee's rows are its teachers' names (with their place when a name repeats)
     names = [name for name, _, _ in members]
     names = [n if names.count(n) == 1 else f'{n} #{k + 1}' for k, n in enumerate(names)]
@@ -1733,7 +1745,50 @@ def evaluate_g2l(env):
         f'--device={env.device.type}',
         f'--num_workers={num_workers}',
     ])
+    table = '\n'.join(evaluate.headline_lines(results))
+    zoo.write_card(export_folder(), lineage, dict(data=eval_data, table=table))
     return results
+
+
+# -----------------------------------------------------------------------------
+# the model card: what the export was distilled from and how
+
+def export_folder():
+    """Where the student is exported: a timm hub folder (model.export)."""
+    return os.path.join(out_dir, 'student')
+
+
+def model_lineage(tiles, train_idx, step, global_batch):
+    """What the export's model card says (model.card_text): the teachers and the student's
+    initialisation with their weights' sha256, the training tiles, the recipe; plain dicts."""
+    start_source = zoo.resolve(student, student_weights or None)
+    train_slides = np.unique(tiles.slide_index[train_idx])
+    tiles_used = dict(folder=data_dir, slides=len(train_slides), tiles=len(train_idx),
+                      tile_size=tiles.tile_size,
+                      mpp=sorted({tiles.mpps[i] for i in train_slides}))
+    recipe = dict(loss=loss, alpha=alpha, patch_weight=patch_weight, steps=step,
+                  global_batch=global_batch, crop_size=crop_size, lr=lr, min_lr=min_lr,
+                  warmup_iters=warmup_iters, weight_decay=weight_decay,
+                  weight_decay_end=weight_decay_end, grad_clip=grad_clip,
+                  augmentation=f'version {AUGMENT_VERSION} (distill.py:augment_params)', seed=seed)
+    start_license = zoo.weights_license(*start_source)
+    teachers = []
+    for (name, _, share), source in zip(committee(), teacher_sources()):
+        teachers.append(weights_lineage(name, source) | dict(loss_share=share))
+    return dict(license=license or start_license, teachers=teachers,
+                student=weights_lineage(student, start_source), tiles=tiles_used, recipe=recipe)
+
+
+def weights_lineage(name, source):
+    """One model of the lineage: its name, architecture, weights (a hub id or a path) and their
+    sha256 (None for random weights), licence and hub id."""
+    spec, weights = source
+    published = weights != 'random'
+    identity = weights_identity(*source)
+    return dict(name=name, arch=spec['arch'], weights=spec['hub'] if weights == 'hub' else weights,
+                sha256=identity.removeprefix('sha256:') if published else None,
+                license=zoo.weights_license(spec, weights),
+                hub=spec['hub'] if published else None)
 
 
 if __name__ == '__main__':

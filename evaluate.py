@@ -6,10 +6,11 @@ index across medical centres (de Jong et al. 2025). One row per model, teacher f
 
 CPU demo: the distillation demo (torchrun ... distill.py config/demo.py) ends by running this on
 its labelled patches; to run it again by hand, on the demo teacher and the student before and after:
-    python evaluate.py --data data/demo/patches/labels.csv \
-        --models tiny-teacher=data/demo/teacher.safetensors,tiny-student,out/demo \
-        --names "teacher,student before,student after" --out out/demo/eval --device cpu
-Single GPU (bf16; NAME=PATH loads local weights; a distilled folder needs no NAME):
+    python evaluate.py --data data/demo/patches/labels.csv --out out/demo/eval --device cpu \
+      --models tiny-teacher=data/demo/teacher.safetensors,tiny-student,local-dir:out/demo/student \
+      --names "teacher,student before,student after"
+Single GPU (bf16; NAME=PATH loads local weights; a distilled folder or a timm hub name,
+local-dir:FOLDER or hf-hub:USER/NAME, needs no NAME):
     python evaluate.py --data brca_patches/ \
         --models H-optimus-0=/data/hf/H-optimus-0,Hibou-L=/data/hf/hibou-L,out/g2l_brca \
         --names "teacher,student before,student after"
@@ -79,7 +80,8 @@ from tile import SlideError, TileDataset, check_readable, npz_files, open_slide,
 data = None                          # ImageFolder root or CSV path,label,split[,center][,slide]
 slides = None                        # CSV slide,label,split[,center]: the slide level
 tiles = None                         # the tiles folder tile.py wrote for --slides (and --bench)
-# comma-separated, one row each: model.py names, NAME=WEIGHTS, distilled folders
+# comma-separated, one row each: model.py names, NAME=WEIGHTS, timm hub names (local-dir:FOLDER,
+# hf-hub:USER/NAME), distilled folders
 models = 'tiny-teacher,tiny-student'
 # the teacher rows, first in every table (CKA is measured to each): comma-separated names or
 # entries of models (several for a committee), or more entries; None = the first of models

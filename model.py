@@ -19,8 +19,9 @@ From Python:
     teacher, spec = model.create('H-optimus-0', weights='/data/hf/H-optimus-0')
     # (B, spec['dim']), (B, N, spec['width'])
     pooled, patches = model.embed(teacher, spec, tiles_uint8)
-    model.export(student, student_spec, 'out/run1')
-    model.create('out/run1')
+    # a timm hub folder: model.safetensors, config.json, the model card README.md
+    model.export(student, student_spec, 'out/run1/student')
+    model.create('local-dir:out/run1/student')  # or 'out/run1', or 'hf-hub:USER/NAME' once uploaded
 """
 import ast
 import difflib
@@ -168,8 +169,8 @@ def get_spec(name_or_spec):
     if name_or_spec not in MODELS:
         close = difflib.get_close_matches(str(name_or_spec), MODELS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(MODELS)})"
-        raise WeightsError(f"error: unknown model {name_or_spec!r}{hint}; "
-                           "or pass a distilled output folder")
+        raise WeightsError(f"error: unknown model {name_or_spec!r}{hint}; or pass a timm hub "
+                           "name (local-dir:FOLDER, hf-hub:USER/NAME) or a distilled output folder")
     return MODELS[name_or_spec]
 
 
@@ -263,20 +264,24 @@ def hub_reachable(timeout=3.0):
 
 def download(spec):
     """Path of the hub checkpoint (from the local cache when offline). Honours HF_TOKEN."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
-    repo = spec['hub']
-    if repo is None:
+    if spec['hub'] is None:
         raise WeightsError(f"error: {spec['name']} has no hub weights: "
                            "use weights='random' or a local file")
+    # the two file names timm and transformers publish
+    return hub_file(spec['hub'], ('model.safetensors', 'pytorch_model.bin'))
+
+
+def hub_file(repo, filenames):
+    """Path of the first of filenames in a hub repository (from the local cache when offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
     advice = (f"request access at https://huggingface.co/{repo} and set HF_TOKEN, "
               f"or download it where there is network (hf download {repo}) "
               "and pass weights=<that folder>")
     offline_by_env = os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes')
     offline = offline_by_env or not hub_reachable()
     token = os.environ.get('HF_TOKEN') or None
-    # the two file names timm and transformers publish
-    for filename in ('model.safetensors', 'pytorch_model.bin'):
+    for filename in filenames:
         try:
             return hf_hub_download(repo, filename, token=token, local_files_only=offline)
         except GatedRepoError:
@@ -295,7 +300,7 @@ def download(spec):
     if offline:
         raise WeightsError(f"error: no network (or its proxy is down, or HF_HUB_OFFLINE is set) "
                            f"and {repo} is not in the local cache: {advice}")
-    raise WeightsError(f"error: {repo} has neither model.safetensors nor pytorch_model.bin: "
+    raise WeightsError(f"error: {repo} has none of {', '.join(filenames)}: "
                        "pass weights=<local file>")
 
 
@@ -545,29 +550,104 @@ def convert_vit(state, vit=None):
 # ---------------------------------------------------------------------- create / embed / export
 
 def resolve(name_or_path, weights=None):
-    """(spec, weights) as create() loads them, nothing built or read: the one place that says
-    which spec a name or folder means and where its weights come from.
+    """(spec, weights) as create() loads them, no weights read: the one place that says which
+    spec a name or folder means and where its weights come from.
 
-    name_or_path: a MODELS key, a spec dict, or a distilled output folder / student.json /
-    student.safetensors. weights: None (the default: hub for real rows, random for tiny ones,
-    the folder's student.safetensors), 'random', 'hub', or a local file/folder; returned with
-    the default filled in.
+    name_or_path: a MODELS key or a spec dict; a model by its timm hub name, 'local-dir:FOLDER' or
+    'hf-hub:USER/NAME' (a timm hub folder: this repository's export, or a published model); a
+    run's out_dir, its export folder or a file in it; an older export (student.json beside
+    student.safetensors). weights: None (the default: the hub for real rows and hf-hub names,
+    random for tiny rows, a folder's own weights), 'random', 'hub', or a local file/folder;
+    returned with the default filled in.
     """
-    path = Path(str(name_or_path))
-    is_model_name = isinstance(name_or_path, dict) or name_or_path in MODELS
-    if is_model_name or not path.exists():
+    if isinstance(name_or_path, dict) or name_or_path in MODELS:
         spec = get_spec(name_or_path)
         row_default = 'random' if spec['weights'] == 'random' else 'hub'
         return spec, weights or row_default
-    # a distilled output folder, or a file in it: its student.json is the spec
-    folder = path if path.is_dir() else path.parent
-    if not (folder / 'student.json').exists():
-        raise WeightsError(f"error: {folder} has no student.json: "
-                           "pass a model name and weights=<this path>")
+    name = str(name_or_path)
+    if name.startswith('hf-hub:'):
+        repo = name.removeprefix('hf-hub:')
+        return hub_spec(hub_file(repo, ('config.json',)), name, hub=repo), weights or 'hub'
+    is_local_dir = name.startswith('local-dir:')
+    path = Path(name.removeprefix('local-dir:'))
+    if not is_local_dir and not path.exists():
+        # neither a model name nor a path: get_spec's error names the model perhaps meant
+        get_spec(name)
+    # local-dir: means what it means to timm, the folder that holds config.json
+    folder = path if is_local_dir else model_folder(path)
+    is_old_file = path.name in ('student.json', 'student.safetensors')
+    if (folder / 'config.json').is_file() and not is_old_file:
+        return hub_spec(folder / 'config.json', name), weights or str(folder)
+    if is_local_dir or not (folder / 'student.json').is_file():
+        raise WeightsError(missing_config(name, folder, is_local_dir))
+    # the older export: student.json is the spec
     spec = json.loads((folder / 'student.json').read_text())
     # JSON gives lists; the table's specs hold tuples
     spec['mean'], spec['std'] = tuple(spec['mean']), tuple(spec['std'])
     return spec, weights or str(folder / 'student.safetensors')
+
+
+def model_folder(path):
+    """The folder a distilled model's path means: a file's folder, a run's out_dir's export
+    (out_dir/student), or the folder itself."""
+    if path.is_file():
+        return path.parent
+    if (path / 'student').is_dir() and not (path / 'config.json').exists():
+        return path / 'student'
+    return path
+
+
+def missing_config(name, folder, is_local_dir):
+    """The one line for a folder that is no model: what it lacks, and what to pass instead."""
+    if is_local_dir:
+        export = folder / 'student'
+        hint = ''
+        if (export / 'config.json').is_file():
+            hint = f" (a run's out_dir: its export is local-dir:{export})"
+        return (f"error: {name}: {folder} has no config.json, so it is not a timm hub folder"
+                f"{hint}; pass the folder that holds config.json and model.safetensors")
+    return (f"error: {name}: {folder} has neither config.json (a timm hub folder; an export "
+            "killed midway lacks it: export again) nor student.json (an older export); or pass "
+            "a model name and weights=<this path>")
+
+
+def hub_spec(config_path, name, hub=None):
+    """The spec of a timm hub folder's config.json, read as timm reads it: this repository's
+    export, or a published model (H-optimus-0, UNI2-h, ...) pooled by its CLS token."""
+    config = json.loads(Path(config_path).read_text())
+    if not {'architecture', 'pretrained_cfg'} <= config.keys():
+        raise WeightsError(f"error: {config_path} is not timm's config.json (no architecture, no "
+                           "pretrained_cfg): for a transformers checkpoint (Hibou-L) pass its "
+                           "model name and weights=<its folder>, e.g. Hibou-L=<folder>")
+    pretrained = config['pretrained_cfg']
+    model_args = config.get('model_args', {})
+    # what config.json cannot hold (a Python class) or timm cannot pool, written by hub_config()
+    extras = config.get('g2l', {})
+    global_pool = model_args.get('global_pool', config.get('global_pool', 'token'))
+    if not extras and global_pool != 'token':
+        raise WeightsError(f"error: {config_path} pools by global_pool={global_pool!r}, and "
+                           "model.embed takes the CLS token: give the model a row in model.py")
+    # row() sets the input size and the feature-extractor head itself
+    kwargs = {k: v for k, v in model_args.items() if k not in ('img_size', 'num_classes')}
+    if 'mlp_layer' in extras:
+        kwargs['mlp_layer'] = extras['mlp_layer']
+    img_size = pretrained['input_size'][-1]
+    # timm's eval transform resizes the shorter side to img_size / crop_pct, then crops img_size
+    crop_pct = pretrained.get('crop_pct', 1.0)
+    resize = round(img_size / crop_pct) if crop_pct < 1 else None
+    layout = json.dumps(dict(arch=config['architecture'], kwargs=kwargs), sort_keys=True)
+    width, patch_size, registers = _meta_layout(layout)
+    spec = row(extras.get('name', name), config['architecture'], hub, width, patch_size, kwargs,
+               num_registers=registers, pool=extras.get('pool', 'cls'), mean=pretrained['mean'],
+               std=pretrained['std'], img_size=img_size, resize=resize, weights=name)
+    return dict(spec, license=pretrained.get('license'))
+
+
+@lru_cache(maxsize=None)
+def _meta_layout(arch_json):
+    # width, patch size and registers as timm builds them from a config's arguments
+    vit = build(json.loads(arch_json), 'meta')
+    return vit.embed_dim, vit.patch_embed.patch_size[0], vit.num_reg_tokens
 
 
 def weight_file(spec, weights):
@@ -584,9 +664,9 @@ def weight_file(spec, weights):
 def create(name_or_path, weights=None, device='cpu'):
     """(timm VisionTransformer in eval mode, float32, spec).
 
-    name_or_path and weights as resolve() reads them: a MODELS key, a spec dict, or a distilled
-    output folder / student.json / student.safetensors; None (the default), 'random', 'hub', or
-    a local file/folder.
+    name_or_path and weights as resolve() reads them: a MODELS key, a spec dict, a timm hub name
+    (local-dir:FOLDER, hf-hub:USER/NAME), or a distilled output folder or a file in it; None (the
+    default), 'random', 'hub', or a local file/folder.
     """
     spec, weights = resolve(name_or_path, weights)
     if weights == 'random':
@@ -641,39 +721,237 @@ def embed(vit, spec, images):
     return pooled, patches
 
 
-def export(vit, spec, out_dir):
-    """out_dir/student.safetensors + student.json, written atomically.
+def export(vit, spec, folder, lineage=None):
+    """folder/ as a timm hub folder: model.safetensors, config.json and the model card README.md,
+    written atomically. lineage: what the card says the model was distilled from (card_text).
 
-    create(out_dir) loads it, and so does plain timm: timm.create_model(meta['arch'],
-    pretrained=True, pretrained_cfg_overlay=dict(file=...), **meta['kwargs']); rows with
-    mlp_layer (UNI2-h, Virchow2): see meta['note'].
+    create(folder) loads it, and so does plain timm: timm.create_model('local-dir:FOLDER',
+    pretrained=True); uploaded to the hub, 'hf-hub:USER/NAME'. Rows with mlp_layer (UNI2-h,
+    Virchow2) add mlp_layer=timm.layers.SwiGLUPacked, as their own cards do.
     """
     from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # an export killed earlier leaves its temporaries: nothing of them is kept
+    for stale in folder.glob('.*.tmp'):
+        stale.unlink()
     state = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
-    source = spec.get('source', spec['name'])
-    meta = dict(spec, source=source, hub=None, weights='student.safetensors')
-    if 'mlp_layer' in spec['kwargs']:
-        # JSON holds no Python class, and timm 1.0 does not look the name up
-        meta['note'] = ("plain timm: pass mlp_layer=timm.layers.SwiGLUPacked "
-                        "in place of kwargs' 'swiglu_packed'")
-    # Both files are written under temporary names first. student.json, the mark of a complete
-    # export, is renamed last, and the old one goes first: never an old student.json beside new
-    # weights.
-    tmp = f'.tmp{os.getpid()}'
-    weights_tmp = out_dir / f'student.safetensors{tmp}'
-    meta_tmp = out_dir / f'student.json{tmp}'
-    save_file(state, str(weights_tmp))
+    lineage = lineage or {}
+    config = hub_config(spec, lineage.get('license'))
+    staged = {name: folder / f'.{name}.{os.getpid()}.tmp'
+              for name in ('model.safetensors', 'README.md', 'config.json')}
+    save_file(state, str(staged['model.safetensors']))
+    staged['README.md'].write_text(card_text(spec, folder, lineage))
+    staged['config.json'].write_text(json.dumps(config, indent=2))
     # safetensors writes its files mode 0600: on a shared cluster the group could not read the
-    # student. Give it the mode every other output gets, 0666 less the user's umask (0644 at 022)
+    # student. Every file gets the mode every other output gets, 0666 less the user's umask
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(weights_tmp, 0o666 & ~umask)
-    meta_tmp.write_text(json.dumps(meta, indent=2))
-    (out_dir / 'student.json').unlink(missing_ok=True)
-    os.replace(weights_tmp, out_dir / 'student.safetensors')
-    os.replace(meta_tmp, out_dir / 'student.json')
+    for path in staged.values():
+        os.chmod(path, 0o666 & ~umask)
+    # timm and resolve() read config.json first: the old one goes before anything is replaced and
+    # the new one comes last, so a killed export leaves a folder that loads nothing, never an old
+    # config.json beside new weights
+    (folder / 'config.json').unlink(missing_ok=True)
+    for name, path in staged.items():
+        os.replace(path, folder / name)
+
+
+def hub_config(spec, license=None):
+    """config.json in the layout timm writes (timm.models.save_for_hf) and reads: what
+    timm.create_model needs, the preprocessing timm.data.resolve_data_config returns, and under
+    'g2l' what only model.embed needs."""
+    # JSON holds no Python class: SwiGLU rows' mlp_layer stays in 'g2l', the card passes the class
+    model_args = {k: v for k, v in spec['kwargs'].items() if k != 'mlp_layer'}
+    # CLS: timm's forward returns the class token ('token'). CLS || mean patch is no timm pooling:
+    # the forward returns every token and the card pools them, as Virchow2's card does
+    model_args['global_pool'] = 'token' if spec['pool'] == 'cls' else ''
+    size = spec['img_size']
+    pretrained_cfg = dict(
+        input_size=[3, size, size],
+        fixed_input_size=not spec['kwargs'].get('dynamic_img_size', False),
+        interpolation='bicubic',
+        # resize_crop(): the shorter side to `resize` (or to the input size), then a centre crop
+        crop_pct=size / (spec['resize'] or size),
+        crop_mode='center',
+        mean=list(spec['mean']),
+        std=list(spec['std']),
+        num_classes=0,
+        first_conv='patch_embed.proj',
+        classifier='head',
+    )
+    if license:
+        pretrained_cfg['license'] = license
+    extras = dict(name=spec['name'], pool=spec['pool'])
+    if 'mlp_layer' in spec['kwargs']:
+        extras['mlp_layer'] = spec['kwargs']['mlp_layer']
+    return dict(architecture=spec['arch'], num_classes=0, num_features=spec['width'],
+                global_pool=model_args['global_pool'], model_args=model_args,
+                pretrained_cfg=pretrained_cfg, g2l=extras)
+
+
+# ---------------------------------------------------------------------- the model card
+
+# the licences of the rows' published weights, as their model cards give them (hub licence ids)
+LICENSES = {
+    'bioptimus/H-optimus-0': 'apache-2.0',
+    'kaiko-ai/midnight': 'mit',
+    'MahmoodLab/UNI2-h': 'cc-by-nc-nd-4.0',
+    'paige-ai/Virchow2': 'cc-by-nc-nd-4.0',
+    'prov-gigapath/prov-gigapath': 'apache-2.0',
+    'histai/hibou-L': 'apache-2.0',
+    'MahmoodLab/uni': 'cc-by-nc-nd-4.0',
+    'timm/vit_large_patch14_reg4_dinov2.lvd142m': 'apache-2.0',
+}
+# what the hub lists the model under (huggingface.co/models?other=pathology)
+CARD_TAGS = ('image-feature-extraction', 'timm', 'pathology', 'histology',
+             'knowledge-distillation', 'g2l')
+
+
+def weights_license(spec, weights):
+    """The licence of a model's weights: its folder's config.json, or its row's model card; None
+    for random weights or when it is not known."""
+    if weights == 'random':
+        return None
+    return spec.get('license') or LICENSES.get(spec['hub'])
+
+
+def write_card(folder, lineage, evaluation=None):
+    """Rewrite folder/README.md (e.g. with the G2L table once the run evaluated) through a
+    temporary name: the folder loads throughout."""
+    folder = Path(folder)
+    spec, _ = resolve(f'local-dir:{folder}')
+    staged = folder / f'.README.md.{os.getpid()}.tmp'
+    staged.write_text(card_text(spec, folder, lineage, evaluation))
+    os.replace(staged, folder / 'README.md')
+
+
+def card_text(spec, folder, lineage, evaluation=None):
+    """README.md of an exported model, for the user to edit before publishing: the hub's metadata
+    header, how plain timm embeds a tile, what the model was distilled from and how, the G2L
+    table, the model's details.
+
+    lineage (every key optional): license; teachers, a list of dict(name, arch, weights, sha256,
+    license); student, its initialisation as the same dict plus hub; tiles, dict(folder, slides,
+    tiles, tile_size, mpp); recipe, {setting: value}. evaluation: dict(data, table) with
+    evaluate.py's compact tables, or None before the run evaluated.
+    """
+    teachers = lineage.get('teachers', [])
+    title = spec['name']
+    if teachers:
+        title += f" distilled from {', '.join(t['name'] for t in teachers)}"
+    lines = card_header(lineage)
+    lines += ['', '<!-- Written by the export (model.py). Before publishing: the name in the code, '
+              'what the model is for and where it fails. -->', '', f'# {title}', '']
+    lines += [f"A tile encoder for H&E pathology, `{spec['arch']}` "
+              f"({param_count(spec) / 1e6:.1f}M parameters), distilled with G2L "
+              '([arXiv 2510.11176](https://arxiv.org/abs/2510.11176)).', '']
+    lines += card_usage(spec, folder, lineage.get('tiles', {}))
+    if teachers:
+        lines += card_lineage(lineage)
+    lines += card_evaluation(evaluation, folder)
+    lines += card_details(spec, lineage)
+    return '\n'.join(lines) + '\n'
+
+
+def card_header(lineage):
+    """The hub's metadata header (YAML): what the hub shows and filters by."""
+    lines = ['---', 'library_name: timm', f"license: {lineage.get('license') or 'other'}", 'tags:']
+    lines += [f'- {tag}' for tag in CARD_TAGS]
+    # the student started from published weights: the hub lists this model under them
+    start = lineage.get('student', {})
+    if start.get('hub'):
+        lines.append(f"base_model: {start['hub']}")
+    return lines + ['pipeline_tag: image-feature-extraction', '---']
+
+
+def card_usage(spec, folder, tiles):
+    """How plain timm embeds a tile: the card's code, nothing of this repository."""
+    # config.json names no Python class: SwiGLU rows pass it by hand, as UNI2-h's card does
+    swiglu = ', mlp_layer=timm.layers.SwiGLUPacked' if 'mlp_layer' in spec['kwargs'] else ''
+    code = ['import timm', 'import torch', 'from PIL import Image', '',
+            f"model = timm.create_model('local-dir:{folder}', pretrained=True{swiglu}).eval()",
+            f"# once uploaded: timm.create_model('hf-hub:USER/NAME', pretrained=True{swiglu})",
+            'config = timm.data.resolve_data_config({}, model=model)',
+            'transform = timm.data.create_transform(**config)',
+            "tile = transform(Image.open('tile.png').convert('RGB')).unsqueeze(0)",
+            'with torch.inference_mode():']
+    if spec['pool'] == 'cls':
+        code.append(f"    embedding = model(tile)  # (1, {spec['dim']}): the CLS token")
+    else:
+        code += ['    tokens = model(tile)  # every token: the class token, registers, patches',
+                 f"    # (1, {spec['dim']}): CLS || mean of the patch tokens, registers excluded",
+                 '    patches = tokens[:, model.num_prefix_tokens:]',
+                 '    embedding = torch.cat([tokens[:, 0], patches.mean(1)], dim=-1)']
+    size = spec['img_size']
+    scale = f" at {', '.join(map(str, tiles['mpp']))} µm/px" if tiles.get('mpp') else ''
+    lines = ['## How to use', '', '```python', *code, '```', '',
+             f'Give it tiles of {size} px{scale}, the scale it learnt: the transform resizes '
+             f'any other size to {size} px, so cut larger tiles to {size} px rather than '
+             'shrink them.']
+    if swiglu:
+        lines.append('config.json cannot name a Python class: `mlp_layer` is the one argument '
+                     'to pass by hand.')
+    return lines + ['']
+
+
+def card_lineage(lineage):
+    """What the model was distilled from (teachers and their weights' sha256, the student's
+    initialisation, the tiles) and the recipe."""
+    lines = ['## Distilled from', '',
+             '| teacher | architecture | weights | sha256 | licence |', '|---|---|---|---|---|']
+    for t in lineage['teachers']:
+        lines.append(f"| {t['name']} | `{t['arch']}` | {t['weights']} | "
+                     f"{t['sha256'] or 'random'} | {t.get('license') or 'see its card'} |")
+    start, tiles = lineage.get('student'), lineage.get('tiles')
+    lines.append('')
+    if start:
+        weights = f"weights {start['weights']}, sha256 {start['sha256']}"
+        if start['sha256'] is None:
+            weights = 'random weights'
+        lines.append(f"- student initialisation: {start['name']} (`{start['arch']}`), {weights}")
+    if tiles:
+        lines.append(f"- tiles: {tiles['tiles']:,} tiles of {tiles['tile_size']} px at "
+                     f"{', '.join(map(str, tiles['mpp']))} µm/px from {tiles['slides']} slides "
+                     f"(`{tiles['folder']}`)")
+    lines += ['', '## Recipe', '',
+              "The student learns the teacher's embedding of the same augmented view of each "
+              'tile, through a projection (Linear + BatchNorm) that is not part of this model.',
+              '', '| setting | value |', '|---|---|']
+    lines += [f'| {key} | {value} |' for key, value in lineage.get('recipe', {}).items()]
+    return lines + ['']
+
+
+def card_evaluation(evaluation, folder):
+    """The G2L table evaluate.py printed (teacher, student before and after), or how to get it."""
+    lines = ['## Evaluation', '']
+    if evaluation is None:
+        how = f'python evaluate.py --models TEACHER,STUDENT,local-dir:{folder}'
+        return lines + ['Not evaluated: a run with `eval_data` set writes the G2L table here; '
+                        f'or run `{how}`.', '']
+    lines += [f"evaluate.py on `{evaluation['data']}`: the test split, 95% bootstrap CIs.", '']
+    # the card's sections are level 2: evaluate.py's level tables become level 3
+    for line in evaluation['table'].strip('\n').splitlines():
+        lines.append('#' + line if line.startswith('## ') else line)
+    return lines + ['']
+
+
+def card_details(spec, lineage):
+    """The model as timm builds it, its licence and what to cite."""
+    # '‖', not '||': a bar would end the table's cell
+    pooling = 'CLS token' if spec['pool'] == 'cls' else 'CLS ‖ mean of the patch tokens'
+    licence = lineage.get('license') or 'other'
+    params = f'{param_count(spec) / 1e6:.1f}M parameters'
+    return ['## Model', '', '| | |', '|---|---|',
+            f"| architecture | `{spec['arch']}` (timm), {params} |",
+            f"| embedding | {spec['dim']}-d, {pooling} |",
+            f"| input | {spec['img_size']} px, mean {spec['mean']}, std {spec['std']} |",
+            f"| patch size, registers | {spec['patch_size']}, {spec['num_registers']} |", '',
+            '## Licence', '',
+            f'`{licence}`: check it against the terms of the teachers and the starting weights '
+            'above before publishing.', '',
+            '## Citation', '',
+            'G2L: arXiv 2510.11176, <https://arxiv.org/abs/2510.11176>.', '']
 
 
 # ---------------------------------------------------------------------- configuration

@@ -6,6 +6,7 @@ OpenSlide reads, real timm models and real torchrun processes (gloo); nothing is
     python -m pytest -q test_smoke.py
 """
 import csv
+import hashlib
 import json
 import math
 import os
@@ -617,29 +618,193 @@ def test_random_init_is_deterministic_per_name_and_leaves_the_callers_rng_alone(
                            c.patch_embed.proj.weight.flatten()[:100])
 
 
-def test_export_then_create_round_trips_exactly(tmp_path):
+def trained_tiny_student():
+    """tiny-student with one weight moved off the seeded init: a "distilled" student."""
     student, spec = model.create('tiny-student')
     with torch.no_grad():
-        student.blocks[0].mlp.fc1.weight.add_(1.0)  # a "trained" student, not the seeded init
-    model.export(student, spec, tmp_path / 'run')
+        student.blocks[0].mlp.fc1.weight.add_(1.0)
+    return student, spec
+
+
+# what distill.py's model_lineage passes to the export: a run's teachers, start, tiles and recipe
+LINEAGE = dict(
+    license='apache-2.0',
+    teachers=[dict(name='tiny-teacher', arch='vit_giant_patch14_reg4_dinov2', weights='teacher.safetensors',
+                   sha256='5' * 64, license=None, hub=None)],
+    student=dict(name='tiny-student', arch='vit_tiny_patch16_224', weights='random', sha256=None, license=None,
+                 hub=None),
+    tiles=dict(folder='tiles', slides=7, tiles=1234, tile_size=256, mpp=[0.5]),
+    recipe=dict(loss='g2l', alpha=4.0, steps=300, global_batch=16))
+
+
+def test_export_then_create_round_trips_exactly(tmp_path):
+    student, spec = trained_tiny_student()
+    run = tmp_path / 'run'
+    model.export(student, spec, run / 'student')
+    assert sorted(os.listdir(run / 'student')) == ['README.md', 'config.json', 'model.safetensors']
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
-    for source in (tmp_path / 'run', tmp_path / 'run' / 'student.json', tmp_path / 'run' / 'student.safetensors'):
+    # by its timm hub name, or as the run's out_dir, the folder or a file in it
+    for source in (f'local-dir:{run / "student"}', run, run / 'student', run / 'student' / 'model.safetensors'):
         loaded, loaded_spec = model.create(str(source))
         assert loaded_spec['arch'] == spec['arch'] and loaded_spec['mean'] == spec['mean']
+        assert loaded_spec['dim'] == 64 and loaded_spec['patch_size'] == 16 and loaded_spec['num_registers'] == 0
         for got, want in zip(model.embed(loaded, loaded_spec, images), model.embed(student, spec, images)):
             assert torch.equal(got, want)
     # the same file also loads by model name + local path (what an offline cluster does with hub weights)
-    loaded, _ = model.create('tiny-student', weights=str(tmp_path / 'run' / 'student.safetensors'))
+    loaded, _ = model.create('tiny-student', weights=str(run / 'student' / 'model.safetensors'))
     assert torch.equal(loaded.blocks[0].mlp.fc1.weight, student.blocks[0].mlp.fc1.weight)
-    # both files get the mode of every other output (0666 less the umask), not safetensors' 0600,
-    # so the group can read the student on a shared cluster
+
+
+def test_an_older_export_student_json_beside_student_safetensors_still_loads(tmp_path):
+    from safetensors.torch import save_file
+    older, spec = model.create('tiny-student')
+    # the layout exports had before the timm hub folder: the spec as JSON beside the weights
+    run = tmp_path / 'run1'
+    run.mkdir()
+    save_file(older.state_dict(), str(run / 'student.safetensors'))
+    (run / 'student.json').write_text(json.dumps(dict(spec, source=spec['name'], hub=None,
+                                                      weights='student.safetensors')))
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    expected = model.embed(older, spec, images)[0]
+    for source in (run, run / 'student.json', run / 'student.safetensors'):
+        loaded, loaded_spec = model.create(str(source))
+        assert loaded_spec['arch'] == spec['arch'] and loaded_spec['kwargs'] == spec['kwargs']
+        assert torch.equal(model.embed(loaded, loaded_spec, images)[0], expected)
+    # a newer export into the same out_dir is what the out_dir means; the older files stay and still load
+    newer, _ = trained_tiny_student()
+    model.export(newer, spec, run / 'student')
+    assert torch.equal(model.create(str(run))[0].blocks[0].mlp.fc1.weight, newer.blocks[0].mlp.fc1.weight)
+    assert torch.equal(model.embed(model.create(str(run / 'student.json'))[0], spec, images)[0], expected)
+
+
+def test_plain_timm_in_a_fresh_process_runs_the_cards_code_and_embeds_as_model_embed_does(tmp_path):
+    student, spec = trained_tiny_student()
+    folder = tmp_path / 'run' / 'student'
+    model.export(student, spec, folder, LINEAGE)
+    tile_rgb = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    Image.fromarray(tile_rgb).save(tmp_path / 'tile.png')
+    # the card's code, verbatim, in a Python that has never imported this repository
+    card = (folder / 'README.md').read_text()
+    code = card.split('```python\n')[1].split('```')[0]
+    report = ('import json, sys\nprint(json.dumps(dict(embedding=embedding.tolist(), mean=config["mean"], '
+              'std=config["std"], ours=[m for m in ("model", "distill", "evaluate") if m in sys.modules])))')
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run([sys.executable, '-c', code + report], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads(proc.stdout.splitlines()[-1])
+    assert plain['ours'] == [] and "timm.create_model('local-dir:" in code
+    assert tuple(plain['mean']) == spec['mean'] and tuple(plain['std']) == spec['std']
+    # the project's own loader on the same tile
+    loaded, loaded_spec = model.create(str(folder))
+    images = torch.from_numpy(tile_rgb).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = model.embed(loaded, loaded_spec, images)[0]
+    # measured: 0 (the same float32 ops in the same order)
+    assert (torch.tensor(plain['embedding']) - expected).abs().max() <= 1e-6
+    # the card: the hub's header, the lineage, how the embedding is pooled, no table before evaluation
+    assert card.startswith('---\nlibrary_name: timm\nlicense: apache-2.0\ntags:\n')
+    assert '- pathology\n' in card and '- knowledge-distillation\n' in card
+    assert f"| tiny-teacher | `vit_giant_patch14_reg4_dinov2` | teacher.safetensors | {'5' * 64} |" in card
+    assert '1,234 tiles of 256 px at 0.5 µm/px from 7 slides' in card and '| alpha | 4.0 |' in card
+    assert '(1, 64): the CLS token' in card and 'Not evaluated' in card
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['pretrained_cfg']['license'] == 'apache-2.0' and config['global_pool'] == 'token'
+
+
+def test_an_export_killed_midway_leaves_nothing_that_loads_and_its_files_are_group_readable(tmp_path,
+                                                                                            monkeypatch):
+    import safetensors.torch
+    first, spec = model.create('tiny-student')
+    second, _ = trained_tiny_student()
+    folder = tmp_path / 'student'
+    model.export(first, spec, folder)  # a complete earlier export in the same folder
+    images = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    first_embedding = model.embed(first, spec, images)[0]
+    renamed = []
+
+    def dies_at_rename(k):
+        def replace(src, dst):
+            if len(renamed) == k:
+                raise KeyboardInterrupt  # the process dies before this rename
+            renamed.append(os.path.basename(dst))
+            os.rename(src, dst)
+        return replace
+
+    def dies_writing(state, path):
+        Path(path).write_bytes(b'\0' * 100)  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    # killed while writing its weights: the earlier export is still whole and loads, unchanged
+    monkeypatch.setattr(safetensors.torch, 'save_file', dies_writing)
+    with pytest.raises(KeyboardInterrupt):
+        model.export(second, spec, folder)
+    monkeypatch.undo()
+    assert torch.equal(model.embed(model.create(str(folder))[0], spec, images)[0], first_embedding)
+    # killed after the old config.json went, at each rename: neither timm nor create() loads anything
+    for k in range(3):
+        renamed.clear()
+        monkeypatch.setattr(model.os, 'replace', dies_at_rename(k))
+        with pytest.raises(KeyboardInterrupt):
+            model.export(second, spec, folder)
+        monkeypatch.undo()
+        with pytest.raises(FileNotFoundError):
+            timm.create_model(f'local-dir:{folder}', pretrained=True)
+        with pytest.raises(model.WeightsError, match='has no config.json'):
+            model.create(f'local-dir:{folder}')
+    assert renamed == ['model.safetensors', 'README.md']  # config.json comes last
+    # the next export completes and leaves none of the killed ones' temporaries
+    model.export(second, spec, folder)
+    assert sorted(os.listdir(folder)) == ['README.md', 'config.json', 'model.safetensors']
+    # the card rewritten after evaluation: killed or not, the folder loads throughout
+    renamed.clear()
+    monkeypatch.setattr(model.os, 'replace', dies_at_rename(0))
+    with pytest.raises(KeyboardInterrupt):
+        model.write_card(folder, LINEAGE, dict(data='labels.csv', table='## tile level: 9 test tiles'))
+    monkeypatch.undo()
+    assert model.create(f'local-dir:{folder}')[1]['arch'] == spec['arch']
+
+    # every file gets the mode of every other output (0666 less the umask), not safetensors' 0600, so
+    # the group can read the student on a shared cluster
     umask = os.umask(0o027)
     try:
-        model.export(student, spec, tmp_path / 'shared')
+        model.export(second, spec, tmp_path / 'shared', LINEAGE)
+        model.write_card(tmp_path / 'shared', LINEAGE, dict(data='labels.csv', table='## tile level'))
     finally:
         os.umask(umask)
-    for name in ('student.safetensors', 'student.json'):
-        assert (tmp_path / 'shared' / name).stat().st_mode & 0o777 == 0o640
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / 'shared').iterdir()}
+    assert modes == {'model.safetensors': 0o640, 'config.json': 0o640, 'README.md': 0o640}
+
+
+def test_models_load_by_their_hub_names_and_a_folder_that_is_no_model_fails_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    student, spec = trained_tiny_student()
+    model.export(student, spec, tmp_path / 'run' / 'student')
+    images = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    expected = model.embed(student, spec, images)[0]
+    # local-dir: names the folder that holds config.json, as in timm; a run's out_dir is not one
+    with pytest.raises(model.WeightsError) as error:
+        model.create(f'local-dir:{tmp_path / "run"}')
+    message = str(error.value)
+    assert 'has no config.json' in message and f'local-dir:{tmp_path / "run" / "student"}' in message
+    assert '\n' not in message
+    # a transformers checkpoint's config.json (Hibou-L's hub folder) is not timm's
+    (tmp_path / 'hibou').mkdir()
+    (tmp_path / 'hibou' / 'config.json').write_text(json.dumps(dict(model_type='dinov2')))
+    with pytest.raises(model.WeightsError, match=r'not timm.s config.json .* Hibou-L=<folder>'):
+        model.create(f'local-dir:{tmp_path / "hibou"}')
+    # hf-hub: offline and not in the cache, one line; the same name once `hf download` has cached it
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    with pytest.raises(model.WeightsError, match='no network .* g2l/tiny-student is not in the local cache'):
+        model.create('hf-hub:g2l/tiny-student')
+    repo = tmp_path / 'hub' / 'models--g2l--tiny-student'
+    shutil.copytree(tmp_path / 'run' / 'student', repo / 'snapshots' / ('0' * 40))
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text('0' * 40)
+    loaded, loaded_spec = model.create('hf-hub:g2l/tiny-student')
+    assert loaded_spec['hub'] == 'g2l/tiny-student'
+    assert torch.equal(model.embed(loaded, loaded_spec, images)[0], expected)
 
 
 def test_missing_key_and_wrong_architecture_fail_naming_the_problem(tmp_path):
@@ -839,64 +1004,58 @@ def test_configure_overrides_from_file_and_flags(tmp_path):
         model.configure(defaults, ['brca'])
 
 
-def test_a_hibou_layout_student_exports_atomically_and_loads_in_plain_timm(tmp_path):
+def test_a_hibou_layout_student_exports_and_loads_in_plain_timm_by_its_hub_name(tmp_path):
     # Hibou-L's row (SwiGLU, 4 registers, layer scale) at tiny sizes, random weights, exported as distill.py does
     spec = small_hibou(weights='random')
     student = model.build_random(spec).eval()
     mlp = student.blocks[0].mlp  # timm's SwiGLUPacked: a GluMlp with SiLU and one packed fc1
     assert isinstance(mlp, timm.layers.GluMlp) and isinstance(mlp.act, torch.nn.SiLU) and student.num_prefix_tokens == 5
-    out = tmp_path / 'run'
+    out = tmp_path / 'run' / 'student'
     model.export(student, spec, out)
-    assert sorted(os.listdir(out)) == ['student.json', 'student.safetensors']  # no temporary file left behind
 
-    # the README's plain-timm snippet, verbatim: no repository code, no Python class in the kwargs
-    meta = json.load(open(out / 'student.json'))
-    plain = timm.create_model(meta['arch'], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out / 'student.safetensors')), **meta['kwargs'])
-    plain.eval()
+    # the README's one line: no repository code, no argument but the name; the preprocessing from config.json
+    plain = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    config = timm.data.resolve_data_config({}, model=plain)
+    assert tuple(config['mean']) == spec['mean'] and tuple(config['std']) == spec['std']
+    assert config['input_size'] == (3, 224, 224) and config['crop_pct'] == 1.0
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
-    x = (images / 255 - torch.tensor(meta['mean']).view(1, 3, 1, 1)) / torch.tensor(meta['std']).view(1, 3, 1, 1)
+    x = (images / 255 - torch.tensor(config['mean']).view(1, 3, 1, 1)) / torch.tensor(config['std']).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = model.embed(student, spec, images)[0]
         assert (plain(x) - expected).abs().max() < 1e-6
-        assert torch.equal(model.embed(model.create(out)[0], spec, images)[0], expected)  # and create() loads it
-    assert 'note' not in meta
+        loaded, loaded_spec = model.create(str(out))  # and create() loads it, registers and all
+        assert loaded_spec['num_registers'] == 4 and loaded_spec['patch_size'] == 14
+        assert torch.equal(model.embed(loaded, loaded_spec, images)[0], expected)
 
 
-def test_a_swiglu_row_named_by_mlp_layer_exports_a_note_with_the_one_step_plain_timm_needs(tmp_path):
-    # Virchow2's card names the MLP class (mlp_layer=SwiGLUPacked): student.json keeps the JSON name and says so
+def test_a_virchow2_layout_student_embeds_by_the_cards_code_with_the_one_argument_timm_needs(tmp_path, monkeypatch):
+    # Virchow2's layout at tiny sizes: SwiGLU named by its class (mlp_layer), 4 registers, CLS || mean patch
     virchow = model.MODELS['Virchow2']
     spec = dict(virchow, name='virchow-small', width=64, dim=128, weights='random',
                 kwargs=dict(virchow['kwargs'], embed_dim=64, depth=1, num_heads=2, mlp_ratio=352 / 64))
     student = model.build_random(spec).eval()
-    model.export(student, spec, tmp_path / 'run')
-    meta = json.load(open(tmp_path / 'run' / 'student.json'))
-    assert meta['kwargs']['mlp_layer'] == 'swiglu_packed' and 'timm.layers.SwiGLUPacked' in meta['note']
-    kwargs = dict(meta['kwargs'], mlp_layer=timm.layers.SwiGLUPacked)
-    plain = timm.create_model(meta['arch'], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'run' / 'student.safetensors')), **kwargs)
-    images = torch.rand(1, 3, 224, 224)
+    folder = tmp_path / 'student'
+    model.export(student, spec, folder, LINEAGE)
+    config = json.loads((folder / 'config.json').read_text())
+    # JSON holds no Python class: timm gets none, our loader finds the name beside
+    assert 'mlp_layer' not in config['model_args']
+    assert config['g2l'] == dict(name='virchow-small', pool='cls+mean', mlp_layer='swiglu_packed')
+    # CLS || mean patch is no timm pooling: the forward returns every token, the card pools them
+    assert config['model_args']['global_pool'] == ''
+    card = (folder / 'README.md').read_text()
+    code = card.split('```python\n')[1].split('```')[0]
+    assert 'pretrained=True, mlp_layer=timm.layers.SwiGLUPacked)' in code
+    tile_rgb = np.random.default_rng(1).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    Image.fromarray(tile_rgb).save(tmp_path / 'tile.png')
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)
+    images = torch.from_numpy(tile_rgb).permute(2, 0, 1)[None]
     with torch.no_grad():
-        assert torch.equal(plain.eval().forward_features(model.prepare(spec, images)),
-                           student.forward_features(model.prepare(spec, images)))
-
-
-def test_an_export_interrupted_before_student_json_leaves_nothing_that_loads(tmp_path, monkeypatch):
-    student, spec = model.create('tiny-student')
-    model.export(student, spec, tmp_path / 'run')  # a complete earlier export in the same folder
-    calls = []
-    def dies_on_the_last_rename(src, dst):
-        calls.append(dst)
-        if str(dst).endswith('student.json'):
-            raise KeyboardInterrupt
-        os.rename(src, dst)
-    monkeypatch.setattr(model.os, 'replace', dies_on_the_last_rename)
-    with pytest.raises(KeyboardInterrupt):
-        model.export(student, spec, tmp_path / 'run')
-    assert [os.path.basename(c) for c in calls] == ['student.safetensors', 'student.json']  # the JSON last
-    # the old student.json went before the new weights arrived: no old description beside new weights
-    with pytest.raises(model.WeightsError, match='has no student.json'):
-        model.create(tmp_path / 'run')
+        expected = model.embed(student, spec, images)[0]
+        loaded, loaded_spec = model.create(str(folder))
+        assert torch.equal(model.embed(loaded, loaded_spec, images)[0], expected)
+    assert scope['embedding'].shape == (1, 128) and (scope['embedding'] - expected).abs().max() <= 1e-6
 
 
 def test_the_hub_check_goes_through_a_proxy_when_one_is_set(monkeypatch):
@@ -1058,19 +1217,17 @@ def test_loss_goes_down_nan_is_skipped_and_export_loads_in_plain_timm(demo_tiles
     assert '1 non-finite steps skipped' in proc.stdout
     assert os.path.getsize(os.path.join(out, 'loss.png')) > 1000
 
-    # the exported backbone loads with plain timm and gives the checkpoint's student embeddings
-    meta = json.load(open(os.path.join(out, 'student.json')))
-    plain = timm.create_model(meta['arch'], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=os.path.join(out, 'student.safetensors')),
-                              **meta['kwargs']).eval()
+    # the exported backbone loads with plain timm by its hub name and gives the checkpoint's student embeddings
+    plain = timm.create_model(f'local-dir:{out}/student', pretrained=True).eval()
+    config = timm.data.resolve_data_config({}, model=plain)
     trained, spec = model.create('tiny-student')
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=False)
     trained.load_state_dict({k[len('backbone.'):]: v for k, v in ckpt['student'].items() if k.startswith('backbone.')})
     images = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         expected = model.embed(trained, spec, images)[0]
-        x = (images - torch.tensor(meta['mean'])[:, None, None]) / torch.tensor(meta['std'])[:, None, None]
-        got = plain.forward_head(plain.forward_features(x), pre_logits=True)
+        x = (images - torch.tensor(config['mean'])[:, None, None]) / torch.tensor(config['std'])[:, None, None]
+        got = plain(x)
         assert torch.allclose(got, expected, atol=1e-5)
         assert not torch.allclose(expected, model.embed(model.create('tiny-student')[0], spec, images)[0], atol=1e-3)
     exported, _ = model.create(out)
@@ -1095,7 +1252,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(demo_tiles,
     ckpt, _ = student_params(killed)
     stopped = ckpt['step']
     assert 1 <= stopped < 100000
-    assert not os.path.exists(os.path.join(killed, 'student.safetensors'))  # no export from a pre-empted run
+    assert not os.path.exists(os.path.join(killed, 'student'))  # no export from a pre-empted run
 
     # without --resume the run refuses to overwrite the checkpoint
     refused = run_distill(killed, *schedule, f'--max_iters={stopped + 3}', check=False)
@@ -1370,18 +1527,23 @@ def test_a_teacher_only_fill_killed_mid_write_is_resumed_by_two_processes_and_ma
 
 
 def test_the_teacher_cache_key_hashes_the_weight_file_that_model_create_loads(tmp_path, monkeypatch):
-    import hashlib
     vit, spec = model.create('tiny-teacher')
-    model.export(vit, spec, tmp_path / 'run')
-    weights = tmp_path / 'run' / 'student.safetensors'
+    model.export(vit, spec, tmp_path / 'run' / 'student')
+    weights = tmp_path / 'run' / 'student' / 'model.safetensors'
     expected = 'sha256:' + hashlib.sha256(weights.read_bytes()).hexdigest()
     monkeypatch.setattr(distill, 'teacher_cache', str(tmp_path))  # where the hashes are remembered
     # a distilled folder as the teacher, or a model name with the folder or the file as its weights
-    choices = [(str(tmp_path / 'run'), ''), ('tiny-teacher', str(tmp_path / 'run')), ('tiny-teacher', str(weights))]
+    choices = [(str(tmp_path / 'run'), ''), (f'local-dir:{tmp_path / "run" / "student"}', ''),
+               ('tiny-teacher', str(tmp_path / 'run')), ('tiny-teacher', str(weights))]
     for name, path in choices:
         monkeypatch.setattr(distill, 'teacher', name)
         monkeypatch.setattr(distill, 'teacher_weights', path)
         assert distill.weights_identity(*distill.teacher_sources()[0]) == expected, (name, path)
+    # without a teacher cache (the model card's hash at the end of a run) nothing is remembered anywhere
+    monkeypatch.setattr(distill, 'teacher_cache', '')
+    monkeypatch.chdir(tmp_path / 'run')
+    assert distill.weights_identity(*distill.teacher_sources()[0]) == expected
+    assert sorted(os.listdir(tmp_path / 'run')) == ['student']
     monkeypatch.setattr(distill, 'teacher_weights', '')
     monkeypatch.setattr(distill, 'teacher', 'tiny-teacher')
     # the tiny rows' default: seeded by the name
@@ -2223,9 +2385,19 @@ def test_distill_ends_with_the_g2l_table_teacher_student_before_after(g2l_demo):
     results = json.loads((root / 'out' / 'eval' / 'results.json').read_text())
     assert list(results['models']) == ['teacher', 'student before', 'student after']
     # the student before distillation is the random init that distillation started from, after it the export
-    assert results['config']['models'].split(',')[1:] == ['tiny-student', str(root / 'out')]
+    assert results['config']['models'].split(',')[1:] == ['tiny-student', f'local-dir:{root / "out" / "student"}']
     assert (root / 'out' / 'eval' / 'results.md').read_text().startswith('#')
     assert (root / 'out' / 'eval' / 'results.png').stat().st_size > 0
     assert 'student after closes ' in stdout
+    # the export is a timm hub folder; its model card says what it was distilled from and, once the run
+    # evaluated, has the table
+    card = (root / 'out' / 'student' / 'README.md').read_text()
+    teacher_sha256 = hashlib.sha256((root / 'data' / 'teacher.safetensors').read_bytes()).hexdigest()
+    assert card.startswith('---\nlibrary_name: timm\nlicense: other\n')  # a random start has no licence
+    assert f"| tiny-teacher | `vit_giant_patch14_reg4_dinov2` | {root / 'data' / 'teacher.safetensors'} | " \
+           f"{teacher_sha256} |" in card
+    assert 'tiny-student (`vit_tiny_patch16_224`), random weights' in card
+    assert 'tiles of 256 px at 0.5 µm/px from 3 slides' in card and '| steps | 150 |' in card
+    assert '### tile level: ' in card and '| student after  |' in card and 'Not evaluated' not in card
     # the demo material is made once and reused: its teacher file is there for the next run
     assert (root / 'data' / 'teacher.safetensors').stat().st_size > 0

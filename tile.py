@@ -732,6 +732,8 @@ class TileDataset:
         self.slide_paths = [str(z['slide_path']) for z in npz]
         self.levels = [int(z['level']) for z in npz]
         self.read_sizes = [int(z['read_size']) for z in npz]
+        # the um/px each slide was tiled at
+        self.mpps = [float(z['mpp']) for z in npz]
         tile_sizes = {int(z['tile_size']) for z in npz}
         if len(tile_sizes) != 1:
             raise ValueError(f'{tiles_dir} mixes tile sizes {sorted(tile_sizes)}; '
