@@ -583,8 +583,8 @@ def slide_key(digest, crop, slide):
 
 
 def stored_key(path):
-    """The key a feature file was written with; None when there is no intact file: none, an
-    unreadable one, or one whose data is no longer what was written."""
+    """The key a feature file was written with; None when there is no readable file, and a key
+    that matches nothing when its data is no longer what was written."""
     if not os.path.exists(path):
         return None
     # the data is hashed, not only the key read: a file written into in place (h5py's 'r+',
@@ -595,7 +595,7 @@ def stored_key(path):
             held = data_hash(f['features'][:], f['coords'][:])
     except (OSError, KeyError):
         return None
-    return key if written == held else None
+    return key if written == held else 'data changed since written'
 
 
 def data_hash(features, coords):

@@ -39,6 +39,7 @@ import functools
 import hashlib
 import io
 import math
+import numbers
 import os
 import re
 import signal
@@ -951,7 +952,7 @@ def check_mpp(value, what):
 
 def check_settings(mpp, tile_size, min_tissue, slide_mpp):
     """Stop with one line on a setting that no slide can be tiled with, before any work."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+    if not isinstance(tile_size, numbers.Integral) or tile_size < 1:
         raise SystemExit(f'error: --tile {tile_size}: a tile side is a whole number of px, at '
                          'least 1 (G2L: 256)')
     check_mpp(mpp, f'--mpp {mpp}')
@@ -1064,7 +1065,11 @@ def acquire(path, busy, shared, wait):
     """An open descriptor of the lock file at path, holding its flock."""
     how = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SystemExit(f'error: cannot write into {os.path.dirname(path)} ({e.strerror}): '
+                             'give a folder that can be written') from None
         try:
             fcntl.flock(fd, how)
         except BlockingIOError:
