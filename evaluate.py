@@ -461,8 +461,10 @@ def slide_tiles(npz_path, stem):
         handle.close()
     # what the features are keyed on: the slide's identity less its mtime, so a copy of the slide
     # (same content, new mtime) keeps its features; without one recorded, the file's size and mtime
-    stat = os.stat(slide_path)
-    identity = recorded_identity(record) or [stat.st_size, stat.st_mtime_ns]
+    identity = recorded_identity(record)
+    if identity is None:
+        stat = os.stat(slide_path)
+        identity = [stat.st_size, stat.st_mtime_ns]
     return slide | dict(stem=stem, slide_path=slide_path, rows=rows, coords=coords[rows],
                         n_tiled=len(coords), level0_width=width, level0_height=height,
                         patch_size_level0=round(size * downsample), identity=identity)
@@ -664,7 +666,7 @@ def extract_slides(name, entry, net, spec, cohort, folder):
         stored = stored_key(path)
         if stored == key:
             continue
-        # made from other weights, tiles or slide file: never reused, embedded again
+        # made from other weights, tiles or slide file, or data changed since: embedded again
         stale += stored is not None
         todo.append((r['slide'], slide, key, path))
     done = len(cohort['rows']) - len(todo) - len(failed)

@@ -552,7 +552,8 @@ def test_a_slide_replaced_after_tiling_is_refused_in_one_line_and_tiled_again_wh
     # replaced by a smaller scan: its tiles used to be read past the new edge, blank
     synthetic.write_synthetic_slide(slide, 1024, 768, mpp=0.5, seed=1)
     changed = rf'{slide}: [\d,]+ bytes, {identities[0]["bytes"]:,} when tiled'
-    with pytest.raises(ValueError, match=rf'^1 slides tiled into {out} changed since \(e\.g\. {changed}\): tile them'):
+    refusal = rf'^1 slides tiled into {out} changed since they were tiled \(e\.g\. {changed}\): tile them again'
+    with pytest.raises(ValueError, match=refusal):
         tile.TileDataset(out)
     with pytest.raises(tile.SlideError, match=rf'^{slide} changed since it was tiled \(.*\): tile it again \(python'):
         evaluate.slide_tiles(str(out / 'S.npz'), 'S')  # evaluate.py: that slide fails alone, in one line
@@ -2103,8 +2104,9 @@ def test_evaluate_refuses_a_repeated_row_a_copy_in_two_splits_one_class_and_an_u
 def test_a_feature_file_written_into_in_place_is_embedded_again_and_a_folder_in_its_place_fails_its_slide_alone(
         slide_cohort, tmp_path, monkeypatch, capsys):
     root, out = slide_cohort['root'], tmp_path / 'out'
-    folder = out / 'features' / 'tiny-student'
-    shutil.copytree(root / 'out' / 'features' / 'tiny-student', folder)  # an uninterrupted run's files
+    folder = out / 'features' / 'tiny-teacher'
+    # an uninterrupted run's files (the tiny student's are capped at 4 tiles a slide by a test above)
+    shutil.copytree(root / 'out' / 'features' / 'tiny-teacher', folder)
     before = evaluate.read_features(folder / 'slide0.h5')[0]
     with h5py.File(folder / 'slide0.h5', 'r+') as f:
         f['features'][...] = 0  # other data under the same key: it used to be scored as is
@@ -2112,9 +2114,9 @@ def test_a_feature_file_written_into_in_place_is_embedded_again_and_a_folder_in_
     (folder / 'slide1.h5').mkdir()  # a folder where a feature file goes: it used to be a traceback
     calls = counting_embed(monkeypatch)
     capsys.readouterr()
-    results = run_slides(root, out, 'tiny-student', '--extract_only=True')
+    results = run_slides(root, out, 'tiny-teacher', '--extract_only=True')
     printed = capsys.readouterr().out
-    assert f'tiny-student: 6 slides up to date in {folder}, 1 to embed (1 stale:' in printed
+    assert f'tiny-teacher: 6 slides up to date in {folder}, 1 to embed (1 stale:' in printed
     assert sum(calls) == len(np.load(root / 'tiles' / 'slide0.npz')['coords'])  # slide0 alone is embedded again
     np.testing.assert_allclose(evaluate.read_features(folder / 'slide0.h5')[0], before, atol=1e-5)
     reason = f"{folder / 'slide1.h5'} is in the way, not a feature file: move it, then rerun"

@@ -1204,9 +1204,9 @@ class TileDataset:
         changes = [(p, slide_change(z, p)) for p, z in zip(self.slide_paths, npz)]
         if changed := [(p, why) for p, why in changes if why]:
             path, why = changed[0]
-            raise ValueError(f'{len(changed)} slides tiled into {tiles_dir} changed since (e.g. '
-                             f'{path}: {why}): tile them again, `python tile.py SLIDES --out '
-                             f'{tiles_dir}` redoes the changed ones')
+            raise ValueError(f'{len(changed)} slides tiled into {tiles_dir} changed since they '
+                             f'were tiled (e.g. {path}: {why}): tile them again; `python tile.py '
+                             f'SLIDES --out {tiles_dir}` redoes the changed ones')
         # what identifies each slide file but its mtime, which a copy changes: for the keys of
         # what is computed from these tiles (distill.py's teacher cache)
         self.slide_identities = [recorded_identity(z) for z in npz]
