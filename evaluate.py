@@ -215,10 +215,8 @@ def check_no_image_in_two_splits(dataset):
 
 
 def check_splits(source, split, labels, classes, unit='images'):
-    """Two classes or more; train and test must have samples, and every class train samples."""
-    if len(classes) < 2:
-        raise SystemExit(f'error: {source}: every {unit[:-1]} has the label {classes[0]!r}: a '
-                         'probe needs two classes or more')
+    """Train and test must have samples, every class must have train samples, and there must be
+    two classes or more."""
     for s in ('train', 'test'):
         if not (split == s).any():
             raise SystemExit(f'error: {source}: the {s} split has no {unit}; '
@@ -228,6 +226,9 @@ def check_splits(source, split, labels, classes, unit='images'):
     if untrained:
         raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train {unit}, '
                          'so no probe can learn it')
+    if len(classes) < 2:
+        raise SystemExit(f'error: {source}: every {unit[:-1]} has the label {classes[0]!r}: a '
+                         'probe needs two classes or more')
 
 
 def file_stamps(rows):
