@@ -47,6 +47,7 @@ before distillation, from which "closes X% of the gap to the teacher" is measure
 """
 import collections
 import csv
+import filecmp
 import hashlib
 import json
 import os
@@ -74,7 +75,7 @@ from tqdm import tqdm
 from model import configure, create, embed, resize_crop, resolve
 from tile import (SlideError, TileDataset, check_readable, load_tiles, make_out_folder, npz_files,
                   one_writer, open_slide, readable_tiles, recorded_identity,
-                  remove_stale_temporaries, save_atomic, slide_change)
+                  remove_stale_temporaries, sample_hash, save_atomic, slide_change)
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -133,6 +134,8 @@ DEFAULTS = {k: globals()[k] for k in config_keys}
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
+# bytes read from each end of an image to tell copies from images of the same size
+IMAGE_SAMPLE_BYTES = 1 << 16
 # the first leads the tables, as balanced accuracy leads eva's
 METRICS = {'balanced_accuracy': 'bal. acc',
            'f1_macro': 'macro F1',
@@ -195,21 +198,21 @@ def check_one_row_per_image(source, rows):
 
 def check_no_image_in_two_splits(dataset):
     """No image in two splits as two files (a copy): without a slide column nothing else keeps a
-    test image out of training, where it inflates every score. Only files of one size in bytes
-    can be the same, so only those are read and hashed."""
+    test image out of training, where it inflates every score."""
     same_size = collections.defaultdict(list)
     for i, (_, size, _) in enumerate(dataset['stamps']):
         same_size[size].append(i)
     split, paths = dataset['split'], dataset['paths']
-    for group in same_size.values():
+    for size, group in same_size.items():
         if len({split[i] for i in group}) < 2:
             continue
+        # only files of one size can be one image; of those, the ends are hashed (uncompressed
+        # TIFFs of one size differ there, in their first rows of pixels), and whole files
+        # compared only when their ends agree
         first_of = {}
         for i in group:
-            with open(paths[i], 'rb') as f:
-                content = hashlib.blake2b(f.read(), digest_size=16).digest()
-            j = first_of.setdefault(content, i)
-            if split[j] != split[i]:
+            j = first_of.setdefault(sample_hash(paths[i], size, IMAGE_SAMPLE_BYTES), i)
+            if split[j] != split[i] and filecmp.cmp(paths[i], paths[j], shallow=False):
                 raise SystemExit(f'error: {paths[j]} ({split[j]}) and {paths[i]} ({split[i]}) are '
                                  'the same image, in two splits: remove one of them')
 

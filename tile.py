@@ -283,12 +283,17 @@ def content_hash(slide, path, size):
     quickhash = slide.properties.get('openslide.quickhash-1')
     if quickhash:
         return quickhash
+    return 'sample:' + sample_hash(path, size, SAMPLE_BYTES)
+
+
+def sample_hash(path, size, sample_bytes):
+    """A hash of the first and last sample_bytes of a file of `size` bytes."""
     sample = hashlib.blake2b(digest_size=16)
     with open(path, 'rb') as f:
-        sample.update(f.read(SAMPLE_BYTES))
-        f.seek(max(0, size - SAMPLE_BYTES))
-        sample.update(f.read(SAMPLE_BYTES))
-    return 'sample:' + sample.hexdigest()
+        sample.update(f.read(sample_bytes))
+        f.seek(max(0, size - sample_bytes))
+        sample.update(f.read(sample_bytes))
+    return sample.hexdigest()
 
 
 def recorded_identity(record):
