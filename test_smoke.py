@@ -704,13 +704,13 @@ def test_tile_py_refuses_a_setting_no_slide_can_be_tiled_with_in_one_line_before
     for name, text in csvs.items():
         (tmp_path / f'{name}.csv').write_text(text)
     refusals = {('--tile', '0'): '--tile 0: a tile side is a whole number of px, at least 1',  # was ZeroDivisionError
-                ('--mpp', '-1'): '--mpp -1.0 is -1.0 µm/px, outside 0.05-50',
-                ('--mpp', 'nan'): '--mpp nan is nan µm/px, outside 0.05-50',
-                ('--slide-mpp', '1e-9'): '--slide-mpp 1e-09 is 1e-09 µm/px',  # was "no tissue"
+                ('--mpp', '-1'): '--mpp: -1 µm/px is outside 0.05-50',
+                ('--mpp', 'nan'): '--mpp: nan µm/px is outside 0.05-50',
+                ('--slide-mpp', '1e-9'): '--slide-mpp: 1e-09 µm/px is outside',  # was "no tissue"
                 ('--min-tissue', '2'): '--min-tissue 2.0: a fraction of a tile, 0 to 1',
                 ('--mpp-csv', 'header'): "has the header 'name,um': it needs 'slide,mpp'",  # was KeyError
                 ('--mpp-csv', 'value'): "line 2: mpp 'abc' is not a number of µm/px",  # was ValueError
-                ('--mpp-csv', 'range'): 'line 2 is -3.0 µm/px, outside 0.05-50'}
+                ('--mpp-csv', 'range'): 'line 2: -3 µm/px is outside 0.05-50'}
     out = tmp_path / 'tiles'
     for (flag, value), message in refusals.items():
         value = str(tmp_path / f'{value}.csv') if flag == '--mpp-csv' else value

@@ -950,7 +950,7 @@ def check_mpp(value, what):
     low, high = MPP_RANGE
     # NaN fails the comparison too
     if not low <= value <= high:
-        raise SystemExit(f'error: {what} is {value} µm/px, outside {low}-{high:g}: a 40x scan '
+        raise SystemExit(f'error: {what}: {value:g} µm/px is outside {low}-{high:g}; a 40x scan '
                          'is about 0.25 µm/px, 20x 0.5')
     return value
 
@@ -960,9 +960,9 @@ def check_settings(mpp, tile_size, min_tissue, slide_mpp):
     if not isinstance(tile_size, numbers.Integral) or tile_size < 1:
         raise SystemExit(f'error: --tile {tile_size}: a tile side is a whole number of px, at '
                          'least 1 (G2L: 256)')
-    check_mpp(mpp, f'--mpp {mpp}')
+    check_mpp(mpp, '--mpp')
     if slide_mpp is not None:
-        check_mpp(slide_mpp, f'--slide-mpp {slide_mpp}')
+        check_mpp(slide_mpp, '--slide-mpp')
     if not 0 <= min_tissue <= 1:
         raise SystemExit(f'error: --min-tissue {min_tissue}: a fraction of a tile, 0 to 1 '
                          f'(default {MIN_TISSUE})')
