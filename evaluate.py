@@ -46,7 +46,9 @@ name: --models Hibou-L,Hibou-L=out/g2l/student.safetensors is the student before
 distillation. --names renames the rows (one name per entry, in order); --baseline names the row
 before distillation, from which "closes X% of the gap to the teacher" is measured.
 """
+import collections
 import csv
+import filecmp
 import hashlib
 import json
 import os
@@ -71,8 +73,10 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # comes with scikit-learn
 from tqdm import tqdm
 
-from model import configure, create, embed, resize_crop
-from tile import SlideError, TileDataset, check_readable, npz_files, open_slide, save_atomic
+from model import configure, create, embed, resize_crop, resolve
+from tile import (SlideError, TileDataset, check_readable, load_tiles, make_out_folder, npz_files,
+                  one_writer, open_slide, readable_tiles, recorded_identity,
+                  remove_stale_temporaries, sample_hash, save_atomic, slide_change)
 
 # -----------------------------------------------------------------------------
 # config: these defaults, then a config/*.py file, then --key=value
@@ -132,6 +136,8 @@ DEFAULTS = {k: globals()[k] for k in config_keys}
 
 SPLITS = ('train', 'val', 'test')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.webp')
+# bytes read from each end of an image to tell copies from images of the same size
+IMAGE_SAMPLE_BYTES = 1 << 16
 # the first leads the tables, as balanced accuracy leads eva's
 METRICS = {'balanced_accuracy': 'bal. acc',
            'f1_macro': 'macro F1',
@@ -140,10 +146,7 @@ METRICS = {'balanced_accuracy': 'bal. acc',
 # bump when load_images or the cache layout changes: old caches then miss
 CACHE_VERSION = 'v2 shorter side, centre crop'
 # bump when the slide feature files change: old files then are re-extracted
-FEATURES_VERSION = 'v1 TRIDENT layout, centre crop'
-# what a run killed mid-write leaves: tile.save_atomic's .NAME.PID.tmp, and NAME.tmpPID of
-# evaluate.py before it wrote through save_atomic
-TEMPORARY_NAMES = (re.compile(r'\..+\.(\d+)\.tmp'), re.compile(r'.+\.tmp(\d+)'))
+FEATURES_VERSION = 'v2 TRIDENT layout, centre crop, slide identity, data hash'
 # the compact table of each level: (protocol, metric) per column; the first column is the one
 # "closes X% of the gap" is measured on. CKA has no metric: it is an entry of its own.
 HEADLINE = {'tile': [('linear', 'balanced_accuracy'), ('knn', 'balanced_accuracy'),
@@ -162,6 +165,7 @@ def read_dataset(source):
         raise SystemExit(f'error: {problem}: give an ImageFolder root (train/, val/, test/) '
                          'or a CSV with columns path,label,split[,center][,slide]')
     rows = read_csv(source) if os.path.isfile(source) else read_imagefolder(source)
+    check_one_row_per_image(source, rows)
     for r in rows:
         if r['split'] not in SPLITS:
             raise SystemExit(f"error: {r['path']}: split {r['split']!r} is not one of "
@@ -176,11 +180,48 @@ def read_dataset(source):
         dataset[column] = np.array([r[column] for r in rows]) if column in rows[0] else None
     if dataset['slide'] is not None:
         check_one_label_and_split_per_slide(dataset)
+    else:
+        check_no_image_in_two_splits(dataset)
     return dataset
 
 
+def check_one_row_per_image(source, rows):
+    """Each image listed once: a repeated row counts twice in training, and in test it narrows
+    the CIs of a test set that is no larger."""
+    first_row = {}
+    for i, r in enumerate(rows, 1):
+        # one file by two names (a link) is one image too
+        image = os.path.realpath(r['path'])
+        if image in first_row:
+            raise SystemExit(f"error: {source} lists {r['path']} twice (rows {first_row[image]} "
+                             f'and {i} under the header): one row per image')
+        first_row[image] = i
+
+
+def check_no_image_in_two_splits(dataset):
+    """No image in two splits as two files (a copy): without a slide column nothing else keeps a
+    test image out of training, where it inflates every score."""
+    same_size = collections.defaultdict(list)
+    for i, (_, size, _) in enumerate(dataset['stamps']):
+        same_size[size].append(i)
+    split, paths = dataset['split'], dataset['paths']
+    for size, group in same_size.items():
+        if len({split[i] for i in group}) < 2:
+            continue
+        # only files of one size can be one image; of those, the ends are hashed (uncompressed
+        # TIFFs of one size differ there, in their first rows of pixels), and whole files
+        # compared only when their ends agree
+        first_of = {}
+        for i in group:
+            j = first_of.setdefault(sample_hash(paths[i], size, IMAGE_SAMPLE_BYTES), i)
+            if split[j] != split[i] and filecmp.cmp(paths[i], paths[j], shallow=False):
+                raise SystemExit(f'error: {paths[j]} ({split[j]}) and {paths[i]} ({split[i]}) are '
+                                 'the same image, in two splits: remove one of them')
+
+
 def check_splits(source, split, labels, classes, unit='images'):
-    """Train and test must have samples, and every class must have train samples."""
+    """Train and test must have samples, every class must have train samples, and there must be
+    two classes or more."""
     for s in ('train', 'test'):
         if not (split == s).any():
             raise SystemExit(f'error: {source}: the {s} split has no {unit}; '
@@ -190,6 +231,9 @@ def check_splits(source, split, labels, classes, unit='images'):
     if untrained:
         raise SystemExit(f'error: {source}: class {classes[untrained[0]]!r} has no train {unit}, '
                          'so no probe can learn it')
+    if len(classes) < 2:
+        raise SystemExit(f'error: {source}: every {unit[:-1]} has the label {classes[0]!r}: a '
+                         'probe needs two classes or more')
 
 
 def file_stamps(rows):
@@ -342,17 +386,17 @@ def read_slide_csv(path):
 
 
 def tiled_slides(tiles_dir):
-    """{stem: slide path} of every slide in a tiles folder (tile.py's <stem>.npz files)."""
+    """{stem: slide path} of every slide in a tiles folder (tile.py's <stem>.npz files); the path
+    is None where the .npz is unreadable (warned about: a slide of slides.csv then fails alone)."""
     is_folder = tiles_dir is not None and os.path.isdir(tiles_dir)
     files = npz_files(tiles_dir) if is_folder else []
     if not files:
         raise SystemExit(f'error: --tiles {tiles_dir} holds no tiles: run '
                          f'`python tile.py SLIDES --out {tiles_dir}` first')
-    tiled = {}
-    for name in files:
-        with np.load(os.path.join(tiles_dir, name)) as npz:
-            tiled[name.removesuffix('.npz')] = str(npz['slide_path'])
-    return tiled
+    records = readable_tiles(tiles_dir)
+    stems = [name.removesuffix('.npz') for name in files]
+    return {stem: str(records[stem]['slide_path']) if stem in records else None
+            for stem in stems}
 
 
 def slide_index(tiled):
@@ -360,6 +404,8 @@ def slide_index(tiled):
     suffix, so slides.csv may name a slide any of these ways."""
     index = {'path': {}, 'file name': {}, 'file stem': {}}
     for stem, path in tiled.items():
+        if path is None:
+            continue
         name = os.path.basename(path)
         index['path'].setdefault(os.path.realpath(path), []).append(stem)
         index['file name'].setdefault(name, []).append(stem)
@@ -370,6 +416,9 @@ def slide_index(tiled):
 def match_slide(value, base, tiled, index, tiles_dir):
     """The stem of a slides.csv entry: itself when it is a stem, else the one slide with that
     path (relative to the CSV's folder), file name or file stem. SlideError when none or several."""
+    if value in tiled and tiled[value] is None:
+        raise SlideError(f'its {value}.npz in {tiles_dir} is unreadable: tile it again '
+                         f'(python tile.py SLIDE --out {tiles_dir})')
     if value in tiled:
         return value
     keys = {'path': os.path.realpath(os.path.join(base, value)),
@@ -388,16 +437,21 @@ def match_slide(value, base, tiled, index, tiles_dir):
 def slide_tiles(npz_path, stem):
     """What extraction needs of one slide: the rows of its .npz that are embedded (all, unless
     max_tiles caps them), their coordinates, its pyramid level, sizes, mpp and level-0 size. The
-    slide is opened and its first and last tiles read (tile.check_readable): a missing or damaged
-    slide fails here, with one line (SlideError), not in the middle of a batch."""
-    with np.load(npz_path) as npz:
-        coords = npz['coords'].reshape(-1, 2)
-        slide = {k: npz[k].item() for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_mpp')}
-        slide_path = str(npz['slide_path'])
+    slide is opened and its first and last tiles read (tile.check_readable): a missing, changed
+    or damaged slide fails here, with one line (SlideError), not in the middle of a batch."""
+    record = load_tiles(npz_path)
+    coords = record['coords'].reshape(-1, 2)
+    slide = {k: record[k].item() for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_mpp')}
+    slide_path = str(record['slide_path'])
     if not len(coords):
         raise SlideError(f'no tiles: tile.py found no tissue on it (see {stem}.jpg)')
-    if not os.path.exists(slide_path):
+    change = slide_change(record, slide_path)
+    if change == 'gone':
         raise SlideError(f'{slide_path} is gone: put it back, or tile it again from where it is')
+    if change:
+        tiles_dir = os.path.dirname(npz_path)
+        raise SlideError(f'{slide_path} changed since it was tiled ({change}): tile it again '
+                         f'(python tile.py {slide_path} --out {tiles_dir})')
     rows = np.arange(len(coords))
     if 0 < max_tiles < len(coords):
         # a random subset, the same on every run and for every model: seeded by the slide's stem
@@ -411,9 +465,15 @@ def slide_tiles(npz_path, stem):
         width, height = handle.dimensions
     finally:
         handle.close()
+    # what the features are keyed on: the slide's identity less its mtime, so a copy of the slide
+    # (same content, new mtime) keeps its features; without one recorded, the file's size and mtime
+    identity = recorded_identity(record)
+    if identity is None:
+        stat = os.stat(slide_path)
+        identity = [stat.st_size, stat.st_mtime_ns]
     return slide | dict(stem=stem, slide_path=slide_path, rows=rows, coords=coords[rows],
                         n_tiled=len(coords), level0_width=width, level0_height=height,
-                        patch_size_level0=round(size * downsample))
+                        patch_size_level0=round(size * downsample), identity=identity)
 
 
 def cohort_tiles(cohort):
@@ -467,8 +527,13 @@ def embeddings(entry, net, spec, dataset):
     path = cache_path(entry, net, spec, dataset)
     info = dict(cache=path, cached=os.path.exists(path))
     if info['cached']:
-        with np.load(path) as cached:
-            return cached['embeddings'], info | dict(seconds=time.time() - start)
+        # an unreadable cache (a copy cut short) is embedded again
+        try:
+            with np.load(path) as cached:
+                return cached['embeddings'], info | dict(seconds=time.time() - start)
+        except Exception as e:
+            print(f'warning: {path} is unreadable ({type(e).__name__}): embedding again')
+            info['cached'] = False
     emb = extract(entry, net, spec, dataset['paths'])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # the image paths beside the embeddings: the file stands alone. Through a temporary name: an
@@ -516,25 +581,36 @@ def tile_crop(spec, tile_size):
 
 def slide_key(digest, crop, slide):
     """What one slide's features depend on: the weights, the preprocessing, the tiles embedded
-    and the slide file itself (size and mtime)."""
+    and the slide file itself (its identity, as tile.py recorded it)."""
     preprocess = {k: crop.get(k) for k in ('img_size', 'resize', 'mean', 'std', 'pool', 'dim')}
     tiling = {k: slide[k] for k in ('level', 'read_size', 'tile_size', 'mpp', 'slide_path')}
-    stat = os.stat(slide['slide_path'])
-    inputs = [FEATURES_VERSION, digest, preprocess, tiling, stat.st_size, stat.st_mtime_ns]
+    inputs = [FEATURES_VERSION, digest, preprocess, tiling, slide['identity']]
     key = hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=8)
     key.update(slide['coords'].tobytes())
     return key.hexdigest()
 
 
 def stored_key(path):
-    """The key a feature file was written with; None when there is no readable file."""
+    """The key a feature file was written with; None when there is no readable file, and a key
+    that matches nothing when its data is no longer what was written."""
     if not os.path.exists(path):
         return None
+    # the data is hashed, not only the key read: a file written into in place (h5py's 'r+',
+    # another extractor into the same folder) keeps the key of what it held before
     try:
         with h5py.File(path, 'r') as f:
-            return f.attrs.get('key')
-    except OSError:
+            key, written = f.attrs.get('key'), f.attrs.get('data_hash')
+            held = data_hash(f['features'][:], f['coords'][:])
+    except (OSError, KeyError):
         return None
+    return key if written == held else 'data changed since written'
+
+
+def data_hash(features, coords):
+    """A hash of a feature file's data, float32 features and int64 coords, stored beside them."""
+    digest = hashlib.blake2b(np.ascontiguousarray(features, np.float32).tobytes(), digest_size=8)
+    digest.update(np.ascontiguousarray(coords, np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def write_features(path, features, slide, encoder, key):
@@ -547,6 +623,7 @@ def write_features(path, features, slide, encoder, key):
 
 def write_h5(path, features, slide, encoder, key):
     """The features and coordinates of one slide, and the attributes TRIDENT writes, at path."""
+    held = data_hash(features, slide['coords'])
     with h5py.File(path, 'w') as f:
         f.create_dataset('features', data=features.astype(np.float32))
         f['features'].attrs['encoder'] = encoder
@@ -567,51 +644,7 @@ def write_h5(path, features, slide, encoder, key):
         f.attrs['slide_mpp'] = slide['slide_mpp']
         f.attrs['tiles_in_slide'] = slide['n_tiled']
         f.attrs['key'] = key
-
-
-def remove_stale_temporaries(folder, started):
-    """Delete the temporaries that runs killed mid-write left in folder (OUT/cache/ or a features
-    folder): those whose process is gone and that were last written before this run `started`."""
-    # never a live run's: a run on this machine has a live pid; one on another machine that shares
-    # the folder has a pid that means nothing here, but it writes a slide's file in seconds
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    removed = 0
-    for name in names:
-        pid = temporary_pid(name)
-        if pid is None or process_alive(pid):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            if os.stat(path).st_mtime >= started:
-                continue
-            os.remove(path)
-        except FileNotFoundError:
-            # another run removed it first
-            continue
-        removed += 1
-    if removed:
-        print(f'removed {removed} temporary files of killed runs from {folder}')
-
-
-def temporary_pid(name):
-    """The pid in the name of a temporary file (TEMPORARY_NAMES); None for any other file."""
-    for pattern in TEMPORARY_NAMES:
-        match = pattern.fullmatch(name)
-        if match:
-            return int(match[1])
-    return None
-
-
-def process_alive(pid):
-    """Whether a process with this pid runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        # another user's process
-        return True
-    return True
+        f.attrs['data_hash'] = held
 
 
 def read_features(path):
@@ -626,23 +659,30 @@ def extract_slides(name, entry, net, spec, cohort, folder):
     that failed."""
     digest = weights_digest(net)
     crop = tile_crop(spec, cohort['tileset'].tile_size)
-    todo, stale = [], 0
+    todo, stale, failed = [], 0, {}
     for r in cohort['rows']:
         slide = r['tiles']
         key = slide_key(digest, crop, slide)
         path = os.path.join(folder, slide['stem'] + '.h5')
+        # a folder (or anything but a file) where the file goes is the user's: named, not replaced
+        if os.path.lexists(path) and not os.path.isfile(path):
+            failed[r['slide']] = f'{path} is in the way, not a feature file: move it, then rerun'
+            print(f"error: slide {r['slide']}: {failed[r['slide']]}")
+            continue
         stored = stored_key(path)
         if stored == key:
             continue
-        # made from other weights, tiles or slide file: never reused, embedded again
+        # made from other weights, tiles or slide file, or data changed since: embedded again
         stale += stored is not None
         todo.append((r['slide'], slide, key, path))
-    done = len(cohort['rows']) - len(todo)
-    note = f' ({stale} stale: other weights, tiles or slide file)' if stale else ''
+    done = len(cohort['rows']) - len(todo) - len(failed)
+    note = ''
+    if stale:
+        note = f' ({stale} stale: other weights, tiles or slide file, or data changed since)'
     print(f'{name}: {done} slides up to date in {folder}, {len(todo)} to embed{note}')
     if not todo:
-        return {}
-    return embed_slides(name, entry, net, crop, cohort['tileset'], todo)
+        return failed
+    return failed | embed_slides(name, entry, net, crop, cohort['tileset'], todo)
 
 
 def embed_slides(name, entry, net, crop, tileset, todo):
@@ -1645,7 +1685,9 @@ def describe_cohort(cohort):
     n_tiles = sum(len(r['tiles']['rows']) for r in rows)
     print(f"slides: {cohort['source']}: {len(rows)} slides {counts} tiled in {cohort['tiles']}, "
           f"{n_tiles} tiles; {len(cohort['failed'])} slides cannot be used")
-    return dict(source=cohort['source'], tiles=cohort['tiles'], slides=counts, n_tiles=n_tiles)
+    # failed is the cohort's own dict, which extraction adds to: the exit status reads it
+    return dict(source=cohort['source'], tiles=cohort['tiles'], slides=counts, n_tiles=n_tiles,
+                failed=cohort['failed'])
 
 
 def run_protocols(emb, dataset, samples, with_slides):
@@ -1767,7 +1809,7 @@ def write_results(results):
 
 
 def main(argv=None):
-    # temporary files last written before now are no live run's (remove_stale_temporaries)
+    # temporary files last written before now are no live run's (tile.remove_stale_temporaries)
     started = time.time()
     # config: the defaults on every call (the tests call main more than once), then a config file
     # and --key=value
@@ -1782,17 +1824,38 @@ def main(argv=None):
     rows, teachers = row_names(entries), []
     if not extract_only:
         rows, teachers = ordered_rows(entries, teacher, names)
+    check_models(rows)
     if bench:
         return dict(config=config, bench=bench_extraction(rows))
     results = dict(config=config, teacher=next(iter(rows)), teachers=teachers, baseline=None,
                    models={})
     if not extract_only:
         results['baseline'] = baseline_row(rows, teachers, baseline)
-
-    # data: labelled images (--data), labelled slides (--slides with --tiles), or both
     if data is None and slides is None:
         raise SystemExit('error: give --data (labelled tiles or images), or --slides with --tiles '
                          '(labelled slides), or both')
+
+    # one run at a time writes into out; extract_only runs (a model each, on several GPUs) share
+    # it, each model's files written by one of them
+    make_out_folder(out)
+    parts = [os.path.basename(features_folder(e)) for e in rows.values()] if extract_only else []
+    with one_writer(out, 'evaluate', parts):
+        remove_stale_temporaries(out, started)
+        return evaluate_rows(results, rows, started)
+
+
+def check_models(rows):
+    """Stop with one line (model.WeightsError) on an entry that names no model, before the first
+    is built: not after an hour of embedding the ones before it."""
+    for entry in rows.values():
+        model_name, _, weights = entry.partition('=')
+        resolve(model_name, weights or None)
+
+
+def evaluate_rows(results, rows, started):
+    """The run in its output folder: the data, every row's embeddings and protocols, the slide
+    level, the outputs; returns results."""
+    # data: labelled images (--data), labelled slides (--slides with --tiles), or both
     dataset = cohort = None
     if data is not None:
         dataset = read_dataset(data)
@@ -1824,5 +1887,11 @@ def main(argv=None):
     return results
 
 
+def exit_status(results):
+    """1 when slides of the cohort could not be scored, so that a job script sees the run is not
+    complete; else 0."""
+    return 1 if results.get('slides', {}).get('failed') else 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(exit_status(main()))

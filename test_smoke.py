@@ -538,6 +538,198 @@ def test_the_last_shard_to_finish_merges_the_shard_manifests(small_slides, tmp_p
     assert {s: int(r['n_tiles']) for s, r in merged.items()} == {r['stem']: r['n_tiles'] for r in rows}
 
 
+# hostile inputs: every one a line that says what to do, a non-zero exit when the job did not finish, nothing lost
+
+def test_a_slide_replaced_after_tiling_is_refused_in_one_line_and_tiled_again_while_a_copy_keeps_its_tiles(
+        small_slides, tmp_path, capsys):
+    slide, out = tmp_path / 'S.tif', tmp_path / 'tiles'
+    shutil.copy(small_slides / 's1.tif', slide)
+    tile.tile_slides(slide, out)
+    identities = tile.TileDataset(out).slide_identities
+    assert identities[0]['bytes'] == slide.stat().st_size and identities[0]['dimensions'] == [2048, 1536]
+    # copied over itself, as a job's stage-in to local disk does: a new mtime, the same slide and tiles
+    shutil.copy(small_slides / 's1.tif', slide)
+    os.utime(slide, ns=(1, 1))
+    assert tile.TileDataset(out).slide_identities == identities
+    # replaced by a smaller scan: its tiles used to be read past the new edge, blank
+    synthetic.write_synthetic_slide(slide, 1024, 768, mpp=0.5, seed=1)
+    changed = rf'{slide}: [\d,]+ bytes, {identities[0]["bytes"]:,} when tiled'
+    refusal = rf'^1 slides tiled into {out} changed since they were tiled \(e\.g\. {changed}\): tile them again'
+    with pytest.raises(ValueError, match=refusal):
+        tile.TileDataset(out)
+    with pytest.raises(tile.SlideError, match=rf'^{slide} changed since it was tiled \(.*\): tile it again \(python'):
+        evaluate.slide_tiles(str(out / 'S.npz'), 'S')  # evaluate.py: that slide fails alone, in one line
+    capsys.readouterr()
+    assert tile.main([str(slide), '--out', str(out)]) == 0  # the rerun tiles it again, and says why
+    assert f'{slide} changed since it was tiled (' in capsys.readouterr().err
+    z = np.load(out / 'S.npz')
+    assert z['slide_dimensions'].tolist() == [1024, 768] and (z['coords'] + 256 <= [1024, 768]).all()
+    assert len(tile.TileDataset(out)) == len(z['coords']) > 0
+
+
+def test_each_folder_is_walked_once_and_links_to_nowhere_and_fifos_are_one_line_each_never_opened(small_slides,
+                                                                                                  tmp_path, capsys):
+    slides, out = tmp_path / 'slides', tmp_path / 'tiles'
+    slides.mkdir()
+    os.symlink(small_slides / 's1.tif', slides / 's1.tif')
+    os.symlink(slides, slides / 'loop')  # ln -s $PWD loop: every slide used to be tiled 41 times
+    os.symlink(tmp_path / 'gone' / 's1.svs', slides / 's1.svs')  # beside a real slide of its name: used to abort all
+    os.mkfifo(slides / 'pipe.tif')  # opening it waits for a writer for ever: the batch used to hang
+    assert tile.main([str(slides), '--out', str(out)]) == 1
+    rows = {r['path']: r for r in csv.DictReader(open(out / 'manifest.csv'))}
+    assert sorted(rows) == [str(slides / n) for n in ('pipe.tif', 's1.svs', 's1.tif')]
+    assert rows[str(slides / 's1.tif')]['status'] == 'ok' and tile.npz_files(out) == ['s1.npz']
+    assert rows[str(slides / 's1.svs')]['error'] == (f"a link to {tmp_path / 'gone' / 's1.svs'}, which cannot be "
+                                                      'followed (No such file or directory): fix or remove the link')
+    assert rows[str(slides / 'pipe.tif')]['error'].startswith('a named pipe (FIFO), not a slide file: skipped unopened')
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error ')]
+    assert len(errors) == 2 and str(slides / 'pipe.tif') in errors[0]
+    assert tile.main([str(slides / 'pipe.tif'), '--out', str(out)]) == 1  # named on the command line: the same line
+
+
+def test_a_tiles_folder_lists_every_batch_repairs_an_unreadable_npz_and_drops_dead_writers_temporaries(small_slides,
+                                                                                                      tmp_path, capsys):
+    out = tmp_path / 'tiles'
+    for batch, seed in (('a', 1), ('b', 2)):  # two batches into one folder
+        (tmp_path / batch).mkdir()
+        os.symlink(small_slides / f's{seed}.tif', tmp_path / batch / f'{batch}.tif')
+        tile.tile_slides(tmp_path / batch, out)
+    assert sorted(read_manifest(out / 'manifest.csv')) == ['a', 'b']  # used to list the last batch only
+    data = (out / 'a.npz').read_bytes()
+    (out / 'a.npz').write_bytes(data[:len(data) // 2])  # a copy cut short
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    for name in (f'.a.npz.{dead.pid}.tmp', f'.manifest.csv.{dead.pid}.tmp'):  # what writers killed mid-write leave
+        (out / name).touch()
+        os.utime(out / name, ns=(1, 1))
+    capsys.readouterr()
+    assert tile.TileDataset(out).stems == ['b']  # readers skip it with one line; it used to stop them (BadZipFile)
+    assert capsys.readouterr().err == (f"warning: {out / 'a.npz'} is unreadable (BadZipFile: File is not a zip file): "
+                                       'truncated or corrupt; tile.py tiles its slide again when that slide is among '
+                                       'its inputs\n')
+    tiled = evaluate.tiled_slides(str(out))
+    with pytest.raises(tile.SlideError, match=rf'^its a\.npz in {out} is unreadable: tile it again'):
+        evaluate.match_slide('a', str(tmp_path), tiled, evaluate.slide_index(tiled), str(out))
+    assert tile.main([str(tmp_path / 'a'), '--out', str(out)]) == 0  # the next run tiles its slide again
+    assert tile.TileDataset(out).stems == ['a', 'b'] and sorted(read_manifest(out / 'manifest.csv')) == ['a', 'b']
+    assert [f for f in os.listdir(out) if f.startswith('.')] == []  # the temporaries are gone, and no lock is left
+
+
+HOLD_LOCK = 'import sys, time, tile\nwith tile.one_writer(sys.argv[1], "tile"):\n    print("held", flush=True)\n' \
+            '    time.sleep(600)\n'
+
+
+def test_one_run_writes_into_a_tiles_folder_at_a_time_shards_of_a_job_together_and_a_dead_runs_lock_is_taken_over(
+        small_slides, tmp_path):
+    out = tmp_path / 'tiles'
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'held\n'  # another tile.py at work in the folder
+    with pytest.raises(SystemExit, match=rf'^error: another tile.py run is writing into {out} \(pid {holder.pid} on '
+                                         r'.+\): wait for it to end, or give another --out$'):
+        tile.main([str(small_slides / 's1.tif'), '--out', str(out)])
+    assert os.listdir(out) == ['.tile.lock']  # nothing written
+    holder.kill()  # killed: the kernel drops its lock, its lock file stays behind
+    holder.wait()
+    assert tile.main([str(small_slides / 's1.tif'), '--out', str(out)]) == 0
+    assert sorted(os.listdir(out)) == ['manifest.csv', 's1.jpg', 's1.npz']  # the last holder removes the lock file
+    # the shards of a job write one folder together, each shard once; a run that is no shard waits for them
+    with tile.one_writer(str(out), 'tile', ['shard-0-of-2']):
+        assert [r['stem'] for r in tile.tile_slides(small_slides, out, shard='1/2')] == ['s2']
+        with pytest.raises(SystemExit, match=f'another tile.py run is writing shard-0-of-2 into {out}'):
+            tile.tile_slides(small_slides, out, shard='0/2')
+        with pytest.raises(SystemExit, match=f'another tile.py run is writing into {out}'):
+            tile.tile_slides(small_slides, out)
+    # evaluate.py's --out: the same
+    with tile.one_writer(str(out), 'evaluate'):
+        with pytest.raises(SystemExit, match=f'^error: another evaluate.py run is writing into {out} '):
+            evaluate.main(['--data', 'labels.csv', '--models', 'tiny-student', '--out', str(out)])
+
+
+def test_ctrl_c_stops_tile_py_after_the_slides_in_flight_with_its_manifest_written(small_slides, tmp_path):
+    slides, out = tmp_path / 'slides', tmp_path / 'tiles'
+    slides.mkdir()
+    for i in range(24):
+        os.symlink(small_slides / 's1.tif', slides / f'm{i:02d}.tif')
+    command = [sys.executable, os.path.join(HERE, 'tile.py'), str(slides), '--out', str(out), '--workers', '2']
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while run.poll() is None and not (out.exists() and tile.npz_files(out)):
+        time.sleep(0.002)
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, the workers too
+    err = run.communicate()[1]
+    assert run.returncode == 130 and 'Traceback' not in err  # used to be tracebacks of every process
+    assert err.splitlines()[-1] == (f'interrupted: the slides tiled so far are kept in {out} and listed in its '
+                                    'manifest; rerun the same command to tile the rest')
+    rows = read_manifest(out / 'manifest.csv')
+    ok = [stem for stem, row in rows.items() if row['status'] == 'ok']
+    stopped = [stem for stem, row in rows.items() if row['error'].startswith('interrupted (Ctrl-C) before')]
+    assert len(rows) == 24 and len(ok) + len(stopped) == 24 and stopped
+    assert all((out / f'{stem}.npz').exists() for stem in ok)
+    assert [f for f in os.listdir(out) if f.startswith('.')] == []  # no temporary, no lock
+
+
+def limit_file_size():
+    """A child process's preexec_fn: writes past 100 bytes of a file fail (EFBIG), as on a full disk."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+
+def test_a_full_disk_while_writing_the_manifest_is_one_line_and_keeps_every_tile(small_slides, tmp_path):
+    out, disk = tmp_path / 'tiles', tmp_path / 'disk'
+    tile.tile_slides(small_slides, out)
+    (out / 'manifest.csv').unlink()
+    disk.mkdir()
+    command = f"{sys.executable} {os.path.join(HERE, 'tile.py')} {small_slides} --out {disk / 'tiles'}"
+    if subprocess.run(['unshare', '-rm', 'true'], capture_output=True).returncode == 0:
+        # a real ENOSPC: a 1 MiB tmpfs in a mount namespace of this test's own, filled before tile.py runs
+        script = (f"mount -t tmpfs -o size=1m none {disk} && cp -r {out} {disk} && head -c 2M /dev/zero > "
+                  f"{disk / 'fill'}; {command}; echo rc=$?; ls -A {disk / 'tiles'}")
+        run = subprocess.run(['unshare', '-rm', 'sh', '-c', script], capture_output=True, text=True)
+        left, reason = run.stdout.split('rc=')[1].split()[1:], 'No space left on device'
+    else:
+        # no user namespaces (a hardened CI): a file-size limit fails the same write, with EFBIG
+        shutil.copytree(out, disk / 'tiles')
+        run = subprocess.run(command.split(), capture_output=True, text=True, preexec_fn=limit_file_size)
+        run.stdout += f'rc={run.returncode}'
+        left, reason = os.listdir(disk / 'tiles'), 'File too large'
+    assert 'rc=1' in run.stdout and 'Traceback' not in run.stderr, run.stderr
+    assert run.stderr.splitlines()[-1] == (f"error: cannot write the manifest in {disk / 'tiles'} ({reason}): free "
+                                           'space there and rerun; the slides tiled are kept, and the rerun finds '
+                                           'them done')
+    assert sorted(left) == sorted(os.listdir(out))  # every .npz and .jpg, no temporary, no lock
+
+
+def test_tile_py_refuses_a_setting_no_slide_can_be_tiled_with_in_one_line_before_writing_anything(small_slides,
+                                                                                                  tmp_path):
+    csvs = {'header': 'name,um\ns1.tif,0.5\n', 'value': 'slide,mpp\ns1.tif,abc\n', 'range': 'slide,mpp\ns1.tif,-3\n'}
+    for name, text in csvs.items():
+        (tmp_path / f'{name}.csv').write_text(text)
+    refusals = {('--tile', '0'): '--tile 0: a tile side is a whole number of px, at least 1',  # was ZeroDivisionError
+                ('--mpp', '-1'): '--mpp: -1 µm/px is outside 0.05-50',
+                ('--mpp', 'nan'): '--mpp: nan µm/px is outside 0.05-50',
+                ('--slide-mpp', '1e-9'): '--slide-mpp: 1e-09 µm/px is outside',  # was "no tissue"
+                ('--min-tissue', '2'): '--min-tissue 2.0: a fraction of a tile, 0 to 1',
+                ('--mpp-csv', 'header'): "has the header 'name,um': it needs 'slide,mpp'",  # was KeyError
+                ('--mpp-csv', 'value'): "line 2: mpp 'abc' is not a number of µm/px",  # was ValueError
+                ('--mpp-csv', 'range'): 'line 2: -3 µm/px is outside 0.05-50'}
+    out = tmp_path / 'tiles'
+    for (flag, value), message in refusals.items():
+        value = str(tmp_path / f'{value}.csv') if flag == '--mpp-csv' else value
+        with pytest.raises(SystemExit) as stop:
+            tile.main([str(small_slides / 's1.tif'), '--out', str(out), flag, value])
+        assert str(stop.value).startswith('error: ') and message in str(stop.value) and '\n' not in str(stop.value)
+    assert not out.exists()
+    (tmp_path / 'afile').write_text('')
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path / 'afile'} is a file, not a folder"):
+        tile.main([str(small_slides / 's1.tif'), '--out', str(tmp_path / 'afile')])  # was FileExistsError
+    # a slide smaller than one tile says so (it was 'no tissue: 0 of 0 grid tiles')
+    synthetic.write_synthetic_slide(tmp_path / 'small.tif', 200, 150, mpp=0.5)
+    row, = tile.tile_slides(tmp_path / 'small.tif', out)
+    assert row['error'] == ('smaller than one tile: 0.1 x 0.075 mm scanned, a tile is 256 px at 0.5 µm/px (0.128 mm '
+                            'a side); tile it with a smaller --tile or --mpp')
+
+
 # ==================================================================================================
 # model.py: the zoo, exact architectures, strict offline loading, Hibou-L conversion
 # ==================================================================================================
@@ -2185,7 +2377,7 @@ def test_a_missing_unreadable_or_damaged_slide_is_one_line_and_the_others_are_sc
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith('error: slide')]
     reasons = {line.split()[2].rstrip(':'): line for line in errors}
     assert len(errors) == 5 and set(reasons) == {'gone', 'garbage', 'damaged', 'first-tile', 'untiled'}  # one each
-    assert 'is gone' in reasons['gone'] and 'cannot open' in reasons['garbage']
+    assert 'is gone' in reasons['gone'] and 'changed since it was tiled (50,000 bytes' in reasons['garbage']
     assert 'level 0 is unreadable' in reasons['first-tile']  # before extraction, by tile.check_readable
     assert '1 of' in reasons['damaged'] and 'tiles unreadable' in reasons['damaged']
     assert 'tile it first' in reasons['untiled']
@@ -2203,6 +2395,64 @@ def test_bench_reports_reading_model_and_extraction_rates(slide_cohort, capsys):
     assert all(rates[k] > 0 for k in ('reading', 'model', 'extraction'))
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith('tiny-student: batch 16, 2 workers, cpu: reading') and 'bound by' in line
+
+
+def test_evaluate_refuses_a_repeated_row_a_copy_in_two_splits_one_class_and_an_unknown_model_before_embedding(
+        tmp_path, monkeypatch):
+    csv_path = synthetic.write_colour_patches(tmp_path / 'p', slides_per_split=(1, 0, 1), tiles_per_slide=1)
+    header, *lines = open(csv_path).read().splitlines()
+    rows = [line.split(',') for line in lines]  # path, label, split, center, slide
+
+    def labels(name, *lines):
+        (tmp_path / 'p' / name).write_text('\n'.join(lines) + '\n')
+        return str(tmp_path / 'p' / name)
+
+    # every row twice: the test set doubled, its CIs narrower, with nothing more measured
+    with pytest.raises(SystemExit, match=rf'^error: .*doubled\.csv lists .*{rows[0][0]} twice \(rows 1 and 7 under '
+                                         r'the header\): one row per image$'):
+        evaluate.read_dataset(labels('doubled.csv', header, *lines, *lines))
+    # no slide column: a copy of a test image in train is the same image in two splits
+    test_image = next(r for r in rows if r[2] == 'test')
+    shutil.copy(tmp_path / 'p' / test_image[0], tmp_path / 'p' / 'copy.png')
+    leak = labels('leak.csv', 'path,label,split', *[','.join(r[:3]) for r in rows], f'copy.png,{test_image[1]},train')
+    with pytest.raises(SystemExit, match=rf'{test_image[0]} \(test\) and .*copy\.png \(train\) are the same image, in '
+                                         'two splits: remove one of them$'):
+        evaluate.read_dataset(leak)
+    one_class = labels('one.csv', 'path,label,split', *[f'{r[0]},tumor,{r[2]}' for r in rows])
+    with pytest.raises(SystemExit, match="every image has the label 'tumor': a probe needs two classes or more$"):
+        evaluate.read_dataset(one_class)  # it was a scikit-learn traceback
+    # every --models entry is checked before the first is embedded
+    calls = counting_embed(monkeypatch)
+    args = ['--data', csv_path, '--device', 'cpu', '--num_workers', '0']
+    with pytest.raises(SystemExit, match=r"^error: unknown model 'tiny-studnt' \(did you mean tiny-student\?\)"):
+        evaluate.main(args + ['--models', 'tiny-teacher,tiny-studnt', '--out', str(tmp_path / 'out')])
+    assert calls == [] and not (tmp_path / 'out').exists()
+    with pytest.raises(SystemExit, match=rf'^error: --out {csv_path} is a file, not a folder'):
+        evaluate.main(args + ['--models', 'tiny-student', '--out', csv_path])
+
+
+def test_a_feature_file_written_into_in_place_is_embedded_again_and_a_folder_in_its_place_fails_its_slide_alone(
+        slide_cohort, tmp_path, monkeypatch, capsys):
+    root, out = slide_cohort['root'], tmp_path / 'out'
+    folder = out / 'features' / 'tiny-teacher'
+    # an uninterrupted run's files (the tiny student's are capped at 4 tiles a slide by a test above)
+    shutil.copytree(root / 'out' / 'features' / 'tiny-teacher', folder)
+    before = evaluate.read_features(folder / 'slide0.h5')[0]
+    with h5py.File(folder / 'slide0.h5', 'r+') as f:
+        f['features'][...] = 0  # other data under the same key: it used to be scored as is
+    (folder / 'slide1.h5').unlink()
+    (folder / 'slide1.h5').mkdir()  # a folder where a feature file goes: it used to be a traceback
+    calls = counting_embed(monkeypatch)
+    capsys.readouterr()
+    results = run_slides(root, out, 'tiny-teacher', '--extract_only=True')
+    printed = capsys.readouterr().out
+    assert f'tiny-teacher: 6 slides up to date in {folder}, 1 to embed (1 stale:' in printed
+    assert sum(calls) == len(np.load(root / 'tiles' / 'slide0.npz')['coords'])  # slide0 alone is embedded again
+    np.testing.assert_allclose(evaluate.read_features(folder / 'slide0.h5')[0], before, atol=1e-5)
+    reason = f"{folder / 'slide1.h5'} is in the way, not a feature file: move it, then rerun"
+    assert f'error: slide slide1: {reason}' in printed and (folder / 'slide1.h5').is_dir()
+    assert results['slides']['failed'] == {'slide1': reason}
+    assert evaluate.exit_status(results) == 1  # a slide not embedded: the job is not complete (it exited 0)
 
 
 

@@ -19,21 +19,32 @@ TileDataset reads the tiles later, for distill.py and evaluate.py.
   python tile.py --bench tiles/brca
 
 Outputs in --out: <stem>.npz (coords, tissue, level, read_size, tile_size, mpp, min_tissue,
-slide_mpp, slide_path), <stem>.jpg (QC: tissue outline in green, kept tiles in blue) and
-manifest.csv, a row per slide (shard I of N writes manifest-I-of-N.csv, and the last shard to
-finish merges them into manifest.csv). <stem> is the slide's file stem; its file name (X.tiff
-beside X.svs) or either with a hash of its folder (a/X.svs, b/X.svs) when that is not unique; the
-manifest maps stems to paths. Finished slides are skipped on a rerun; the exit status is 0 only
-when every slide succeeded.
+slide_mpp, slide_path, and the slide file's identity: slide_bytes, slide_mtime_ns,
+slide_dimensions, slide_hash), <stem>.jpg (QC: tissue outline in green, kept tiles in blue) and
+manifest.csv, a row per slide, kept across batches: a batch merges its rows into it by stem (shard
+I of N writes manifest-I-of-N.csv, and the last shard to finish merges them). <stem> is the
+slide's file stem; its file name (X.tiff beside X.svs) or either with a hash of its folder (a/X.svs,
+b/X.svs) when that is not unique; the manifest maps stems to paths. Finished slides are skipped on
+a rerun, and slides changed since they were tiled (or whose .npz is unreadable) are tiled again.
+One run writes into --out at a time (shards of one job together); Ctrl-C stops after the slides in
+flight, with the manifest written. The exit status is 0 only when every slide succeeded.
 """
 import argparse
 import collections
+import contextlib
 import csv
+import errno
+import fcntl
 import functools
 import hashlib
 import io
 import math
+import numbers
 import os
+import re
+import signal
+import socket
+import stat
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -54,6 +65,9 @@ TILE_SIZE = 256
 MIN_TISSUE = 0.5
 # a level up to 5% coarser than MPP still counts as "not coarser": scanners' 20x is 0.46-0.50
 MPP_SLACK = 0.05
+# µm/px that a scan (level 0) or a tile can have: 72 or 300 dpi (353 or 85 µm/px) is a default of
+# a non-scanner tool, and scanners stop at 0.1-0.25 (60x-40x)
+MPP_RANGE = (0.05, 50.0)
 # read exactly TILE_SIZE px when within 2%: TRIDENT reads a 20x level as 20x, no resize
 SNAP = 0.02
 # thumbnail px per tile side where tissue is found: a tile's tissue fraction is then in 1/64s
@@ -95,6 +109,12 @@ MAX_OPEN_SLIDES = 64
 SLIDE_CACHE_MB = 64
 # the QC picture's long side is upscaled (whole pixels) to at least this, so its tiles can be seen
 QC_MIN_SIDE = 512
+# a slide without OpenSlide's quickhash-1 (plain images, a smallest level too big to hash) is told
+# apart by the hash of its first and last MiB: the header, the first and the last tiles written
+SAMPLE_BYTES = 1 << 20
+# what a writer killed mid-write leaves: save_atomic's .NAME.PID.tmp, and NAME.tmpPID, the other
+# usual form of a temporary's name
+TEMPORARY_NAMES = (re.compile(r'\..+\.(\d+)\.tmp'), re.compile(r'.+\.tmp(\d+)'))
 # the columns of manifest.csv, a row per slide
 COLUMNS = ['path', 'stem', 'status', 'n_tiles', 'slide_mpp', 'level', 'read_size', 'seconds',
            'error']
@@ -114,6 +134,35 @@ def new_row(path, stem):
 def npz_files(folder):
     """The <stem>.npz files of a tiles folder, sorted; hidden ones are save_atomic's temporaries."""
     return sorted(f for f in os.listdir(folder) if f.endswith('.npz') and not f.startswith('.'))
+
+
+def load_tiles(path):
+    """The arrays of a <stem>.npz as a dict; SlideError, one line, when it is unreadable."""
+    # a write cut short (a full disk, a copy killed half-way) leaves a file that np.load cannot
+    # open, or opens and fails on later: every array is read, and its CRC checked, here
+    try:
+        with np.load(path) as npz:
+            record = {name: npz[name] for name in npz.files}
+        missing = {'coords', 'level', 'read_size', 'tile_size', 'mpp', 'slide_path'} - set(record)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
+    except Exception as e:
+        reason = ' '.join(f'{type(e).__name__}: {e}'.split())
+        raise SlideError(f'{path} is unreadable ({reason}): truncated or corrupt; tile.py tiles '
+                         'its slide again when that slide is among its inputs') from None
+    return record
+
+
+def readable_tiles(folder):
+    """{stem: arrays} of the readable .npz files of a tiles folder; an unreadable one is skipped
+    with a warning line."""
+    records = {}
+    for name in npz_files(folder):
+        try:
+            records[name.removesuffix('.npz')] = load_tiles(os.path.join(folder, name))
+        except SlideError as e:
+            print(f'warning: {e}', file=sys.stderr)
+    return records
 
 
 # ----------------------------------------------------------------------- slide metadata and levels
@@ -149,8 +198,7 @@ def find_mpp(slide, path, mpp_table=None, default=None):
     tiff_mpp = um_per_unit / float(x_resolution) if um_per_unit and x_resolution else None
     candidates = (props.get('openslide.mpp-x'), props.get('aperio.MPP'), tiff_mpp)
     found = next((float(m) for m in candidates if m), None)
-    # 72 or 300 dpi (353 or 85 µm/px) is a default of a non-scanner tool
-    if found and 0.05 <= found <= 50:
+    if found and MPP_RANGE[0] <= found <= MPP_RANGE[1]:
         return found
     if default:
         return default
@@ -213,6 +261,85 @@ def read_thumbnail(slide, level, factor, bounds):
             rgb[unscanned] = 255
         bands.append(np.asarray(Image.fromarray(rgb).reduce(factor)))
     return np.concatenate(bands)
+
+
+# ---------------------------------------------------------------------------------- slide identity
+
+def slide_identity(slide, path):
+    """What tells a later reader that the file at path is still the slide that was tiled: its
+    size, mtime, level-0 dimensions and a hash of its content, as <stem>.npz stores them."""
+    info = os.stat(path)
+    return dict(slide_bytes=info.st_size, slide_mtime_ns=info.st_mtime_ns,
+                slide_dimensions=np.array(slide.dimensions, np.int64),
+                slide_hash=content_hash(slide, path, info.st_size))
+
+
+def content_hash(slide, path, size):
+    """OpenSlide's quickhash-1 of an open slide, else a hash of the file's first and last
+    SAMPLE_BYTES."""
+    # quickhash-1 hashes the properties and the smallest level's tiles as OpenSlide opens a slide:
+    # it costs nothing more. A level-0 tile rotted in place keeps it, and TileDataset replaces
+    # that tile when it fails to decode
+    quickhash = slide.properties.get('openslide.quickhash-1')
+    if quickhash:
+        return quickhash
+    return 'sample:' + sample_hash(path, size, SAMPLE_BYTES)
+
+
+def sample_hash(path, size, sample_bytes):
+    """A hash of the first and last sample_bytes of a file of `size` bytes."""
+    sample = hashlib.blake2b(digest_size=16)
+    with open(path, 'rb') as f:
+        sample.update(f.read(sample_bytes))
+        f.seek(max(0, size - sample_bytes))
+        sample.update(f.read(sample_bytes))
+    return sample.hexdigest()
+
+
+def recorded_identity(record):
+    """The identity of its slide that a tiles record holds, less the mtime (which a copy changes):
+    {'bytes', 'dimensions', 'hash'}; None when the record holds none."""
+    if 'slide_hash' not in record:
+        return None
+    return dict(bytes=int(record['slide_bytes']), dimensions=record['slide_dimensions'].tolist(),
+                hash=str(record['slide_hash']))
+
+
+def slide_change(record, path):
+    """Why the file at path is not the slide a tiles record was made from, in a few words; None
+    when it is, or when the record holds no identity to compare with."""
+    # size first, then content. The mtime alone cannot decide: every copy changes it (cp without
+    # -p, a job's stage-in to local disk), and refusing copies would force re-tiling whole cohorts.
+    # Same size and mtime: the same file, nothing read. Same size, other mtime: one OpenSlide open
+    # compares the dimensions and content hash
+    try:
+        info = os.stat(path)
+    except OSError:
+        return 'gone'
+    if not stat.S_ISREG(info.st_mode):
+        return 'not a regular file'
+    identity = recorded_identity(record)
+    if identity is None:
+        return None
+    if info.st_size != identity['bytes']:
+        return f"{info.st_size:,} bytes, {identity['bytes']:,} when tiled"
+    if info.st_mtime_ns == int(record['slide_mtime_ns']):
+        return None
+    try:
+        slide = open_slide(path)
+    except SlideError:
+        return 'it no longer opens'
+    try:
+        dimensions = list(slide.dimensions)
+        content = content_hash(slide, path, info.st_size)
+    finally:
+        slide.close()
+    if dimensions != identity['dimensions']:
+        width, height = identity['dimensions']
+        return f'{dimensions[0]}x{dimensions[1]} px, {width}x{height} when tiled'
+    if content != identity['hash']:
+        return 'the same size, other content'
+    return None
 
 
 # ------------------------------------------------------------------ tissue detection and tile grid
@@ -336,9 +463,15 @@ def save_atomic(path, write):
     """Write `path` through a temporary name, then rename it."""
     # a killed run never leaves a half file that looks done
     tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        # a failed write (a full disk, Ctrl-C) takes its temporary with it
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds):
@@ -378,6 +511,12 @@ def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
     # level-0 px per tile side
     footprint = read_size * slide.level_downsamples[level]
     bounds = slide_bounds(slide)
+    if min(bounds[2:]) < footprint:
+        width_mm, height_mm = (side * slide_mpp / 1000 for side in bounds[2:])
+        raise SlideError(
+            f'smaller than one tile: {width_mm:.3g} x {height_mm:.3g} mm scanned, a tile is '
+            f'{tile_size} px at {mpp} µm/px ({tile_size * mpp / 1000:.3g} mm a side); '
+            'tile it with a smaller --tile or --mpp')
     # seg_ds: level-0 px per thumbnail px
     rgb, seg_ds = segmentation_thumbnail(slide, slide_mpp, mpp, tile_size, bounds)
     mask = tissue_mask(rgb, slide_mpp * seg_ds)
@@ -389,7 +528,7 @@ def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
     check_readable(slide, coords, level, read_size)
     return dict(slide_mpp=slide_mpp, level=level, read_size=read_size, footprint=footprint,
                 rgb=rgb, mask=mask, seg_ds=seg_ds, tissue=tissue, rows=rows, cols=cols,
-                coords=coords)
+                coords=coords, identity=slide_identity(slide, path))
 
 
 def check_stem_is_free(out_dir, stem, path):
@@ -399,8 +538,11 @@ def check_stem_is_free(out_dir, stem, path):
     npz = os.path.join(out_dir, stem + '.npz')
     if not os.path.exists(npz):
         return
-    with np.load(npz) as done:
-        owner = str(done['slide_path'])
+    # an unreadable .npz holds nobody's tiles
+    try:
+        owner = str(load_tiles(npz)['slide_path'])
+    except SlideError:
+        return
     if os.path.exists(owner) and not os.path.samefile(owner, path):
         raise SlideError(f'{stem}.npz in {out_dir} holds the tiles of {owner}, another slide '
                          '(two runs at once into one --out?); rerun, alone, to tile this one')
@@ -421,7 +563,8 @@ def write_tiles(out_dir, stem, path, tiles, mpp, tile_size, min_tissue):
     tissue = tiles['tissue'][rows, cols].astype(np.float32)
     arrays = dict(coords=coords, tissue=tissue, level=level, read_size=read_size,
                   tile_size=tile_size, mpp=mpp, min_tissue=min_tissue,
-                  slide_mpp=tiles['slide_mpp'], slide_path=os.path.abspath(path))
+                  slide_mpp=tiles['slide_mpp'], slide_path=os.path.abspath(path),
+                  **tiles['identity'])
     save_atomic(os.path.join(out_dir, stem + '.npz'), lambda f: np.savez(f, **arrays))
 
 
@@ -458,33 +601,76 @@ def tile_slide(path, stem, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN
 # ------------------------------------------------------------------------------------------- batch
 
 def find_slides(inputs, exclude=None):
-    """Slide files named or found (recursively) under the inputs, sorted."""
+    """Slide files named or found (recursively) under the inputs, sorted; and {path: reason} of
+    the links that lead nowhere and the special files (FIFOs, devices) among them, never opened."""
     exclude = os.path.abspath(exclude) + os.sep if exclude else None
-    found, dicom_dirs = [], set()
+    found, skipped, dicom_dirs, walked = [], {}, set(), set()
     for item in inputs:
         # named explicitly: always tried, whatever its suffix
-        if os.path.isfile(item):
-            found.append(item)
-            continue
-        walk = os.walk(item, followlinks=True)
-        for p in sorted(os.path.join(d, f) for d, _, files in walk for f in files):
-            root, ext = os.path.splitext(p)
-            ext = ext.lower()
-            # our own QC picture: beside its .npz, or anywhere in the output folder
-            in_output = exclude and os.path.abspath(p).startswith(exclude)
-            is_qc = ext in PLAIN_IMAGES and (os.path.exists(root + '.npz') or in_output)
-            if ext not in SUFFIXES or os.path.basename(p).startswith('.') or is_qc:
-                continue
-            # a DICOM series is a folder of .dcm files that OpenSlide opens from any one of them,
-            # so one file per folder is kept
-            if ext == '.dcm':
-                if os.path.dirname(p) in dicom_dirs:
-                    continue
-                dicom_dirs.add(os.path.dirname(p))
-            found.append(p)
+        named = not os.path.isdir(item)
+        candidates = [item] if named else slide_candidates(item, exclude, dicom_dirs, walked)
+        for path in candidates:
+            reason = not_a_slide_file(path)
+            if reason:
+                skipped[path] = reason
+            else:
+                found.append(path)
     # a file named twice (by a relative and an absolute path) is one slide
     by_path = {os.path.abspath(p): p for p in found}
-    return sorted(by_path.values())
+    return sorted(by_path.values()), skipped
+
+
+def slide_candidates(folder, exclude, dicom_dirs, walked):
+    """The files below folder that may be slides, by name: sorted, each folder walked once."""
+    for p in sorted(walk_once(folder, walked)):
+        root, ext = os.path.splitext(p)
+        ext = ext.lower()
+        # our own QC picture: beside its .npz, or anywhere in the output folder
+        in_output = exclude and os.path.abspath(p).startswith(exclude)
+        is_qc = ext in PLAIN_IMAGES and (os.path.exists(root + '.npz') or in_output)
+        if ext not in SUFFIXES or os.path.basename(p).startswith('.') or is_qc:
+            continue
+        # a DICOM series is a folder of .dcm files that OpenSlide opens from any one of them,
+        # so one file per folder is kept
+        if ext == '.dcm':
+            if os.path.dirname(p) in dicom_dirs:
+                continue
+            dicom_dirs.add(os.path.dirname(p))
+        yield p
+
+
+def walk_once(folder, walked):
+    """Every path below folder that is not a folder, following links to folders but entering each
+    real folder once (walked: the real paths entered so far)."""
+    # a link to a parent (ln -s $PWD loop) would otherwise be walked until the path is too long,
+    # and every slide found 40 times under other names
+    for here, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in walked:
+            folders.clear()
+            continue
+        walked.add(real)
+        # the first path to a folder (in sorted order) is the one kept
+        folders.sort()
+        yield from (os.path.join(here, f) for f in files)
+
+
+def not_a_slide_file(path):
+    """Why path cannot be a slide file, without opening it: a link that leads nowhere, a special
+    file (reading a FIFO waits for a writer forever); None for a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if os.path.islink(path):
+            return (f'a link to {os.readlink(path)}, which cannot be followed ({e.strerror}): '
+                    'fix or remove the link')
+        return f'cannot be read ({e.strerror})'
+    if stat.S_ISREG(mode):
+        return None
+    kind = 'a device, socket or other special file'
+    if stat.S_ISFIFO(mode):
+        kind = 'a named pipe (FIFO)'
+    return f'{kind}, not a slide file: skipped unopened; move it out of the slide folder'
 
 
 def stem_choices(path):
@@ -572,6 +758,56 @@ def write_manifest(path, rows):
     write_csv(path, COLUMNS, rows)
 
 
+def manifest_rows(path):
+    """The rows of the manifest at path; none when there is none, or (with a warning line) when
+    it is unreadable: the .npz files are the record of what is done, the manifest its summary."""
+    if not os.path.exists(path):
+        return []
+    try:
+        rows = read_csv(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        rows, problem = [], f'{type(e).__name__}: {e}'
+    else:
+        problem = 'not the columns of a manifest' if rows and set(COLUMNS) - set(rows[0]) else ''
+    if problem:
+        print(f'warning: {path} is unreadable ({problem}): written anew with this run\'s rows',
+              file=sys.stderr)
+        return []
+    return rows
+
+
+def merge_manifest(path, rows):
+    """Merge rows into the manifest at path: each replaces the row of its stem (or, without a stem,
+    of its path) there, and the rows of other slides stay: tiling folder A, then B, into one --out
+    lists both."""
+    stems = {r['stem'] for r in rows if r['stem']}
+    paths = {r['path'] for r in rows}
+    kept = [r for r in manifest_rows(path) if r['stem'] not in stems and r['path'] not in paths]
+    write_manifest(path, kept + rows)
+
+
+def write_manifests(out_dir, rows, shard):
+    """This run's rows merged into manifest.csv; a shard's written to manifest-I-of-N.csv, and
+    merged with the other shards' by the last of the N to finish."""
+    index, count = parse_shard(shard)
+    manifest = os.path.join(out_dir, 'manifest.csv')
+    # one merge at a time: shards ending together would each drop the others' rows
+    lock = os.path.join(out_dir, '.manifest.lock')
+    try:
+        with locked(lock, wait=True):
+            if not shard:
+                merge_manifest(manifest, rows)
+                return
+            write_manifest(os.path.join(out_dir, f'manifest-{index}-of-{count}.csv'), rows)
+            parts = [os.path.join(out_dir, f'manifest-{i}-of-{count}.csv') for i in range(count)]
+            if all(map(os.path.exists, parts)):
+                merge_manifest(manifest, [row for part in parts for row in read_csv(part)])
+    except OSError as e:
+        raise SystemExit(f'error: cannot write the manifest in {out_dir} ({e.strerror}): free '
+                         'space there and rerun; the slides tiled are kept, and the rerun finds '
+                         'them done') from None
+
+
 def rows_after_crash(running, pool_size, suspects):
     """Rows of the slides in flight when a worker process died: those that finished before the
     crash; the others join `suspects`, or, when one was alone in its pool, it is the culprit."""
@@ -586,13 +822,16 @@ def rows_after_crash(running, pool_size, suspects):
             yield new_row(path, stem) | dict(error=error)
 
 
-def die_with_parent():
-    """A worker process's initializer: on Linux, the kernel kills it when tile.py dies."""
+def init_worker():
+    """A worker process's initializer: it leaves Ctrl-C to tile.py, and on Linux the kernel kills
+    it when tile.py dies."""
+    # Ctrl-C reaches the whole process group: tile.py lets the slides in flight finish and writes
+    # the manifest; a worker's KeyboardInterrupt would only print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a tile.py killed by SIGKILL (a scheduler's time limit, an OOM kill) otherwise leaves its
     # workers waiting on their task queue forever: measured, hours later, still there
     if sys.platform.startswith('linux'):
         import ctypes
-        import signal
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
@@ -606,7 +845,7 @@ def run_slides(jobs, workers, kwargs):
     while queue or suspects:
         source, size = (suspects, 1) if suspects else (queue, workers)
         running = {}
-        with ProcessPoolExecutor(size, initializer=die_with_parent) as pool:
+        with ProcessPoolExecutor(size, initializer=init_worker) as pool:
             try:
                 while source or running:
                     # never more in flight: on a crash, they are the suspects
@@ -620,15 +859,35 @@ def run_slides(jobs, workers, kwargs):
                 yield from rows_after_crash(running, size, suspects)
 
 
-def finished_row(path, stem, out_dir, settings):
-    """The manifest row of a slide tiled into out_dir earlier: an error when it was tiled with other
-    settings (mpp, tile_size, min_tissue) or found no tissue."""
-    with np.load(os.path.join(out_dir, stem + '.npz')) as done:
-        done_settings = (float(done['mpp']), int(done['tile_size']),
-                         float(done.get('min_tissue', settings[2])))
-        row = dict(path=path, stem=stem, status='ok', n_tiles=len(done['coords']),
-                   slide_mpp=float(done['slide_mpp']), level=int(done['level']),
-                   read_size=int(done['read_size']), seconds=0, error='')
+def run_batch(todo, rows, workers, kwargs):
+    """Tile the slides of todo, appending their rows to rows (which holds the batch's other rows);
+    True when Ctrl-C stopped it, the slides not recorded then having rows that say so."""
+    tiled_before = len(rows)
+    slides = run_slides(todo, max(1, workers), kwargs)
+    progress = tqdm(slides, total=len(todo) + len(rows), initial=len(rows), unit='slide')
+    try:
+        for row in progress:
+            rows.append(row)
+    except KeyboardInterrupt:
+        # the pool lets its slides in flight finish (its workers ignore SIGINT), then stops
+        slides.close()
+        progress.close()
+        recorded = {(r['path'], r['stem']) for r in rows[tiled_before:]}
+        error = 'interrupted (Ctrl-C) before this slide was recorded: rerun to tile it'
+        rows += [new_row(p, stem) | dict(error=error) for p, stem in todo
+                 if (p, stem) not in recorded]
+        return True
+    return False
+
+
+def finished_row(path, stem, record, settings):
+    """The manifest row of a slide tiled into out_dir earlier (record: its .npz): an error when it
+    was tiled with other settings (mpp, tile_size, min_tissue) or found no tissue."""
+    done_settings = (float(record['mpp']), int(record['tile_size']),
+                     float(record.get('min_tissue', settings[2])))
+    row = dict(path=path, stem=stem, status='ok', n_tiles=len(record['coords']),
+               slide_mpp=float(record['slide_mpp']), level=int(record['level']),
+               read_size=int(record['read_size']), seconds=0, error='')
     # never mix two settings in one folder
     if done_settings != settings:
         done_mpp, done_tile_size, done_min_tissue = done_settings
@@ -640,12 +899,26 @@ def finished_row(path, stem, out_dir, settings):
     return row
 
 
+def needs_tiling(path, stem, records):
+    """Whether a slide has no tiles in the folder yet, or tiles of another file than the one now
+    at its path (said in a line: it is tiled again). records: {stem: .npz arrays} of the folder."""
+    record = records.get(stem)
+    if record is None or str(record['slide_path']) != os.path.abspath(path):
+        return True
+    why = slide_change(record, path)
+    if why:
+        print(f'{path} changed since it was tiled ({why}): tiling it again', file=sys.stderr)
+    return why is not None
+
+
 def plan_batch(inputs, out_dir, shard, overwrite, settings):
-    """This shard's slides still to tile, as (path, stem), and the rows of those done earlier."""
-    paths = find_slides(inputs, exclude=out_dir)
-    # slides tiled into out_dir before: absolute path -> stem
-    earlier = {str(np.load(os.path.join(out_dir, f))['slide_path']): f[:-4]
-               for f in npz_files(out_dir)}
+    """This shard's slides still to tile, as (path, stem), and the rows of the others: those done
+    earlier, and those not tiled (no name of their own, a link to nowhere, a special file)."""
+    paths, skipped = find_slides(inputs, exclude=out_dir)
+    # slides tiled into out_dir before; an unreadable .npz is warned about and left to be redone
+    records = readable_tiles(out_dir)
+    # absolute path -> stem
+    earlier = {str(record['slide_path']): stem for stem, record in records.items()}
     # stems from the full list, so every shard agrees on them
     jobs = list(zip(paths, unique_stems(paths, earlier)))
     index, count = shard
@@ -653,12 +926,15 @@ def plan_batch(inputs, out_dir, shard, overwrite, settings):
     # two slides never write one .npz: a slide left without a stem of its own is an error
     clashing = [path for path, stem in jobs if stem is None]
     jobs = [(path, stem) for path, stem in jobs if stem is not None]
-    todo = [(p, stem) for p, stem in jobs if overwrite or os.path.abspath(p) not in earlier]
+    todo = [(p, stem) for p, stem in jobs if overwrite or needs_tiling(p, stem, records)]
     finished = sorted(set(jobs) - set(todo))
-    rows = [finished_row(path, stem, out_dir, settings) for path, stem in finished]
+    rows = [finished_row(path, stem, records[stem], settings) for path, stem in finished]
     error = ('no output name of its own: another slide has the same name but for case '
              '(X.svs, x.svs: one file on macOS and Windows disks); rename one of them')
     rows += [new_row(path, '') | dict(error=error) for path in clashing]
+    # each shard reports its share of the files that are not slides, as of the slides
+    rows += [new_row(path, '') | dict(error=reason)
+             for path, reason in sorted(skipped.items())[index::count]]
     return todo, rows
 
 
@@ -669,35 +945,219 @@ def parse_shard(shard):
     return tuple(map(int, shard.split('/'))) if isinstance(shard, str) else tuple(shard)
 
 
+def check_mpp(value, what):
+    """value, a µm/px; SystemExit naming `what` when no scan or tile has it (MPP_RANGE)."""
+    low, high = MPP_RANGE
+    # NaN fails the comparison too
+    if not low <= value <= high:
+        raise SystemExit(f'error: {what}: {value:g} µm/px is outside {low}-{high:g}; a 40x scan '
+                         'is about 0.25 µm/px, 20x 0.5')
+    return value
+
+
+def check_settings(mpp, tile_size, min_tissue, slide_mpp):
+    """Stop with one line on a setting that no slide can be tiled with, before any work."""
+    if not isinstance(tile_size, numbers.Integral) or tile_size < 1:
+        raise SystemExit(f'error: --tile {tile_size}: a tile side is a whole number of px, at '
+                         'least 1 (G2L: 256)')
+    check_mpp(mpp, '--mpp')
+    if slide_mpp is not None:
+        check_mpp(slide_mpp, '--slide-mpp')
+    if not 0 <= min_tissue <= 1:
+        raise SystemExit(f'error: --min-tissue {min_tissue}: a fraction of a tile, 0 to 1 '
+                         f'(default {MIN_TISSUE})')
+
+
+def read_mpp_csv(path):
+    """{slide: level-0 µm/px} from an --mpp-csv 'slide,mpp'; SystemExit, one line, on a header or
+    value that is not one."""
+    try:
+        rows = read_csv(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f'error: --mpp-csv {path} cannot be read ({type(e).__name__}: {e})')
+    if rows and {'slide', 'mpp'} - set(rows[0]):
+        header = ','.join(k for k in rows[0] if k is not None)
+        raise SystemExit(f"error: --mpp-csv {path} has the header '{header}': it needs "
+                         "'slide,mpp', then a line per slide such as 'TCGA-01.svs,0.25'")
+    table = {}
+    # line 1 is the header
+    for line, row in enumerate(rows, 2):
+        try:
+            value = float(row['mpp'])
+        except (TypeError, ValueError):
+            raise SystemExit(f"error: --mpp-csv {path} line {line}: mpp {row['mpp']!r} is not "
+                             'a number of µm/px') from None
+        table[(row['slide'] or '').strip()] = check_mpp(value, f'--mpp-csv {path} line {line}')
+    return table
+
+
 def tile_slides(inputs, out_dir, mpp=MPP, tile_size=TILE_SIZE, min_tissue=MIN_TISSUE, workers=1,
                 shard=None, overwrite=False, slide_mpp=None, mpp_csv=None):
-    """Tile every slide under `inputs` into out_dir in max(1, workers) processes; returns the
-    manifest rows, written to manifest.csv too."""
+    """Tile every slide under `inputs` into out_dir in max(1, workers) processes; returns this
+    batch's manifest rows, merged into manifest.csv too. Ctrl-C lets the slides in flight finish,
+    writes the manifest, then raises KeyboardInterrupt."""
+    # a temporary last written before now is no live run's (remove_stale_temporaries)
+    started = time.time()
     out_dir = str(out_dir)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    os.makedirs(out_dir, exist_ok=True)
+    # every argument is checked before anything is written
+    check_settings(mpp, tile_size, min_tissue, slide_mpp)
+    mpp_table = read_mpp_csv(mpp_csv) if mpp_csv else None
+    make_out_folder(out_dir)
     index, count = parse_shard(shard)
-    settings = (mpp, tile_size, min_tissue)
-    todo, rows = plan_batch([str(p) for p in inputs], out_dir, (index, count), overwrite, settings)
-    mpp_table = None
-    if mpp_csv:
-        mpp_table = {row['slide'].strip(): float(row['mpp']) for row in read_csv(mpp_csv)}
-    kwargs = dict(out_dir=out_dir, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
-                  slide_mpp=slide_mpp, mpp_table=mpp_table)
-    progress = tqdm(run_slides(todo, max(1, workers), kwargs), total=len(todo) + len(rows),
-                    initial=len(rows), unit='slide')
-    rows += progress
-    # a shard writes manifest-I-of-N.csv (shards never share a manifest), and the last of N to
-    # finish merges them into manifest.csv
-    manifest = f'manifest-{index}-of-{count}.csv' if shard else 'manifest.csv'
-    write_manifest(os.path.join(out_dir, manifest), rows)
-    parts = [os.path.join(out_dir, f'manifest-{i}-of-{count}.csv') for i in range(count)]
-    # written before looking: of shards ending at once, one sees all
-    if shard and all(map(os.path.exists, parts)):
-        merged = [row for part in parts for row in read_csv(part)]
-        write_manifest(os.path.join(out_dir, 'manifest.csv'), merged)
+    # shards of one job write one folder together, each its own slides
+    parts = [f'shard-{index}-of-{count}'] if shard else []
+    with one_writer(out_dir, 'tile', parts):
+        remove_stale_temporaries(out_dir, started)
+        settings = (mpp, tile_size, min_tissue)
+        inputs = [str(p) for p in inputs]
+        todo, rows = plan_batch(inputs, out_dir, (index, count), overwrite, settings)
+        kwargs = dict(out_dir=out_dir, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
+                      slide_mpp=slide_mpp, mpp_table=mpp_table)
+        interrupted = run_batch(todo, rows, workers, kwargs)
+        write_manifests(out_dir, rows, shard)
+    if interrupted:
+        raise KeyboardInterrupt
     return rows
+
+
+# ------------------------------------------------------------ output folders: one writer at a time
+
+def make_out_folder(folder, flag='--out'):
+    """Make an output folder if missing; SystemExit, one line, when it cannot be one."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f'error: {flag} {folder} is a file, not a folder: give a folder (it is '
+                         'made when missing)')
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'error: cannot make {flag} {folder} ({e.strerror}): give a folder '
+                         'that can be written') from None
+
+
+@contextlib.contextmanager
+def one_writer(folder, program, parts=()):
+    """Hold the writers' lock of an output folder while the block runs: alone, or with parts
+    (shard 3 of 8, one model's files) beside other runs that have parts, each part once. Another
+    live run in the way is SystemExit, one line; a dead run's lock is none (see locked)."""
+    lock = os.path.join(folder, f'.{program}.lock')
+    with contextlib.ExitStack() as held:
+        busy = f'another {program}.py run is writing into {folder}'
+        held.enter_context(locked(lock, busy, shared=bool(parts)))
+        for part in parts:
+            lock = os.path.join(folder, f'.{program}-{part}.lock')
+            busy = f'another {program}.py run is writing {part} into {folder}'
+            held.enter_context(locked(lock, busy))
+        yield
+
+
+@contextlib.contextmanager
+def locked(path, busy='', shared=False, wait=False):
+    """Hold an flock on path while the block runs, shared with other shared holders or alone.
+    Without wait, another holder is SystemExit: 'error: <busy> (<holder>): ...'."""
+    # flock, not a pid in a file: the kernel drops a process's locks when it dies, however it dies
+    # (SIGKILL, OOM), so a dead run's lock file is simply taken over; and NFSv4 carries it between
+    # machines
+    fd = acquire(path, busy, shared, wait)
+    try:
+        yield
+    finally:
+        release(path, fd)
+
+
+def acquire(path, busy, shared, wait):
+    """An open descriptor of the lock file at path, holding its flock."""
+    how = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SystemExit(f'error: cannot write into {os.path.dirname(path)} ({e.strerror}): '
+                             'give a folder that can be written') from None
+        try:
+            fcntl.flock(fd, how)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors='replace').strip() or 'pid unknown'
+            os.close(fd)
+            raise SystemExit(f'error: {busy} ({holder}): wait for it to end, or give another '
+                             '--out') from None
+        except OSError as e:
+            # a filesystem without locks (Lustre mounted without flock): warned, not refused
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            print(f'warning: cannot lock {path} ({e.strerror}): make sure no other run writes '
+                  'there', file=sys.stderr)
+            return fd
+        # a lock taken on a file its last holder removed on leaving (release) locks nothing
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                write_holder(fd)
+                return fd
+        os.close(fd)
+
+
+def write_holder(fd):
+    """Say in the lock file who holds it, for the line of a run that finds it held."""
+    holder = f'pid {os.getpid()} on {socket.gethostname()}'
+    # a full disk leaves the file empty: the lock holds all the same
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+
+
+def release(path, fd):
+    """Drop the lock at path; its last holder removes the file, so a finished run leaves none."""
+    # exclusive only when nobody else holds it: a shard still at work keeps the file
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    os.close(fd)
+
+
+def remove_stale_temporaries(folder, started):
+    """Delete the temporaries that runs killed mid-write left in folder: those whose process is
+    gone and that were last written before this run `started`."""
+    # never a live run's: a run on this machine has a live pid; one on another machine that shares
+    # the folder has a pid that means nothing here, but it writes a file in seconds
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    removed = 0
+    for name in names:
+        pid = temporary_pid(name)
+        if pid is None or process_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.stat(path).st_mtime >= started:
+                continue
+            os.remove(path)
+        except FileNotFoundError:
+            # another run removed it first
+            continue
+        removed += 1
+    if removed:
+        print(f'removed {removed} temporary files of killed runs from {folder}')
+
+
+def temporary_pid(name):
+    """The pid in the name of a temporary file (TEMPORARY_NAMES); None for any other file."""
+    for pattern in TEMPORARY_NAMES:
+        match = pattern.fullmatch(name)
+        if match:
+            return int(match[1])
+    return None
+
+
+def process_alive(pid):
+    """Whether a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        # another user's process
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------- reading tiles
@@ -722,13 +1182,16 @@ class TileDataset:
 
     def __init__(self, tiles_dir):
         is_folder = os.path.isdir(tiles_dir)
-        files = npz_files(tiles_dir) if is_folder else []
-        if not files:
-            why = 'no .npz' if is_folder else 'not a folder'
+        # an unreadable .npz is skipped with a warning line; tile.py tiles its slide again
+        records = readable_tiles(tiles_dir) if is_folder else {}
+        if not records:
+            why = 'not a folder'
+            if is_folder:
+                why = 'no readable .npz' if npz_files(tiles_dir) else 'no .npz'
             raise ValueError(f"no tiles in {tiles_dir} ({why}): "
                              f"run `python tile.py SLIDES --out {tiles_dir}` first")
-        npz = [dict(np.load(os.path.join(tiles_dir, f))) for f in files]
-        self.stems = [f[:-4] for f in files]
+        npz = list(records.values())
+        self.stems = list(records)
         self.slide_paths = [str(z['slide_path']) for z in npz]
         self.levels = [int(z['level']) for z in npz]
         self.read_sizes = [int(z['read_size']) for z in npz]
@@ -743,11 +1206,22 @@ class TileDataset:
             raise ValueError(f'{len(gone)} slides tiled into {tiles_dir} are gone from where they '
                              f'were (e.g. {gone[0]}): tile them again from where they are now '
                              f'into {tiles_dir}, or delete their .npz')
+        # a slide replaced since it was tiled would be read silently wrong: reads past the edge of
+        # a smaller scan come back blank
+        changes = [(p, slide_change(z, p)) for p, z in zip(self.slide_paths, npz)]
+        if changed := [(p, why) for p, why in changes if why]:
+            path, why = changed[0]
+            raise ValueError(f'{len(changed)} slides tiled into {tiles_dir} changed since they '
+                             f'were tiled (e.g. {path}: {why}): tile them again; `python tile.py '
+                             f'SLIDES --out {tiles_dir}` redoes the changed ones')
+        # what identifies each slide file but its mtime, which a copy changes: for the keys of
+        # what is computed from these tiles (distill.py's teacher cache)
+        self.slide_identities = [recorded_identity(z) for z in npz]
         self.tile_size = tile_sizes.pop()
         coords = [z['coords'] for z in npz]
         self.coords = np.concatenate(coords).reshape(-1, 2)
         # the slide of each tile, an index into stems, slide_paths, levels and read_sizes
-        self.slide_index = np.repeat(np.arange(len(files)), [len(c) for c in coords])
+        self.slide_index = np.repeat(np.arange(len(npz)), [len(c) for c in coords])
         # bad_reads: tiles found unreadable in this process; replaced: reads that returned another
         # tile in their place, counted every time (a known bad tile is replaced without a read)
         self._pid, self.bad_reads, self.replaced = None, 0, 0
@@ -906,8 +1380,14 @@ def main(argv=None):
     index, _, count = (args.shard or '0/1').partition('/')
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         parser.error(f'--shard {args.shard}: expected I/N with 0 <= I < N, e.g. --shard 0/8')
-    rows = tile_slides(args.inputs, args.out, args.mpp, args.tile, args.min_tissue, args.workers,
-                       args.shard, args.overwrite, args.slide_mpp, args.mpp_csv)
+    try:
+        rows = tile_slides(args.inputs, args.out, args.mpp, args.tile, args.min_tissue,
+                           args.workers, args.shard, args.overwrite, args.slide_mpp, args.mpp_csv)
+    except KeyboardInterrupt:
+        print(f'interrupted: the slides tiled so far are kept in {args.out} and listed in its '
+              'manifest; rerun the same command to tile the rest', file=sys.stderr)
+        # 128 + SIGINT, as a shell reports a run stopped by Ctrl-C
+        return 130
     failed = [r for r in rows if r['status'] != 'ok']
     for r in failed:
         print(f"error {r['path']}: {r['error']}", file=sys.stderr)
