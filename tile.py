@@ -876,7 +876,7 @@ class TileDataset:
         return torch.from_numpy(self.read(i))
 
 
-# ------------------------------------------------ reading a TIFF's stored JPEG tiles, not OpenSlide
+# ----------------------------------------------- reading a TIFF's stored JPEG tiles, not OpenSlide
 #
 # OpenSlide decodes each JPEG tile under a region into its cache, paints it into a cairo surface and
 # converts that to RGBA; TileDataset reads the same tiles' bytes and decodes them with
