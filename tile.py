@@ -52,6 +52,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import openslide
+import simplejpeg
+import tifffile
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
@@ -101,12 +103,26 @@ PLAIN_IMAGES = {'.png', '.jpg', '.jpeg'}
 # what OpenSlide 4 opens, plus plain images
 SUFFIXES = {'.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif',
             '.czi', '.dcm'} | PLAIN_IMAGES
-# OpenSlide handles a reading process keeps (least recently used closed first): ~0.4 MiB each on a
-# small slide, more on a big one; reopening took ~1.5 ms on the synthetic SVS, ~1 tile read
+# slide handles a reading process keeps (least recently used closed first): OpenSlide's, ~0.4 MiB
+# each on a small slide, more on a big one, reopened in ~1.5 ms on the synthetic SVS (~1 tile
+# read); or, for a slide read straight from its JPEG tiles, an open file
 MAX_OPEN_SLIDES = 64
 # one decode cache shared by a process's handles: OpenSlide's default is 32 MiB per handle, tens of
 # GB per worker over ~1K slides, and tiles read in random order almost never hit it anyway
 SLIDE_CACHE_MB = 64
+# slides whose tiles TileDataset reads straight from the stored JPEG tiles, by the vendor OpenSlide
+# reads them as: their levels are plain grids of tiles in a TIFF page (others, such as NDPI, BIF
+# with overlaps, MRXS, DICOM, go through OpenSlide)
+DIRECT_VENDORS = {'aperio', 'generic-tiff'}
+# shrink 2x, 4x or 8x inside the JPEG decoder (libjpeg-turbo's scaled IDCT) where a region is that
+# multiple of the tile: 1.9x the tiles/s of a whole decode and box shrink, PSNR 46 dB against it on
+# the synthetic nuclei texture. False: OpenSlide's pixels and box shrink exactly, at half the rate
+DCT_SHRINK = True
+# Adobe's APP14 JPEG segment (Adobe TN 5116) ending in its colour transform, by TIFF photometric:
+# put in front of a stored tile, it tells the decoder the tile's colour space (RGB 2, YCbCr 6)
+# instead of letting it guess, which turns RGB-coded Aperio tiles (ids 0, 1, 2) into false colours
+ADOBE_MARKER = {2: b'\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00',
+                6: b'\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01'}
 # the QC picture's long side is upscaled (whole pixels) to at least this, so its tiles can be seen
 QC_MIN_SIDE = 512
 # a slide without OpenSlide's quickhash-1 (plain images, a smallest level too big to hash) is told
@@ -522,6 +538,10 @@ def find_tiles(slide, path, mpp, tile_size, min_tissue, mpp_table, default_mpp):
     mask = tissue_mask(rgb, slide_mpp * seg_ds)
     tissue = score_grid(mask, seg_ds, footprint, bounds)
     rows, cols = np.nonzero(tissue >= min_tissue)
+    # the grid starts at the level's origin and steps read_size of its pixels, so it lies on the
+    # stored tiles of the level it reads, whichever level that is: a 512 px footprint covers
+    # exactly 2 x 2 stored tiles of 256 px, a 256 px one exactly one, and none straddles more
+    # stored tiles than its size must (read_stored_tiles reads only those)
     xs = bounds[0] + np.rint(cols * footprint)
     ys = bounds[1] + np.rint(rows * footprint)
     coords = np.stack([xs, ys], 1).astype(np.int64).reshape(-1, 2)
@@ -1163,13 +1183,16 @@ def process_alive(pid):
 # ----------------------------------------------------------------------------------- reading tiles
 
 def to_tile(region, tile_size):
-    """A region read from a slide (RGBA, read_size px) as uint8 (3, tile_size, tile_size)."""
+    """A region read from a slide as uint8 (3, tile_size, tile_size): an RGBA image from OpenSlide,
+    or RGB pixels from the stored JPEG tiles; read_size px, or tile_size when shrunk in the DCT."""
+    size = region.size[0] if isinstance(region, Image.Image) else len(region)
     # no level at the target mpp: shrink from the finer one by area averaging
-    if region.size[0] != tile_size:
+    if size != tile_size:
         # drop alpha first: Pillow premultiplies RGBA around every resample
-        region = region.convert('RGB')
-        if region.size[0] % tile_size == 0:
-            region = region.reduce(region.size[0] // tile_size)
+        is_image = isinstance(region, Image.Image)
+        region = region.convert('RGB') if is_image else Image.fromarray(region)
+        if size % tile_size == 0:
+            region = region.reduce(size // tile_size)
         else:
             region = region.resize((tile_size,) * 2, Image.BOX)
     # RGBA -> RGB and HWC -> CHW in one numpy copy
@@ -1179,6 +1202,10 @@ def to_tile(region, tile_size):
 
 class TileDataset:
     """A tiles folder as a map-style dataset: ds[i] is tile i, uint8 (3, tile_size, tile_size)."""
+
+    # read Aperio SVS and generic tiled TIFFs straight from their stored JPEG tiles where the
+    # slide allows it (direct_layout); False: every tile through OpenSlide
+    direct = True
 
     def __init__(self, tiles_dir):
         is_folder = os.path.isdir(tiles_dir)
@@ -1229,17 +1256,31 @@ class TileDataset:
     def __len__(self):
         return len(self.coords)
 
-    # each process opens its own OpenSlide handles: never one shared across DataLoader workers
-    # (they are dropped when pickled, or after a fork)
+    # each process opens its own handles (OpenSlide's, open files) and decides for itself how each
+    # slide is read: never one shared across DataLoader workers (dropped when pickled, or forked)
     def __getstate__(self):
-        reset = dict(_pid=None, _handles=None, _cache=None, bad_reads=0, replaced=0)
+        reset = dict(_pid=None, _handles=None, _cache=None, _layouts=None, bad_reads=0,
+                     replaced=0)
         return {**self.__dict__, **reset}
 
+    def _layout(self, s):
+        """How slide s is read straight from its JPEG tiles (direct_layout), or None: through
+        OpenSlide. Decided on the slide's first read in a process, kept for the others."""
+        self._start_process()
+        if s not in self._layouts:
+            direct = self.direct and direct_layout(self.slide_paths[s], self.levels[s])
+            self._layouts[s] = direct or None
+        return self._layouts[s]
+
     def _handle(self, s):
-        """The OpenSlide handle of slide s; at most MAX_OPEN_SLIDES stay open, with one cache."""
+        """Slide s's handle: an open file when it is read straight from its JPEG tiles, else
+        OpenSlide's. At most MAX_OPEN_SLIDES stay open; the OpenSlide ones share one cache."""
         if s not in self._handles:
-            self._handles[s] = open_slide(self.slide_paths[s])
-            self._handles[s].set_cache(self._cache)
+            if self._layout(s):
+                self._handles[s] = open(self.slide_paths[s], 'rb', buffering=0)
+            else:
+                self._handles[s] = open_slide(self.slide_paths[s])
+                self._handles[s].set_cache(self._cache)
         # the least recently used handle is first, and closed first
         self._handles.move_to_end(s)
         if len(self._handles) > MAX_OPEN_SLIDES:
@@ -1247,33 +1288,47 @@ class TileDataset:
         return self._handles[s]
 
     def _read_region(self, j):
-        """Tile j's region as read (read_size px), or None when it is unreadable."""
+        """Tile j's region as read (read_size px, or tile_size when shrunk in the DCT), or None
+        when it is unreadable."""
         s, (x, y) = self.slide_index[j], self.coords[j]
-        size = self.read_sizes[s]
+        location, level, size = (int(x), int(y)), self.levels[s], self.read_sizes[s]
         try:
-            return self._handle(s).read_region((int(x), int(y)), self.levels[s], (size, size))
+            if not self._layout(s):
+                return self._handle(s).read_region(location, level, (size, size))
+            try:
+                return read_stored_tiles(self._handle(s), self._layout(s), location, size,
+                                         self.tile_size)
+            except ValueError:
+                # a stored tile the decoder refuses (corrupt bytes): OpenSlide reads it or says why
+                with contextlib.closing(open_slide(self.slide_paths[s])) as slide:
+                    return slide.read_region(location, level, (size, size))
         except (openslide.OpenSlideError, SlideError, OSError) as e:
             # an OpenSlide handle that failed once fails every read after: reopen
             if s in self._handles:
                 self._handles.pop(s).close()
             self._bad.add(j)
             self.bad_reads += 1
-            print(f'warning: tile ({x}, {y}) at level {self.levels[s]} of {self.slide_paths[s]} '
+            print(f'warning: tile ({x}, {y}) at level {level} of {self.slide_paths[s]} '
                   f'is unreadable ({type(e).__name__}: {e}); another tile is read in its place',
                   file=sys.stderr)
             return None
 
-    def read(self, i):
-        """Tile i, uint8 (3, tile_size, tile_size)."""
-        # first read in this process: never use what a fork inherited
+    def _start_process(self):
+        """On the first read in a process, its own handles: never use what a fork inherited."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._handles = collections.OrderedDict()
+            # slide index -> its direct_layout or None, ~1 KB a slide whatever its size
+            self._layouts = {}
             # tiles found unreadable in this process, never tried again
             self._bad = set()
             self.bad_reads = 0
             self.replaced = 0
             self._cache = openslide.OpenSlideCache(SLIDE_CACHE_MB << 20)
+
+    def read(self, i):
+        """Tile i, uint8 (3, tile_size, tile_size)."""
+        self._start_process()
         # an unreadable tile (corrupt JPEG data, a file gone bad) is replaced by one drawn with seed
         # i, warned once, counted in ds.bad_reads: training goes on, and a resume gets past it. A
         # hundred bad tiles in a row: the data is broken, not a tile
@@ -1296,6 +1351,143 @@ class TileDataset:
         return torch.from_numpy(self.read(i))
 
 
+# ----------------------------------------------- reading a TIFF's stored JPEG tiles, not OpenSlide
+#
+# OpenSlide decodes each JPEG tile under a region into its cache, paints it into a cairo surface and
+# converts that to RGBA; TileDataset reads the same tiles' bytes and decodes them with
+# libjpeg-turbo, shrunk in the DCT when it can (DCT_SHRINK): 4-7x the tiles/s (README). OpenSlide
+# still tells which page is which level, and reads every other slide, level and tile.
+
+def direct_layout(path, level):
+    """What reading `level` of a slide straight from its stored JPEG tiles needs (see
+    level_layout), or None where OpenSlide must read it."""
+    # any file this cannot parse (another format or vendor, other compression, damaged tags, a
+    # tile that decodes otherwise than in OpenSlide) is read through OpenSlide, as before
+    try:
+        if openslide.OpenSlide.detect_format(path) not in DIRECT_VENDORS:
+            return None
+        with (tifffile.TiffFile(path) as tif,
+              contextlib.closing(openslide.OpenSlide(path)) as slide,
+              open(path, 'rb', buffering=0) as file):
+            layout = level_layout(tif, slide, level)
+            return layout if layout and decodes_as_openslide(file, layout, slide, level) else None
+    except Exception:
+        return None
+
+
+def level_layout(tif, slide, level):
+    """The TIFF page of an OpenSlide level as a grid of plain JPEG tiles: the level's size and
+    downsample, its tile size, where its TileOffsets and TileByteCounts are in the file, and the
+    header every tile is decoded behind; None when it is not one."""
+    (width, height), downsample = slide.level_dimensions[level], slide.level_downsamples[level]
+    size = (width, height)
+    pages = [p for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength) == size]
+    # a level OpenSlide scales by a fractional downsample is no whole pixels of the level
+    if len(pages) != 1 or downsample != round(downsample):
+        return None
+    page = pages[0]
+    # 8-bit RGB or YCbCr JPEG, interleaved: what libjpeg-turbo decodes to RGB
+    plain_rgb = (page.planarconfig == 1 and page.bitspersample == 8
+                 and page.samplesperpixel == 3 and page.imagedepth == 1)
+    offsets, counts = page.tags['TileOffsets'], page.tags['TileByteCounts']
+    # TIFF SHORT, LONG, LONG8 (TIFF 6.0 section 2, BigTIFF)
+    entry_codes = {3: 'u2', 4: 'u4', 16: 'u8'}
+    if not (page.compression == 7 and page.photometric in ADOBE_MARKER and plain_rgb
+            and offsets.dtype in entry_codes and counts.dtype in entry_codes):
+        return None
+    # the JPEGTables every tile shares (an abbreviated stream, as Aperio's); none: whole streams
+    tables = page.jpegtables or b'\xff\xd8\xff\xd9'
+    header = b'\xff\xd8' + ADOBE_MARKER[page.photometric] + tables[2:-2]
+    return dict(width=width, height=height, downsample=round(downsample),
+                tile_width=page.tilewidth, tile_height=page.tilelength,
+                across=-(-width // page.tilewidth), header=header,
+                offsets=(offsets.valueoffset, tif.byteorder + entry_codes[offsets.dtype]),
+                counts=(counts.valueoffset, tif.byteorder + entry_codes[counts.dtype]))
+
+
+def decodes_as_openslide(file, layout, slide, level):
+    """Whether the level's middle stored tile, decoded here, has OpenSlide's pixels exactly."""
+    side = min(layout['tile_width'], layout['tile_height'])
+    col, row = layout['across'] // 2, layout['height'] // layout['tile_height'] // 2
+    location = (col * layout['tile_width'] * layout['downsample'],
+                row * layout['tile_height'] * layout['downsample'])
+    pixels = read_stored_tiles(file, layout, location, side, side)
+    expected = np.asarray(slide.read_region(location, level, (side, side)))[..., :3]
+    return np.array_equal(pixels, expected)
+
+
+def read_stored_tiles(file, layout, location, size, tile_size):
+    """The size px square at level-0 `location` of a layout's level, from the stored JPEG tiles
+    under it (file: the slide, opened unbuffered), as uint8 RGB, size px a side or shrunk in the
+    DCT (dct_scale). Raises ValueError where a stored tile does not decode, or the square is not
+    whole pixels inside the level."""
+    downsample = layout['downsample']
+    left, top = location[0] // downsample, location[1] // downsample
+    inside = left + size <= layout['width'] and top + size <= layout['height']
+    if location[0] % downsample or location[1] % downsample or not inside:
+        raise ValueError(f'{size} px at {location} are not whole pixels inside the level')
+    tile_width, tile_height = layout['tile_width'], layout['tile_height']
+    scale = dct_scale(layout, left, top, size, tile_size)
+    region = np.empty((size // scale, size // scale, 3), np.uint8)
+    file_size = os.fstat(file.fileno()).st_size
+    first, last = left // tile_width, (left + size - 1) // tile_width
+    for row in range(top // tile_height, (top + size - 1) // tile_height + 1):
+        # a row's tiles are consecutive in TileOffsets and TileByteCounts
+        k = row * layout['across'] + first
+        offsets = tile_entries(file, layout['offsets'], k, last - first + 1)
+        counts = tile_entries(file, layout['counts'], k, last - first + 1)
+        rows = overlap(top, size, row * tile_height, tile_height, scale)
+        for col, offset, count in zip(range(first, last + 1), offsets, counts):
+            if offset + count > file_size:
+                raise ValueError(f'stored tile ({col}, {row}) ends past the end of the file')
+            stored = decode_tile(layout, os.pread(file.fileno(), count, offset), scale)
+            cols = overlap(left, size, col * tile_width, tile_width, scale)
+            region[rows[0], cols[0]] = stored[rows[1], cols[1]]
+    return region
+
+
+def dct_scale(layout, left, top, size, tile_size):
+    """The shrink libjpeg-turbo does while decoding the square at level px (left, top): size /
+    tile_size where DCT_SHRINK, that is 2, 4 or 8 and divides the square's corner and the stored
+    tiles' sides, else 1 (decoded whole, shrunk by to_tile)."""
+    scale = size // tile_size
+    whole = [left, top, layout['tile_width'], layout['tile_height']]
+    if DCT_SHRINK and size == scale * tile_size and scale in (2, 4, 8):
+        if all(n % scale == 0 for n in whole):
+            return scale
+    return 1
+
+
+def tile_entries(file, where, first, count):
+    """`count` entries from entry `first` of a TIFF tile array: where = (file position, dtype)."""
+    position, dtype = where
+    itemsize = np.dtype(dtype).itemsize
+    data = os.pread(file.fileno(), count * itemsize, position + first * itemsize)
+    if len(data) != count * itemsize:
+        raise ValueError(f'the TIFF ends inside its tile offsets (entry {first})')
+    return np.frombuffer(data, dtype).tolist()
+
+
+def overlap(start, size, tile_start, tile_size, scale):
+    """Along one axis: where the part of a stored tile (from tile_start) that lies in the square
+    (from start) goes in the square, and where it is in the tile, in px decoded at 1/scale."""
+    low, high = max(start, tile_start), min(start + size, tile_start + tile_size)
+    return (slice((low - start) // scale, (high - start) // scale),
+            slice((low - tile_start) // scale, (high - tile_start) // scale))
+
+
+def decode_tile(layout, stored, scale):
+    """A stored JPEG tile's pixels, uint8 (tile_height / scale, tile_width / scale, 3)."""
+    height, width = layout['tile_height'] // scale, layout['tile_width'] // scale
+    # the tile's stream behind the level's header (its colour space, its tables). simplejpeg is
+    # strict, as OpenSlide is: a corrupt stream raises ValueError, never decodes to grey blocks
+    pixels = simplejpeg.decode_jpeg(layout['header'] + stored[2:], min_height=height,
+                                    min_width=width)
+    if pixels.shape != (height, width, 3):
+        raise ValueError(f'a stored tile decoded to {pixels.shape[:2]}, not {(height, width)}')
+    return pixels
+
+
 def tiles_per_second(read, order):
     """How fast read(i) goes through the tiles in `order`."""
     t0 = time.perf_counter()
@@ -1306,34 +1498,63 @@ def tiles_per_second(read, order):
 
 def read_bare(ds, handles, i):
     """Tile i of TileDataset ds as a loop without it reads: one read_region on open handles
-    {slide index: OpenSlide}, no reopening, no replacing, no conversion."""
+    {slide index: OpenSlide}, then to_tile; no reopening, no replacing."""
     s = ds.slide_index[i]
     location = tuple(map(int, ds.coords[i]))
-    return handles[s].read_region(location, ds.levels[s], (ds.read_sizes[s],) * 2)
+    region = handles[s].read_region(location, ds.levels[s], (ds.read_sizes[s],) * 2)
+    return to_tile(region, ds.tile_size)
+
+
+def cucim_reader(ds, slides):
+    """read(i) of ds's tiles through cuCIM's CPU reader and to_tile, or None without cuCIM."""
+    # cuCIM (cucim-cu12 or -cu13 on PyPI) is only timed, never needed
+    try:
+        from cucim import CuImage
+        images = {s: CuImage(ds.slide_paths[s]) for s in slides}
+    except Exception as e:
+        print(f'cuCIM not timed ({type(e).__name__}: {e})')
+        return None
+
+    def read(i):
+        s = ds.slide_index[i]
+        size = (ds.read_sizes[s],) * 2
+        location = tuple(map(int, ds.coords[i]))
+        region = images[s].read_region(location=location, size=size, level=ds.levels[s])
+        return to_tile(np.asarray(region), ds.tile_size)
+    return read
 
 
 def bench(tiles_dir, n=500):
-    """Tiles/s on one core: TileDataset vs a bare OpenSlide read_region loop on the same tiles."""
+    """Tiles/s on one core, on the same tiles in one run: a bare OpenSlide loop (read_region,
+    to_tile), TileDataset through OpenSlide, TileDataset as it reads (straight from the JPEG tiles
+    where it can), and cuCIM when it is installed."""
     import torch
     torch.set_num_threads(1)
     ds = TileDataset(tiles_dir)
+    through_openslide = TileDataset(tiles_dir)
+    through_openslide.direct = False
     # random order, as a training loader reads
     order = np.random.default_rng(0).permutation(len(ds))[:n]
     # the bare loop keeps all its slides open
     slides = set(ds.slide_index[order].tolist())
     handles = {s: open_slide(ds.slide_paths[s]) for s in slides}
-    readers = {'bare': functools.partial(read_bare, ds, handles), 'dataset': ds.__getitem__}
+    readers = {'bare': functools.partial(read_bare, ds, handles),
+               'openslide': through_openslide.__getitem__, 'direct': ds.__getitem__}
+    if cucim := cucim_reader(ds, slides):
+        readers['cucim'] = cucim
     rates = dict.fromkeys(readers, 0)
-    # interleaved rounds, best of each: the first warms up, and a busy CPU hurts both alike
+    # interleaved rounds, best of each: the first warms up, and a busy CPU hurts all alike
     for _ in range(3):
         for name, read in readers.items():
             rates[name] = max(rates[name], tiles_per_second(read, order))
     shrunk = np.mean([ds.read_sizes[s] != ds.tile_size for s in ds.slide_index[order]])
-    print(f'{len(order)} tiles of {len(ds)} from {len(ds.stems)} slides '
-          f'({shrunk:.0%} shrunk from a finer level)')
-    print(f"bare read_region: {rates['bare']:.0f} tiles/s/core | "
-          f"TileDataset: {rates['dataset']:.0f} tiles/s/core | "
-          f"ratio {rates['dataset'] / rates['bare']:.0%}")
+    direct = sum(ds._layout(s) is not None for s in slides)
+    print(f'{len(order)} tiles of {len(ds)} from {len(slides)} slides ({shrunk:.0%} shrunk from '
+          f'a finer level; {direct} of the slides read straight from their JPEG tiles)')
+    names = dict(bare='bare OpenSlide read_region + to_tile', openslide='TileDataset, OpenSlide',
+                 direct='TileDataset', cucim='cuCIM read_region + to_tile')
+    for name, rate in rates.items():
+        print(f'{names[name]:>38}: {rate:5.0f} tiles/s/core  {rate / rates["bare"]:4.2f}x bare')
     return rates
 
 
@@ -1360,7 +1581,8 @@ def main(argv=None):
                         help="CSV 'slide,mpp' (slide = path, file name or stem); "
                              "wins over metadata")
     parser.add_argument('--bench', metavar='TILES_DIR',
-                        help='time TileDataset vs bare read_region on a tiles folder')
+                        help='time TileDataset, through OpenSlide or not, against bare '
+                             'read_region (and cuCIM if installed) on a tiles folder')
     parser.add_argument('--demo', metavar='DIR',
                         help='write synthetic slides into DIR, tile and bench them')
     args = parser.parse_args(argv)

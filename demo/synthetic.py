@@ -12,6 +12,7 @@ import itertools
 import math
 import os
 
+import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image, ImageDraw
@@ -271,9 +272,56 @@ def synthetic_layout(width, height, mpp, seed=0, blank=False, full_tissue=False)
                 physical=physical_um)
 
 
+# JPEG markers (ITU T.81 table B.1): quantisation and Huffman tables, baseline frame, scan
+DQT, DHT, SOF0, SOS = 0xDB, 0xC4, 0xC0, 0xDA
+# tifffile's JPEG tiles: quality 80 (the Aperio description's Q=80), chroma halved both ways
+JPEG_QUALITY, JPEG_SUBSAMPLING = 80, (2, 2)
+
+
+def jpeg_segments(stream):
+    """A JPEG stream's marker segments before its scan (SOI excluded), and the scan to EOI."""
+    segments, at = [], 2
+    while stream[at + 1] != SOS:
+        length = int.from_bytes(stream[at + 2:at + 4], 'big')
+        segments.append(stream[at:at + 2 + length])
+        at += 2 + length
+    return segments, stream[at:]
+
+
+def aperio_jpeg(tile, rgb=False):
+    """A 256 px RGB tile as an Aperio scanner stores it: (JPEGTables, tile), the tables (DQT, DHT)
+    once for the whole level and the tile an abbreviated stream without them, nor a JFIF or Adobe
+    marker. rgb: RGB-coded, as some Aperio files are, with component ids 0, 1, 2 that a decoder
+    guessing the colour space takes for YCbCr; else YCbCr, the TIFF's photometric 6."""
+    colour = dict(outcolorspace='RGB') if rgb else dict(outcolorspace='YCBCR',
+                                                         subsampling=JPEG_SUBSAMPLING)
+    tile = np.ascontiguousarray(tile)
+    stream = imagecodecs.jpeg8_encode(tile, level=JPEG_QUALITY, colorspace='RGB', **colour)
+    segments, scan = jpeg_segments(stream)
+    # every tile has the same tables: libjpeg's quality-80 quantisation and standard Huffman tables
+    tables = b'\xff\xd8' + b''.join(s for s in segments if s[1] in (DQT, DHT)) + b'\xff\xd9'
+    frame, scan = bytearray(b''.join(s for s in segments if s[1] == SOF0)), bytearray(scan)
+    if rgb:
+        # libjpeg names RGB components 'R', 'G', 'B', which tells a decoder; Aperio's are 0, 1, 2
+        for i in range(3):
+            frame[10 + 3 * i] = scan[5 + 2 * i] = i
+    return tables, b'\xff\xd8' + frame + scan
+
+
+def aperio_codec(tiles, rgb):
+    """tifffile.write's arguments for a level's tiles stored as aperio_jpeg makes them."""
+    tables = aperio_jpeg(np.zeros((256, 256, 3), np.uint8), rgb)[0]
+    # tifffile writes bytes as they are; photometric 2 (RGB) or 6 (YCbCr) tells the decoder
+    colour = dict(outcolorspace='RGB') if rgb else dict(outcolorspace='YCBCR')
+    subsampling = (1, 1) if rgb else JPEG_SUBSAMPLING
+    stored = (aperio_jpeg(tile, rgb)[1] for tile in tiles)
+    return dict(tiles=stored, compression='jpeg', jpegtables=tables, subsampling=subsampling,
+                compressionargs=colour)
+
+
 def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
                           blank=False, full_tissue=False, tissues=(), centre=0,
-                          glass_rgb=(245, 245, 245)):
+                          glass_rgb=(245, 245, 245), rgb_jpeg=False, compression='jpeg'):
     """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
     glass of colour glass_rgb, white by default (or tissue filling the scan: full_tissue), and a
     blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact level-0 tissue
@@ -281,7 +329,10 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
 
     tissues: () draws every blob in one generic texture; names of TISSUES give blob i the tissue
     tissues[i % len(tissues)] in the stain of centre `centre` of CENTRE_STAINS (plus the slide's
-    own), and add 'tissue_fractions' {tissue: exact level-0 fraction of the slide}."""
+    own), and add 'tissue_fractions' {tissue: exact level-0 fraction of the slide}.
+
+    aperio=True writes the JPEG tiles as Aperio does (aperio_jpeg; rgb_jpeg: RGB-coded, not
+    YCbCr); compression: tifffile's name of the tiles' compression ('lzw', 'deflate') otherwise."""
     layout = synthetic_layout(width, height, mpp, seed, blank, full_tissue)
     n_blobs = len(layout['blobs'])
     blob_tissues = [tissues[i % len(tissues)] for i in range(n_blobs)] if tissues else []
@@ -308,11 +359,16 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
             if not aperio:
                 pixels_per_cm = 1e4 / (mpp * width / w)
                 resolution = dict(resolution=(pixels_per_cm,) * 2, resolutionunit='CENTIMETER')
+            codec = dict(compression=compression)
+            if compression == 'jpeg':
+                codec['compressionargs'] = {'level': JPEG_QUALITY}
+            if aperio:
+                codec = aperio_codec(tiles, rgb_jpeg)
+                tiles = codec.pop('tiles')
             tif.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(256, 256), photometric='rgb',
-                      compression='jpeg', compressionargs={'level': 80},
                       subfiletype=1 if level else 0,
                       description=description if level == 0 else None, metadata=None,
-                      **resolution)
+                      **codec, **resolution)
     blob_px = np.sum(tissue_px, axis=0)
     result = {'tissue_fraction': blob_px.sum() / (width * height), 'mpp': mpp,
               'size': (width, height), 'levels': sizes,
