@@ -63,10 +63,11 @@ data_dir = 'tiles'  # a tiles folder written by tile.py
 # after the export, evaluate.py on [teacher, student before, student after]: a labels CSV
 # path,label,split[,center][,slide] or an ImageFolder root; results in out_dir/eval/
 eval_data = ''
-# demo only (config/demo.py): what is missing of the demo's material is made on first use
+# demos only (config/demo*.py): what is missing of the demo's material is made on first use
+synthetic_demo = 'g2l'  # 'g2l': three tissues, one teacher; 'committee': two teachers, each blind
 synthetic_slides = 0  # write and tile this many synthetic slides into data_dir
 synthetic_patches = 8  # labelled patches a slide of the patch set written for eval_data
-demo_teacher_steps = 300  # train tiny-teacher this long on the tissue labels into teacher_weights
+demo_teacher_steps = 300  # train each demo teacher this long on its labels into teacher_weights
 resume = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG)
 log_interval = 10  # steps between log lines
 eval_interval = 250  # steps between held-out teacher-student cosine measurements
@@ -1280,36 +1281,51 @@ def open_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env):
     """A teacher cache per teacher of `sources`, in its folder below teacher_cache, checked
     against what it was made from, its size printed and the free disk checked; each holds the
     steps still missing and whether the held-out set is, the same on every rank."""
-    problem, folders, stored, missing, held_out_missing = None, [], [], [], []
+    verdict = [None, [], [], []]
     if env.master:
-        os.makedirs(teacher_cache, exist_ok=True)
-        problem = check_cache_layout()
-    for spec, weights in sources if env.master and problem is None else []:
-        key = cache_key(tiles, train_idx, spec, weights, global_batch, env)
-        folders.append(os.path.join(teacher_cache, teacher_folder(key)))
-        os.makedirs(folders[-1], exist_ok=True)
-        problem = problem or claim_key(folders[-1], key)
-        cache = open_cache(folders[-1], global_batch, spec['dim'], storage_dtype(env))
-        stored.append(stored_steps(cache, max_iters) if problem is None else [])
-        held_out_stored = os.path.exists(held_out_path(cache, val_idx))
-        held_out_missing.append(len(val_idx) > 0 and not held_out_stored)
-    if env.master and problem is None:
-        problem = check_cache_space(folders, sources, stored, global_batch, env)
-    if env.master and problem is None:
-        missing = [np.setdiff1d(np.arange(max_iters), s).tolist() for s in stored]
+        verdict = examine_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env)
     # the master's verdict on every rank
-    verdict = [problem, folders, missing, held_out_missing]
     if env.ddp:
         dist.broadcast_object_list(verdict)
-    if verdict[0]:
+    problem, folders, missing, held_out_missing = verdict
+    if problem:
         finish(env.ddp)
         # the error line once, from the master
-        raise SystemExit(verdict[0] if env.master else 1)
+        raise SystemExit(problem if env.master else 1)
     caches = []
-    for (spec, _), folder, lacks, held_out in zip(sources, *verdict[1:]):
-        caches.append(open_cache(folder, global_batch, spec['dim'], storage_dtype(env)))
-        caches[-1].missing, caches[-1].held_out_missing = lacks, held_out
+    for (spec, _), folder, lacks, held_out in zip(sources, folders, missing, held_out_missing):
+        cache = open_cache(folder, global_batch, spec['dim'], storage_dtype(env))
+        cache.missing, cache.held_out_missing = lacks, held_out
+        caches.append(cache)
     return caches
+
+
+def examine_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env):
+    """The master's look at teacher_cache: [an error line or None, each teacher's folder, the
+    steps each lacks, whether each lacks the held-out set]."""
+    os.makedirs(teacher_cache, exist_ok=True)
+    problem = check_cache_layout()
+    if problem:
+        return [problem, [], [], []]
+    folders, stored, held_out_missing = [], [], []
+    for spec, weights in sources:
+        key = cache_key(tiles, train_idx, spec, weights, global_batch, env)
+        folder = os.path.join(teacher_cache, teacher_folder(key))
+        os.makedirs(folder, exist_ok=True)
+        problem = claim_key(folder, key)
+        if problem:
+            return [problem, [], [], []]
+        cache = open_cache(folder, global_batch, spec['dim'], storage_dtype(env))
+        folders.append(folder)
+        stored.append(stored_steps(cache, max_iters))
+        held_out_stored = os.path.exists(held_out_path(cache, val_idx))
+        held_out_missing.append(len(val_idx) > 0 and not held_out_stored)
+    problem = check_cache_space(folders, sources, stored, global_batch, env)
+    if problem:
+        return [problem, [], [], []]
+    # only now: a max_iters too large for the disk would be a list too large for the memory
+    missing = [np.setdiff1d(np.arange(max_iters), steps).tolist() for steps in stored]
+    return [None, folders, missing, held_out_missing]
 
 
 def check_cache_layout():
@@ -1731,10 +1747,7 @@ def evaluate_g2l(env, lineage):
     teacher_entries = [f'{name}={weights}' if weights else name for name, weights, _ in members]
     before_entry = f'{student}={student_weights}' if student_weights else student
     models = teacher_entries + [before_entry, f'local-dir:{export_folder()}']
-    # a committee's rows are its teachers' names (with their place when a name repeats)
-    names = [name for name, _, _ in members]
-    names = [n if names.count(n) == 1 else f'{n} #{k + 1}' for k, n in enumerate(names)]
-    names = ['teacher'] if len(members) == 1 else names
+    names = ['teacher'] if len(members) == 1 else committee_row_names(members)
     print(f"evaluating the G2L effect on {eval_data}: {', '.join(models)}")
     results = evaluate.main([
         f'--data={eval_data}',
@@ -1748,6 +1761,17 @@ def evaluate_g2l(env, lineage):
     table = '\n'.join(evaluate.headline_lines(results))
     zoo.write_card(export_folder(), lineage, dict(data=eval_data, table=table))
     return results
+
+
+def committee_row_names(members):
+    """A committee's rows in the G2L table: its teachers' names; where a name repeats (one
+    architecture, two weight files), the weight files' names; failing that, their places."""
+    names = [name for name, _, _ in members]
+    if len(set(names)) < len(names):
+        names = [os.path.splitext(os.path.basename(w))[0] or n for n, w, _ in members]
+    if len(set(names)) < len(names):
+        names = [f'{name} #{k + 1}' for k, (name, _, _) in enumerate(members)]
+    return names
 
 
 # -----------------------------------------------------------------------------
