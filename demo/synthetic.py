@@ -77,6 +77,25 @@ DEMO_TISSUES = ('tumour', 'lymphocytes', 'stroma')
 CENTRE_STAINS = [((232, 150, 196), (92, 52, 142)), ((214, 160, 180), (70, 62, 128))]
 # each slide's stain also varies a little around its centre's: RGB standard deviation
 SLIDE_STAIN_JITTER = 6.0
+# The committee demo asks two questions of the same tissue: which cells (COMMITTEE_CELLS), and
+# which matrix is around them (MATRICES): collagenous stroma, pink, or myxoid stroma, lilac. Its
+# stains make the two answers two directions of colour that G2L's augmentation never mixes: the
+# nuclei differ from the matrix in brightness alone (haematoxylin = eosin - 90 in R, G and B; no
+# slide jitter), the two matrices along MATRIX_AXIS, which changes neither the luma
+# (0.299 R + 0.587 G + 0.114 B) nor the brightness; hue, saturation, brightness and contrast
+# jitter keep both so. A model that sees the luma only sees the nuclei and never the matrix; a
+# model that sees MATRIX_AXIS only, the matrix and never the nuclei
+COMMITTEE_CELLS = ('tumour', 'lymphocytes')
+MATRICES = ('collagenous', 'myxoid')
+LUMA = np.array([0.299, 0.587, 0.114])
+MATRIX_AXIS = np.cross(LUMA, np.ones(3))
+MATRIX_AXIS /= np.linalg.norm(MATRIX_AXIS)
+# the matrices' eosin: a pink moved +/- MATRIX_SHIFT along MATRIX_AXIS (RGB units)
+MATRIX_SHIFT = 12.0
+_pink = np.array((210.0, 140.0, 185.0))
+COMMITTEE_STAINS = [tuple(tuple(float(v) for v in c.round(3)) for c in (eosin, eosin - 90))
+                    for eosin in (_pink + MATRIX_SHIFT * MATRIX_AXIS,
+                                  _pink - MATRIX_SHIFT * MATRIX_AXIS)]
 # tissue is drawn at 40x and box-averaged to coarser pixels, as a scanner's pyramid is
 RENDER_MPP = 0.25
 
@@ -123,10 +142,11 @@ def nuclei_map(rng, tissue, size, seamless=False):
     return np.asarray(canvas, np.float32) / 255
 
 
-def slide_stain(rng, centre):
-    """(eosin, haematoxylin) RGB of one slide of `centre`: the centre's stain plus the slide's."""
-    eosin, haematoxylin = (np.array(c, np.float32) for c in CENTRE_STAINS[centre])
-    jitter = rng.normal(0, SLIDE_STAIN_JITTER, 3).astype(np.float32)
+def slide_stain(rng, centre, stains=CENTRE_STAINS, jitter_sd=SLIDE_STAIN_JITTER):
+    """(eosin, haematoxylin) RGB of one slide of `centre` (an index into stains): the centre's
+    stain plus the slide's."""
+    eosin, haematoxylin = (np.array(c, np.float32) for c in stains[centre])
+    jitter = rng.normal(0, jitter_sd, 3).astype(np.float32)
     # haematoxylin is the darker stain, and varies less in RGB
     return eosin + jitter, haematoxylin + jitter / 2
 
@@ -321,15 +341,16 @@ def aperio_codec(tiles, rgb):
 
 def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperio=False,
                           blank=False, full_tissue=False, tissues=(), centre=0,
-                          glass_rgb=(245, 245, 245), rgb_jpeg=False, compression='jpeg'):
+                          glass_rgb=(245, 245, 245), rgb_jpeg=False, compression='jpeg',
+                          stains=CENTRE_STAINS, stain_jitter=SLIDE_STAIN_JITTER):
     """Write an H&E-like pyramidal TIFF that OpenSlide opens: a few tissue blobs with nuclei on
     glass of colour glass_rgb, white by default (or tissue filling the scan: full_tissue), and a
     blue pen circle, level 0 at `mpp` µm/px. Returns {'tissue_fraction': exact level-0 tissue
     fraction (pen excluded), 'mpp', 'size', 'levels', 'pen', 'layout'}.
 
     tissues: () draws every blob in one generic texture; names of TISSUES give blob i the tissue
-    tissues[i % len(tissues)] in the stain of centre `centre` of CENTRE_STAINS (plus the slide's
-    own), and add 'tissue_fractions' {tissue: exact level-0 fraction of the slide}.
+    tissues[i % len(tissues)] in the stain of centre `centre` of `stains` (plus the slide's own,
+    stain_jitter), and add 'tissue_fractions' {tissue: exact level-0 fraction of the slide}.
 
     aperio=True writes the JPEG tiles as Aperio does (aperio_jpeg; rgb_jpeg: RGB-coded, not
     YCbCr); compression: tifffile's name of the tiles' compression ('lzw', 'deflate') otherwise."""
@@ -338,7 +359,7 @@ def write_synthetic_slide(path, width=4096, height=3072, mpp=0.25, seed=0, aperi
     blob_tissues = [tissues[i % len(tissues)] for i in range(n_blobs)] if tissues else []
     layout['blob_tissues'] = blob_tissues
     # the stain is drawn from its own stream: a seed's layout is the same with or without tissues
-    layout['stain'] = slide_stain(np.random.default_rng([seed, 1]), centre)
+    layout['stain'] = slide_stain(np.random.default_rng([seed, 1]), centre, stains, stain_jitter)
     layout['variant'] = seed % 4
     layout['glass_rgb'] = tuple(glass_rgb)
     # levels halve, or quarter like Aperio's when aperio=True
@@ -387,45 +408,80 @@ def synthetic_crops(n, size=224, mpp=0.5, seed=0, tissues=DEMO_TISSUES):
     # cheap (slices, no drawing): what the demo teacher is trained on, as a giga model is
     # pretrained on slides of the kind it will be distilled on
     rng = np.random.default_rng(seed)
-    copy = round(math.log2(mpp / RENDER_MPP))
-    noise = noise_pyramid()[copy]
     tissue_index = rng.integers(0, len(tissues), n)
     centres = rng.integers(0, len(CENTRE_STAINS), n)
     crops = np.empty((n, size, size, 3), np.uint8)
     for i, (tissue, centre) in enumerate(zip(tissue_index, centres)):
-        nuclei = nuclei_pyramid(tissues[tissue], int(rng.integers(4)))[copy]
-        y, x = rng.integers(0, len(nuclei) - size, 2)
-        window = np.s_[y:y + size, x:x + size]
-        stain = slide_stain(rng, centre)
-        rgb = stain_nuclei(nuclei[window].astype(np.float32) / 255, stain, noise[window])
-        crops[i] = np.clip(rgb, 0, 255).astype(np.uint8)
+        crops[i] = texture_crop(rng, tissues[tissue], centre, size, mpp)
     return crops, tissue_index, centres
 
 
+def committee_crops(n, size=224, mpp=0.5, seed=0):
+    """n random crops of the committee demo's textures: uint8 (n, size, size, 3), which cells
+    (index into COMMITTEE_CELLS) and which matrix (index into MATRICES) each shows (n,)."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, len(COMMITTEE_CELLS), n)
+    matrices = rng.integers(0, len(MATRICES), n)
+    crops = np.empty((n, size, size, 3), np.uint8)
+    for i, (cell, matrix) in enumerate(zip(cells, matrices)):
+        crops[i] = texture_crop(rng, COMMITTEE_CELLS[cell], matrix, size, mpp, COMMITTEE_STAINS,
+                                0.0)
+    return crops, cells, matrices
+
+
+def texture_crop(rng, tissue, centre, size, mpp, stains=CENTRE_STAINS,
+                 stain_jitter=SLIDE_STAIN_JITTER):
+    """A uint8 (size, size, 3) crop of one of the textures the slides draw `tissue` from, at mpp
+    µm/px, in a slide stain of centre `centre` of `stains`."""
+    copy = round(math.log2(mpp / RENDER_MPP))
+    nuclei = nuclei_pyramid(tissue, int(rng.integers(4)))[copy]
+    y, x = rng.integers(0, len(nuclei) - size, 2)
+    window = np.s_[y:y + size, x:x + size]
+    stain = slide_stain(rng, centre, stains, stain_jitter)
+    noise = noise_pyramid()[copy][window]
+    rgb = stain_nuclei(nuclei[window].astype(np.float32) / 255, stain, noise)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
 def write_synthetic_patches(root, slides_per_split=(6, 2, 4), patches_per_slide=8, size=224,
-                            mpp=0.5, seed=0, tissues=DEMO_TISSUES):
-    """A labelled patch set of synthetic tissues: root/<split>/<tissue>/<slide>_<i>.png and
-    root/labels.csv (path,label,split,center,slide), a slide per tissue, split and index, its
-    centre alternating. Every patch is drawn anew, never seen by a model trained on slides or
-    synthetic_crops. Returns the CSV's path."""
+                            mpp=0.5, seed=0, tissues=DEMO_TISSUES, classes=None,
+                            stains=CENTRE_STAINS, stain_jitter=SLIDE_STAIN_JITTER):
+    """A labelled patch set of synthetic tissues: root/<split>/<label>/<slide>_<i>.png and
+    root/labels.csv (path,label,split,center,slide), a slide per label, split and index. Every
+    patch is drawn anew, never seen by a model trained on slides or synthetic_crops. classes:
+    {label: (tissue, centre)}, the centre an index into `stains` or None: going round them from
+    slide to slide; by default each of `tissues`, its centre going round. Returns the CSV's
+    path."""
+    classes = classes or {tissue: (tissue, None) for tissue in tissues}
     rng = np.random.default_rng(seed)
     rows = []
-    for tissue in tissues:
+    for label, (tissue, label_centre) in classes.items():
         for split, n_slides in zip(('train', 'val', 'test'), slides_per_split):
-            os.makedirs(os.path.join(root, split, tissue), exist_ok=True)
+            os.makedirs(os.path.join(root, split, label), exist_ok=True)
             for i in range(n_slides):
-                slide, centre = f'{tissue}-{split}-{i}', i % len(CENTRE_STAINS)
+                centre = i % len(stains) if label_centre is None else label_centre
+                # a stain that is part of the class is no centre's: such a set has one centre,
+                # and no robustness index (it would read the class as the centre)
+                center = f'centre{centre}' if label_centre is None else 'centre0'
+                slide = f'{label}-{split}-{i}'
                 # the patches of one slide share its stain, as the tiles of a real slide do
-                stain = slide_stain(rng, centre)
+                stain = slide_stain(rng, centre, stains, stain_jitter)
                 for j in range(patches_per_slide):
-                    path = os.path.join(split, tissue, f'{slide}_{j}.png')
+                    path = os.path.join(split, label, f'{slide}_{j}.png')
                     patch = render_patch(rng, tissue, size, mpp, stain)
                     Image.fromarray(patch).save(os.path.join(root, path))
-                    rows.append(dict(path=path, label=tissue, split=split,
-                                     center=f'centre{centre}', slide=slide))
+                    rows.append(dict(path=path, label=label, split=split, center=center,
+                                     slide=slide))
     labels = os.path.join(root, 'labels.csv')
     write_csv(labels, ['path', 'label', 'split', 'center', 'slide'], rows)
     return labels
+
+
+def committee_classes():
+    """The committee demo's labels, {'tumour-collagenous': ('tumour', 0), ...}: each of
+    COMMITTEE_CELLS in each of MATRICES, the matrix an index into COMMITTEE_STAINS."""
+    return {f'{cell}-{matrix}': (cell, k)
+            for cell in COMMITTEE_CELLS for k, matrix in enumerate(MATRICES)}
 
 
 def write_colour_patches(root, slides_per_split=(3, 1, 2), tiles_per_slide=4, size=64, seed=0):
