@@ -1412,11 +1412,12 @@ def gap_lines(results, level):
     lines = ['']
     for name, closed in gaps.items():
         if closed is None:
-            lines.append(f"{name}: no gap to close on {title}: {results['baseline']} scores as "
-                         f'{teacher_words} does')
-            continue
-        lines.append(f'{name} closes {closed:.0%} of the gap to {teacher_words} on {title}: '
-                     f'{before:.3f} -> {value[name]:.3f} ({teacher_label} {teacher_value:.3f})')
+            lines.append(f"{name}: no gap to close on {title}: {results['baseline']} scores "
+                         f'{before:.3f}, as {teacher_words} ({teacher_label} {teacher_value:.3f}) '
+                         'or above')
+        else:
+            lines.append(f'{name} closes {closed:.0%} of the gap to {teacher_words} on {title}: '
+                         f'{before:.3f} -> {value[name]:.3f} ({teacher_label} {teacher_value:.3f})')
         # above every teacher: by how much
         if value[name] > teacher_value:
             every = 'the teacher' if single else 'every teacher'
@@ -1773,7 +1774,8 @@ def add_cka(results, samples):
 def gaps(results):
     """{level: {row: share of the gap closed}}: (row - baseline) / (teacher - baseline) on the
     level's first compact column (the best teacher's, with a committee), for each row but the
-    teachers and the baseline; None where the baseline scores as the teacher does."""
+    teachers and the baseline; None where the baseline scores as the teacher does or above (a
+    committee of teachers that each know part of the task can all score below a random student)."""
     rows, before = results['models'], results['baseline']
     if before is None:
         return {}
@@ -1786,7 +1788,7 @@ def gaps(results):
         # to the best teacher on this column: a committee student is measured against the best
         span = value[best_teacher(results, value)] - value[before]
         others = [name for name in rows if name not in results['teachers'] + [before]]
-        if abs(span) < 1e-9:
+        if span < 1e-9:
             gap[level] = dict.fromkeys(others)
             continue
         # + 0.0: no '-0%' where nothing moved
