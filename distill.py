@@ -27,6 +27,7 @@ forward (no grad; or its embedding replayed from teacher_cache) -> student forwa
 BatchNorm projection to the teacher's width -> loss -> backward -> clip -> fused AdamW. Teacher and
 student each normalise with their own mean/std.
 """
+import contextlib
 import hashlib
 import itertools
 import json
@@ -533,16 +534,18 @@ def global_batches(n_tiles, steps, global_batch, rng_seed):
 # the run: main() is the table of contents, the stages follow in the order it calls them
 
 def main():
-    # config and DDP: module defaults < config file < --key=value; then where this process runs
+    # temporaries last written before now are no live run's (tile.remove_stale_temporaries)
+    started = time.time()
+    # config: module defaults < config file < --key=value, each setting checked before any work
     config = read_config(sys.argv[1:])
+    check_settings()
+    # DDP: where this process runs
     env = start_processes()
     global_batch = batch_size * grad_accum * env.world
     if env.master:
         print(json.dumps(config))
         print(f'global batch {global_batch} = {batch_size} per GPU x {grad_accum} accumulation '
               f'x {env.world} processes')
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    check_run_mode(ckpt_path)
 
     # the demo's material, made once (config/demo.py): synthetic slides, tiled; a labelled patch
     # set; a teacher that knows their tissues
@@ -556,9 +559,19 @@ def main():
         check_eval_data()
 
     # data: this run's training tiles and the held-out ones (--bench reads none)
+    tiles = train_idx = val_idx = None
     if not bench:
         tiles, train_idx, val_idx = split_tiles(global_batch, env)
 
+    # one run at a time writes into out_dir: the master holds its lock until the run ends, and a
+    # run that finds another one there stops in one line, every process with it
+    with own_out_dir(env, started):
+        distil(env, tiles, train_idx, val_idx, global_batch)
+
+
+def distil(env, tiles, train_idx, val_idx, global_batch):
+    """The run itself: the teachers' targets, computed or replayed from teacher_cache; the student;
+    the loop; the last checkpoint; the export and the G2L table."""
     # the teacher cache, a folder per teacher, checked against what it was made from before
     # any model is built; --teacher_only fills what it lacks and stops there
     sources = teacher_sources()
@@ -570,8 +583,8 @@ def main():
         finish(env.ddp)
         return
 
-    # the student, its optimizer and the teachers, resumed from ckpt_path with --resume=True
-    run, step = build_run(sources, caches, ckpt_path, env)
+    # the student, its optimizer and the teachers, resumed from out_dir/ckpt.pt with --resume=True
+    run, step = build_run(sources, caches, env)
     if bench:
         run_bench(run)
         finish(env.ddp)
@@ -610,13 +623,33 @@ def effective_config():
     return {k: globals()[k] for k in config_keys}
 
 
-def check_run_mode(ckpt_path):
-    """One line, before any work, for settings that cannot go together."""
+# what each number must be: a zero batch, a negative lr or a NaN stops the run in one line before
+# any work, not in a traceback minutes into it (or, as a negative max_iters did, in a run that
+# trains nothing and exits 0)
+NUMBER_RULES = {
+    'at least 1': (lambda v: v >= 1, (
+        'batch_size', 'grad_accum', 'crop_size', 'log_interval', 'eval_interval', 'ckpt_interval',
+        'early_stop_window', 'max_nonfinite', 'fill_batch_size', 'synthetic_patches')),
+    '0 or more': (lambda v: v >= 0, (
+        'max_iters', 'warmup_iters', 'lr_decay_iters', 'val_tiles', 'num_workers', 'bench', 'seed',
+        'lr', 'min_lr', 'weight_decay', 'weight_decay_end', 'grad_clip', 'patch_weight',
+        'early_stop_patience', 'synthetic_slides', 'demo_teacher_steps')),
+    'above 0': (lambda v: v > 0, ('alpha',)),
+    'from 0 to below 1': (lambda v: 0 <= v < 1, ('val_fraction', 'beta1', 'beta2')),
+}
+
+
+def check_settings():
+    """One line, before any work, for a number no run can use or settings that cannot go
+    together."""
+    for must_be, (holds, names) in NUMBER_RULES.items():
+        for name in names:
+            value = globals()[name]
+            # NaN and infinity hold no rule
+            if not (math.isfinite(value) and holds(value)):
+                raise SystemExit(f'error: --{name}={value}: {name} must be {must_be}')
     # the committee's lists, checked before anything is made
     committee()
-    if not bench and not teacher_only and os.path.exists(ckpt_path) and not resume:
-        raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it '
-                         'or choose another out_dir')
     if teacher_only and (bench or not teacher_cache):
         raise SystemExit('error: --teacher_only=True fills a teacher cache: pass '
                          '--teacher_cache=<folder>, and no --bench')
@@ -662,7 +695,11 @@ def start_processes():
 
 def split_tiles(global_batch, env):
     """The tiles folder, its training tile indices and the held-out tile indices measured."""
-    tiles = tile.TileDataset(data_dir)
+    try:
+        tiles = tile.TileDataset(data_dir)
+    except ValueError as e:
+        # no tiles, slides moved or changed since tiling: its message says what to do
+        raise SystemExit(f'error: {e}') from None
     if crop_size > tiles.tile_size:
         raise SystemExit(f'error: crop_size {crop_size} is larger than the {tiles.tile_size} px '
                          f'tiles in {data_dir}')
@@ -688,7 +725,57 @@ def split_tiles(global_batch, env):
     return tiles, train_idx, val_idx
 
 
-def build_run(sources, caches, ckpt_path, env):
+@contextlib.contextmanager
+def own_out_dir(env, started):
+    """Hold out_dir for this run while the block runs: the master takes its writers' lock
+    (tile.one_writer; a dead run's lock is taken over) and checks what is there; an error line
+    stops every process. --bench and --teacher_only write nothing there."""
+    if bench or teacher_only:
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        problem = None
+        if env.master:
+            try:
+                tile.make_out_folder(out_dir, '--out_dir')
+                held.enter_context(tile.one_writer(out_dir, 'distill', flag='--out_dir'))
+                check_out_dir()
+            except SystemExit as refusal:
+                problem = str(refusal)
+        master_decides([problem], env)
+        if env.master:
+            tile.remove_stale_temporaries(out_dir, started)
+        yield
+
+
+def check_out_dir():
+    """One line for what out_dir holds that this run cannot go on from: a checkpoint that it
+    would overwrite (without --resume=True), a log.jsonl that it cannot read."""
+    if os.path.exists(checkpoint_path()) and not resume:
+        raise SystemExit(f'error: {checkpoint_path()} exists; pass --resume=True to continue it '
+                         'or choose another out_dir')
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(log_path):
+        read_log(log_path)
+
+
+def master_decides(verdict, env):
+    """The master's verdict on every process: [an error line or None, what goes with it]. An
+    error line stops them all, the master saying why, so that none waits for a master that
+    stopped."""
+    if env.ddp:
+        dist.broadcast_object_list(verdict)
+    if verdict[0]:
+        finish(env.ddp)
+        raise SystemExit(verdict[0] if env.master else 1)
+    return verdict
+
+
+def checkpoint_path():
+    return os.path.join(out_dir, 'ckpt.pt')
+
+
+def build_run(sources, caches, env):
     """The models of the run and the step it starts at, in the deliberate order: the student with
     its projections -> the optimizer -> their state from a checkpoint (freed on return) -> the
     teachers -> DDP -> compile. The raw student is kept for saving and measuring."""
@@ -696,8 +783,8 @@ def build_run(sources, caches, ckpt_path, env):
     raw_student = build_student(t_specs, env)
     optimizer = build_optimizer(raw_student)
     step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
-    if resume and not bench and os.path.exists(ckpt_path):
-        step, state = load_checkpoint(ckpt_path, raw_student, optimizer, env)
+    if resume and not bench and os.path.exists(checkpoint_path()):
+        step, state = load_checkpoint(checkpoint_path(), raw_student, optimizer, env)
     else:
         # each rank its own torch random stream; a resumed run restores the saved ones instead
         torch.manual_seed(seed + env.rank)
@@ -775,7 +862,14 @@ RESUME_KEYS = ('teacher', 'teacher_weights', 'teacher_loss_weights', 'student', 
 
 def load_checkpoint(path, raw_student, optimizer, env):
     """Student, optimizer and this rank's RNG from a checkpoint; returns its step and loss state."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception:
+        ckpt = None
+    # save_atomic never leaves half a checkpoint: this one was cut short or changed elsewhere
+    if not isinstance(ckpt, dict) or 'config' not in ckpt:
+        raise SystemExit(f'error: {path} cannot be read (truncated, or not a distill.py '
+                         'checkpoint): restore it from a copy, or start afresh in another out_dir')
     # what decides the models, the loss and the tiles and views of each step must match, or the
     # resumed run would silently be another run; a key an older checkpoint lacks differs too
     config = effective_config()
@@ -845,7 +939,6 @@ def open_log(step, run, held_out):
     run wrote after its checkpoint; a run from step 0 starts it with the held-out cosine."""
     if not run.env.master:
         return None
-    os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     trim_log(log_path, step)
     log_file = open(log_path, 'a')
@@ -861,9 +954,35 @@ def trim_log(path, step):
     """On resume, drop log lines the killed run wrote after its last checkpoint (atomically)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    rows = [line for line, row in read_log(path) if row['step'] <= step]
     tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
+
+
+def read_log(path):
+    """A log.jsonl's lines with their rows, less a last line cut short (a kill or a full disk
+    mid-write, after the last checkpoint). SystemExit, one line, for a file that cannot be read
+    or a line that is no log row: the run appends to it, and drops nothing it cannot read."""
+    advice = 'move it aside (or delete that line), then rerun'
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().decode().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else 'not text'
+        raise SystemExit(f'error: {path} cannot be read ({why}): {advice}') from None
+    if lines and not lines[-1].endswith('\n'):
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get('step'), int):
+            raise SystemExit(f'error: {path} line {number} is not a log row: {advice}')
+        rows.append((line, row))
+    return rows
 
 
 # -----------------------------------------------------------------------------

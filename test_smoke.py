@@ -1987,6 +1987,67 @@ def test_the_demo_makes_its_tiles_afresh_and_refuses_tiles_of_an_older_demo_or_o
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_number_no_run_can_use_is_one_line_before_any_work(in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    refusals = {'--batch_size=0': '--batch_size=0: batch_size must be at least 1',  # was ZeroDivisionError
+                '--max_iters=-5': '--max_iters=-5: max_iters must be 0 or more',  # trained nothing and exited 0
+                '--lr=1e999': '--lr=inf: lr must be 0 or more',  # infinity and NaN hold no rule
+                '--alpha=0.0': '--alpha=0.0: alpha must be above 0',
+                '--val_fraction=1.0': '--val_fraction=1.0: val_fraction must be from 0 to below 1'}
+    for arg, expected in refusals.items():
+        assert in_process_distill(arg, f'--out_dir={out}') == f'error: {expected}'
+    assert not out.exists()
+
+
+def test_a_checkpoint_cut_short_is_one_line_on_resume_and_stays_as_it_was(cache_runs, in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(cache_runs.root / 'plain', out)
+    data = (out / 'ckpt.pt').read_bytes()
+    (out / 'ckpt.pt').write_bytes(data[:len(data) // 2])  # a copy to a disk that filled
+    message = in_process_distill(*cache_runs.common, '--max_iters=6', f'--out_dir={out}', '--resume=True')
+    assert message == (f"error: {out / 'ckpt.pt'} cannot be read (truncated, or not a distill.py checkpoint): restore "
+                       'it from a copy, or start afresh in another out_dir')  # was a zipfile traceback
+    assert (out / 'ckpt.pt').read_bytes() == data[:len(data) // 2]
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume_and_a_damaged_log_is_one_line(cache_runs, in_process_distill,
+                                                                                   tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(cache_runs.root / 'plain', out)
+    log = out / 'log.jsonl'
+    text = log.read_text()
+    assert [r['step'] for r in log_rows(out)] == list(range(7))
+    # a kill or a full disk mid-line, after the last checkpoint (step 6): the resume drops that line alone
+    log.write_text(text + '{"step": 7, "loss": 0.')
+    distill.trim_log(str(log), 6)
+    assert log.read_text() == text  # was json.JSONDecodeError, the resume stopped
+    lines = text.splitlines(keepends=True)
+    damaged = {''.join(lines[:2] + ['garbage\n'] + lines[3:]): f'{log} line 3 is not a log row',
+               text.replace('"step": 4', '"step": "4"'): f'{log} line 5 is not a log row',
+               b'\xff\xfe'.decode('latin-1'): f'{log} cannot be read (not text)'}
+    for content, expected in damaged.items():
+        log.write_bytes(content.encode('latin-1'))
+        message = in_process_distill(*cache_runs.common, '--max_iters=6', f'--out_dir={out}', '--resume=True')
+        assert message == f'error: {expected}: move it aside (or delete that line), then rerun'
+        assert log.read_bytes() == content.encode('latin-1')  # nothing dropped that could not be read
+
+
+def test_a_data_dir_without_tiles_or_whose_slides_moved_is_one_line(demo_tiles, in_process_distill, tmp_path):
+    empty, moved = tmp_path / 'empty', tmp_path / 'moved'
+    empty.mkdir()
+    assert in_process_distill(f'--data_dir={empty}', f'--out_dir={tmp_path / "out"}') == (
+        f'error: no tiles in {empty} (no .npz): run `python tile.py SLIDES --out {empty}` first')  # was ValueError
+    shutil.copytree(demo_tiles, moved)
+    npz = sorted(moved.glob('*.npz'))[0]
+    fields = dict(np.load(npz))
+    fields['slide_path'] = np.array(str(tmp_path / 'elsewhere' / 'slide0.tiff'))
+    np.savez(npz, **fields)
+    message = in_process_distill(f'--data_dir={moved}', f'--out_dir={tmp_path / "out"}')
+    assert message.startswith(f'error: 1 slides tiled into {moved} are gone from where they were')
+    assert '\n' not in message
+    assert not (tmp_path / 'out').exists()
+
+
 # ==================================================================================================
 # evaluate.py: probes, kNN, CKA, robustness index, cache, errors
 # ==================================================================================================
