@@ -28,6 +28,7 @@ BatchNorm projection to the teacher's width -> loss -> backward -> clip -> fused
 student each normalise with their own mean/std.
 """
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -72,7 +73,7 @@ demo_teacher_steps = 300  # train each demo teacher this long on its labels into
 resume = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG)
 log_interval = 10  # steps between log lines
 eval_interval = 250  # steps between held-out teacher-student cosine measurements
-ckpt_interval = 1000  # steps between checkpoints (one is also written at the end and on SIGTERM)
+ckpt_interval = 1000  # steps between checkpoints (one also at the end, on SIGTERM and Ctrl-C)
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
 # models: names from model.py --list, timm hub names (local-dir:FOLDER, hf-hub:USER/NAME), or a
@@ -597,8 +598,10 @@ def distil(env, tiles, train_idx, val_idx, global_batch):
     step, why, preempted_by = train(run, step, max_iters, tile_batches, tiles.tile_size, held_out,
                                     log_file)
 
-    # the end: every rank takes part in the last checkpoint (it gathers their RNG states)
+    # the end: every rank takes part in the last checkpoint (it gathers their RNG states); after
+    # it a signal stops the run at once again (the export, the evaluation)
     save_checkpoint(run, step)
+    release_signals()
     exports = env.master and not preempted_by
     lineage = model_lineage(tiles, train_idx, step, global_batch) if exports else None
     finish_run(run, step, why, preempted_by, log_file, lineage)
@@ -909,13 +912,15 @@ def tile_loader(tiles, train_idx, order, env):
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(tiles, train_idx), batch_sampler=order,
         num_workers=num_workers, pin_memory=env.use_cuda, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 
-def ignore_sigterm(worker_id):
-    # on pre-emption the scheduler may signal every process; loader workers must outlive the
-    # main process's last step and checkpoint, so only the main process reacts
+def ignore_stop_signals(worker_id):
+    # on pre-emption the scheduler may signal every process, and Ctrl-C reaches the whole process
+    # group; loader workers must outlive the main process's last step and checkpoint, so only the
+    # main process reacts
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def embed_held_out(tiles, val_idx, teachers, env):
@@ -1068,8 +1073,7 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
         if log_file and (step % log_interval == 0 or step == until):
             meter = log_progress(run, meter, step, grad_norm, agreed, held_out, log_file, bar)
         if agreed.signalled:
-            why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
-                   'rerun with --resume=True to continue')
+            why = signalled_reason(stop['signal'])
             break
         if step % ckpt_interval == 0 and not bench:
             save_checkpoint(run, step)
@@ -1079,14 +1083,32 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
     return step, why, preempted_by
 
 
+# pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) and Ctrl-C (SIGINT;
+# torchrun passes it on to every rank)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def catch_preemption():
-    """Handlers for SIGTERM and SIGUSR1; returns the dict in which they note the signal."""
-    # pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) only raises a
-    # flag: the loop finishes its step, every rank checkpoints at the same step, and the run exits
+    """Handlers for STOP_SIGNALS; returns the dict in which they note the signal."""
+    # a signal only raises a flag: the loop finishes its step, every rank checkpoints at the same
+    # step, and the run exits
     stop = dict(signal=0)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _: stop.update(signal=signum))
     return stop
+
+
+def release_signals():
+    """STOP_SIGNALS stop the process at once again, as they do before the loop."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def signalled_reason(signum):
+    """Why a signalled run stopped, for its last line (a rank that only heard of another rank's
+    signal reads it as pre-emption)."""
+    what = 'interrupted (Ctrl-C)' if signum == signal.SIGINT else 'pre-empted (SIGTERM/SIGUSR1)'
+    return f'{what}: checkpoint written; rerun with --resume=True to continue'
 
 
 def agree_across_ranks(losses, teacher_stats, stop, env):
@@ -1193,7 +1215,8 @@ def write_log(row, log_file, bar, images_per_s):
 
 
 def save_checkpoint(run, step):
-    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it."""
+    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it; one
+    that cannot be written (a full disk) stops every rank in one line."""
     env = run.env
     # each rank's torch RNG state, gathered on the master
     rng = [torch.empty(0)] * env.world
@@ -1201,13 +1224,24 @@ def save_checkpoint(run, step):
         dist.all_gather_object(rng, torch.get_rng_state())
     else:
         rng = [torch.get_rng_state()]
-    if not env.master:
-        return
-    os.makedirs(out_dir, exist_ok=True)
+    problem = write_checkpoint(run, step, rng) if env.master else None
+    master_decides([problem], env)
+
+
+def write_checkpoint(run, step, rng):
+    """The master's ckpt.pt; an error line when it cannot be written, else None."""
     ckpt = dict(student=run.student.state_dict(), optimizer=run.optimizer.state_dict(), step=step,
-                state=run.state, config=effective_config(), world=env.world, rng=rng)
-    # written atomically: a kill leaves the old checkpoint, never half of one
-    tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
+                state=run.state, config=effective_config(), world=run.env.world, rng=rng)
+    # written atomically: a kill or a full disk leaves the old checkpoint, never half of one
+    try:
+        tile.save_atomic(checkpoint_path(), lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError that names no cause: the free space does
+        why = e.strerror if isinstance(e, OSError) else 'torch.save failed'
+        free = human_bytes(shutil.disk_usage(out_dir).free)
+        return (f'error: cannot write {checkpoint_path()} ({why}; {free} free there): free space, '
+                'then rerun with --resume=True; the checkpoint written before is kept')
+    return None
 
 
 def finish_run(run, step, why, preempted_by, log_file, lineage):
@@ -1934,5 +1968,29 @@ def weights_lineage(name, source):
                 hub=spec['hub'] if published else None)
 
 
+def command_line():
+    """main() as a command: Ctrl-C outside the loop and a full disk end in one line too."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        # in the loop Ctrl-C finishes the step and checkpoints (catch_preemption); before or after
+        # it every file is whole (save_atomic), and a resume continues from the last checkpoint
+        if os.environ.get('RANK', '0') == '0':
+            print('interrupted (Ctrl-C): every file written is whole; rerun to continue (with '
+                  '--resume=True a training run continues from its last checkpoint)',
+                  file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # a write through a file object names no file: then the folders this run writes into
+        places = [p for p in (out_dir, teacher_cache) if p]
+        if e.filename:
+            places = [os.path.dirname(e.filename) or '.']
+        raise SystemExit(f"error: a write into {' or '.join(places)} failed ({e.strerror}): free "
+                         'space there, then rerun (with --resume=True a training run continues '
+                         'from its last checkpoint)') from None
+
+
 if __name__ == '__main__':
-    main()
+    command_line()

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1872,14 +1873,15 @@ def test_in_bf16_the_teacher_cache_key_holds_the_teachers_precision(demo_tiles, 
 
 @pytest.fixture
 def in_process_distill(monkeypatch):
-    """distill.main() in this process, for errors raised before any training; its settings restored after."""
+    """distill.main() in this process, for errors raised before any training; its settings restored after.
+    command=True: distill.command_line(), what `python distill.py` runs."""
     saved = distill.effective_config()
 
-    def error_of(*args):
+    def error_of(*args, command=False):
         vars(distill).update(saved)
         monkeypatch.setattr(sys, 'argv', ['distill.py', *TINY, *args])
         with pytest.raises(SystemExit) as stop:
-            distill.main()
+            distill.command_line() if command else distill.main()
         return str(stop.value)
     yield error_of
     vars(distill).update(saved)
@@ -1999,6 +2001,49 @@ def test_a_number_no_run_can_use_is_one_line_before_any_work(in_process_distill,
     assert not out.exists()
 
 
+def test_a_second_run_on_a_live_runs_out_dir_stops_in_one_line_and_ctrl_c_checkpoints_and_exits_130(
+        demo_tiles, in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    command = [sys.executable, os.path.join(HERE, 'distill.py'), *TINY, f'--data_dir={demo_tiles}', f'--out_dir={out}',
+               '--max_iters=100000']
+    run = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    log = out / 'log.jsonl'
+    while run.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    # a second run into the same out_dir while the first trains: it stops before it reads or writes anything there
+    # (both used to train, each overwriting the other's checkpoint and log)
+    message = in_process_distill(f'--data_dir={demo_tiles}', f'--out_dir={out}', '--resume=True', '--max_iters=1')
+    assert re.fullmatch(rf'error: another distill.py run is writing into {out} \(pid {run.pid} on .+\): wait for it to '
+                        'end, or give another --out_dir', message), message
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 130 and 'Traceback' not in output, output[-3000:]  # was a traceback and no checkpoint
+    assert 'interrupted (Ctrl-C): checkpoint written; rerun with --resume=True to continue' in output
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)
+    assert ckpt['step'] == [r['step'] for r in log_rows(out)][-1] >= 1
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # no export, no lock, no temporary
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(demo_tiles, tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    command = [sys.executable, os.path.join(HERE, 'distill.py'), *TINY, f'--data_dir={demo_tiles}', f'--out_dir={out}',
+               '--max_iters=100000']
+    run = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    line = ' '
+    while line and not line.startswith('global batch'):  # printed once the settings are read, seconds before the loop
+        line = run.stdout.readline()
+    os.killpg(run.pid, signal.SIGINT)
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    assert err.splitlines()[-1] == ('interrupted (Ctrl-C): every file written is whole; rerun to continue (with '
+                                    '--resume=True a training run continues from its last checkpoint)')
+    assert not out.exists() or os.listdir(out) == []  # the lock goes with the run
+
+
 def test_a_checkpoint_cut_short_is_one_line_on_resume_and_stays_as_it_was(cache_runs, in_process_distill, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(cache_runs.root / 'plain', out)
@@ -2046,6 +2091,40 @@ def test_a_data_dir_without_tiles_or_whose_slides_moved_is_one_line(demo_tiles, 
     assert message.startswith(f'error: 1 slides tiled into {moved} are gone from where they were')
     assert '\n' not in message
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_one_before_is_kept(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    out.mkdir()
+    monkeypatch.setattr(distill, 'out_dir', str(out))
+    (out / 'ckpt.pt').write_bytes(b'the checkpoint before')
+    student = model.create('tiny-student')[0]  # 22 MB with its optimizer state: torch.save writes it in pieces
+    env = SimpleNamespace(world=1, ddp=False, master=True)
+    run = SimpleNamespace(student=student, optimizer=torch.optim.AdamW(student.parameters()), state={}, env=env)
+    run.optimizer.step()
+    # the temporary that save_atomic writes is the disk-full device: every write to it fails with ENOSPC
+    os.symlink('/dev/full', out / f'.ckpt.pt.{os.getpid()}.tmp')
+    with pytest.raises(SystemExit) as stop:
+        distill.save_checkpoint(run, 3)
+    assert re.fullmatch(rf"error: cannot write {out / 'ckpt.pt'} \((No space left on device|torch.save failed); "
+                        r'.+ free there\): free space, then rerun with --resume=True; the checkpoint written before '
+                        'is kept', str(stop.value)), str(stop.value)
+    assert os.listdir(out) == ['ckpt.pt'] and (out / 'ckpt.pt').read_bytes() == b'the checkpoint before'
+
+
+def test_a_full_disk_elsewhere_in_a_run_is_one_line_naming_the_folders_it_writes(demo_tiles, in_process_distill,
+                                                                                 tmp_path):
+    from safetensors.torch import save_file
+    weights, cache, out = tmp_path / 'teacher.safetensors', tmp_path / 'cache', tmp_path / 'out'
+    save_file(model.create('tiny-teacher')[0].state_dict(), weights)
+    cache.mkdir()
+    # the weights' hash is remembered beside the cache; its temporary is the disk-full device
+    os.symlink('/dev/full', cache / f'.weights_sha256.json.{os.getpid()}.tmp')
+    message = in_process_distill(f'--data_dir={demo_tiles}', f'--teacher_weights={weights}',
+                                 f'--teacher_cache={cache}', f'--out_dir={out}', command=True)
+    assert message == (f'error: a write into {out} or {cache} failed (No space left on device): free space there, '
+                       'then rerun (with --resume=True a training run continues from its last checkpoint)')
+    assert os.listdir(out) == [] and os.listdir(cache) == []  # no lock left, no temporary
 
 
 # ==================================================================================================
