@@ -28,6 +28,7 @@ BatchNorm projection to the teacher's width -> loss -> backward -> clip -> fused
 student each normalise with their own mean/std.
 """
 import contextlib
+import ctypes
 import errno
 import hashlib
 import itertools
@@ -1412,7 +1413,8 @@ CACHE_KEY_WORDS = dict(
     teacher='teacher',
     teacher_model="teacher architecture or normalisation (its model.py row)",
     teacher_weights='teacher weights (sha256 of the file)',
-    tiles='tiles in data_dir (slides and coordinates)',
+    tiles='tiles in data_dir (slides, their files and coordinates)',
+    reading='way of reading tiles (tile.TileDataset.direct, tile.DCT_SHRINK)',
     seed='seed',
     global_batch='global batch (batch_size x grad_accum x processes)',
     crop_size='crop_size',
@@ -1471,14 +1473,14 @@ def examine_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env)
         cache = open_cache(folder, global_batch, spec['dim'], storage_dtype(env))
         folders.append(folder)
         stored.append(stored_steps(cache, max_iters))
-        held_out_stored = os.path.exists(held_out_path(cache, val_idx))
-        held_out_missing.append(len(val_idx) > 0 and not held_out_stored)
+        held_out_missing.append(len(val_idx) > 0 and not held_out_whole(cache, val_idx))
     problem = check_cache_space(folders, sources, stored, global_batch, env)
     if problem:
         return [problem, [], [], []]
     # only now: a max_iters too large for the disk would be a list too large for the memory
     missing = [np.setdiff1d(np.arange(max_iters), steps).tolist() for steps in stored]
-    return [None, folders, missing, held_out_missing]
+    problem = reserve_cache_space(folders, sources, missing, global_batch, env)
+    return [problem, folders, missing, held_out_missing]
 
 
 def check_cache_layout():
@@ -1513,13 +1515,17 @@ def cache_key(tiles, train_idx, t_spec, weights, global_batch, env):
     # rows are indexed by their place in the global batch, as augment_params() and batches()
     # index them, so any split of the same global batch over GPUs and accumulation reads the same
     model_fields = ('arch', 'kwargs', 'mean', 'std', 'pool', 'img_size', 'resize')
-    tile_layout = json.dumps([tiles.stems, tiles.levels, tiles.read_sizes, tiles.tile_size])
+    # each slide by its file's identity as tile.py recorded it (size, dimensions, content hash; not
+    # the mtime, which a copy changes): a slide scanned again and tiled alike is other pixels
+    tile_layout = json.dumps([tiles.stems, tiles.slide_identities, tiles.levels, tiles.read_sizes,
+                              tiles.tile_size])
     key = dict(
         teacher=t_spec['name'],
         teacher_model={k: t_spec.get(k) for k in model_fields},
         teacher_weights=weights_identity(t_spec, weights),
         # the tiles as TileDataset reads them: slides, levels, sizes, coordinates
         tiles=fingerprint(tile_layout, tiles.coords, tiles.slide_index),
+        reading=tile_reading(tiles),
         seed=seed,
         global_batch=global_batch,
         crop_size=crop_size,
@@ -1535,6 +1541,15 @@ def cache_key(tiles, train_idx, t_spec, weights, global_batch, env):
         key['teacher_dtype'] = str(teacher_dtype(env)).removeprefix('torch.')
     # as JSON reads it back: tuples become lists
     return json.loads(json.dumps(key))
+
+
+def tile_reading(tiles):
+    """How TileDataset reads the tiles' pixels: through OpenSlide, or straight from the stored
+    JPEG tiles (TileDataset.direct), where a level is shrunk also in the DCT (tile.DCT_SHRINK:
+    ~46 dB PSNR from OpenSlide's pixels, so a cache filled one way is not the other's)."""
+    if not tiles.direct:
+        return 'OpenSlide'
+    return 'JPEG tiles, DCT shrink' if tile.DCT_SHRINK else 'JPEG tiles'
 
 
 def fingerprint(text, *arrays):
@@ -1563,7 +1578,8 @@ def file_sha256(path):
     memo_path = os.path.join(teacher_cache, 'weights_sha256.json') if teacher_cache else None
     memo = {}
     if memo_path and os.path.exists(memo_path):
-        with open(memo_path) as f:
+        # a memo cut short costs one more hash, after which it is written whole again
+        with contextlib.suppress(ValueError), open(memo_path) as f:
             memo = json.load(f)
     stat = os.stat(path)
     seen = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
@@ -1595,8 +1611,16 @@ def claim_key(folder, key):
         except FileExistsError:
             pass
         os.remove(tmp)
-    with open(path) as f:
-        made_with = json.load(f)
+    try:
+        with open(path) as f:
+            made_with = json.load(f)
+    except (OSError, ValueError):
+        made_with = None
+    # written whole (a hard link to a finished file): one that is not was cut short elsewhere, and
+    # without it the embeddings there cannot be checked
+    if not isinstance(made_with, dict):
+        return (f'error: {path} cannot be read (truncated or damaged): restore it from a copy, or '
+                f'delete {folder} to fill it again, or use another teacher_cache folder')
     for name, value in key.items():
         if made_with.get(name) == value:
             continue
@@ -1641,6 +1665,75 @@ def check_cache_space(folders, sources, stored, global_batch, env):
             'larger disk, or lower max_iters')
 
 
+def reserve_cache_space(folders, sources, missing, global_batch, env):
+    """Allocate on disk the rows and marks of every step still missing, before any is written: an
+    error line when the disk cannot take them, else None."""
+    # the files are sparse and memory-mapped: a disk that fills under a write through the map is a
+    # SIGBUS that kills the run mid-step, where a reservation that fails now is one line (and a
+    # disk that fills later finds the cache's blocks already its own)
+    for folder, (spec, _), steps in zip(folders, sources, missing):
+        cache = open_cache(folder, global_batch, spec['dim'], storage_dtype(env))
+        for path, offset, length in missing_extents(cache, steps):
+            why = allocate(path, offset, length)
+            if why:
+                needed = len(steps) * global_batch * (stored_row_bytes(cache) + 4)
+                free = human_bytes(shutil.disk_usage(folder).free)
+                return (f'error: teacher_cache cannot reserve {human_bytes(needed)} for the '
+                        f'{len(steps)} steps {folder} lacks ({why}; {free} free): free some, '
+                        'point teacher_cache at a larger disk, or lower max_iters')
+    return None
+
+
+def stored_row_bytes(cache):
+    return cache.dim * np.dtype(cache.np_dtype).itemsize
+
+
+def missing_extents(cache, steps):
+    """(path, offset, length) of the bytes of the rows and of the marks of `steps` (sorted), one
+    extent for each run of consecutive steps in a pair of files (segment)."""
+    steps = np.asarray(steps, np.int64)
+    # a run ends where a step is skipped or a pair of files ends
+    ends = (np.diff(steps) != 1) | (np.diff(steps // CACHE_SEGMENT_STEPS) != 0)
+    for run in np.split(steps, np.flatnonzero(ends) + 1):
+        if not len(run):
+            continue
+        k, i = divmod(int(run[0]), CACHE_SEGMENT_STEPS)
+        for suffix, item_bytes in (('.bin', stored_row_bytes(cache)), ('.crc', 4)):
+            step_bytes = cache.global_batch * item_bytes
+            yield segment_stem(cache, k) + suffix, i * step_bytes, len(run) * step_bytes
+
+
+def allocate(path, offset, length):
+    """Give bytes offset..offset+length of a file their blocks on disk (the file is made when
+    missing, and never shrunk): why the disk cannot, or None; None too where the filesystem
+    cannot allocate ahead (NFSv3, older ZFS), which goes on without the reservation."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return e.strerror
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+    return None
+
+
+def fallocate(fd, offset, length):
+    """fallocate(2), mode 0: OSError when it cannot, ENOSYS where the C library lacks it."""
+    # not os.posix_fallocate: where the filesystem cannot allocate ahead, glibc emulates it by
+    # writing into every block of the range, minutes for a cache of tens of GB on NFS
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = getattr(libc, 'fallocate64', None) or getattr(libc, 'fallocate', None)
+    if call is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    call.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if call(fd, 0, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def human_bytes(n):
     for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
         if n < 1000:
@@ -1657,11 +1750,16 @@ def open_cache(folder, global_batch, dim, dtype):
                            np_dtype=np_dtype, segments={}, missing=[], held_out_missing=False)
 
 
+def segment_stem(cache, k):
+    """The path, less .bin or .crc, of a cache's k-th pair of files."""
+    return os.path.join(cache.folder, f'steps_{k * CACHE_SEGMENT_STEPS:08d}')
+
+
 def segment(cache, step):
     """The memory-mapped (rows, marks) of the files that hold a step, and its index there."""
     k, i = divmod(step, CACHE_SEGMENT_STEPS)
     if k not in cache.segments:
-        stem = os.path.join(cache.folder, f'steps_{k * CACHE_SEGMENT_STEPS:08d}')
+        stem = segment_stem(cache, k)
         shape = (CACHE_SEGMENT_STEPS, cache.global_batch)
         rows = map_file(stem + '.bin', cache.np_dtype, shape + (cache.dim,))
         cache.segments[k] = (rows, map_file(stem + '.crc', np.uint32, shape))
@@ -1746,6 +1844,17 @@ def held_out_path(cache, val_idx):
     """Where a cache keeps these held-out tiles' embeddings (other val_tiles: another file)."""
     name = fingerprint('held-out tiles', val_idx)[:16]
     return os.path.join(cache.folder, f'held_out_{name}.npy')
+
+
+def held_out_whole(cache, val_idx):
+    """Whether the cache holds these held-out tiles' embeddings, whole: a file cut short (copied
+    in part, or left by another tool) counts as missing, so the teacher computes it again."""
+    # written whole or not at all (save_atomic), so the shape and the length are the whole check
+    try:
+        stored = np.load(held_out_path(cache, val_idx), mmap_mode='r')
+    except (OSError, ValueError, EOFError):
+        return False
+    return stored.shape == (len(val_idx), cache.dim)
 
 
 def write_held_out(cache, val_idx, targets):
@@ -1869,7 +1978,7 @@ def embed_and_store(teacher, pending, env):
 
 def read_held_out(cache, val_idx, crops):
     """The held-out embeddings from the cache, batched like crops; None without them."""
-    if cache is None or not os.path.exists(held_out_path(cache, val_idx)):
+    if cache is None or not held_out_whole(cache, val_idx):
         return None
     targets = torch.from_numpy(np.load(held_out_path(cache, val_idx)))
     return [t.to(crops[0].device) for t in targets.split([len(c) for c in crops])]

@@ -5,6 +5,7 @@ OpenSlide reads, real timm models and real torchrun processes (gloo); nothing is
 
     python -m pytest -q test_smoke.py
 """
+import contextlib
 import csv
 import hashlib
 import io
@@ -1914,7 +1915,7 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
     errors = {
         '--seed=7': 'another seed: 1337 there, 7 here',
         '--batch_size=4': 'another global batch (batch_size x grad_accum x processes): 4 there, 8 here',
-        f'--data_dir={other_tiles}': 'another tiles in data_dir (slides and coordinates)',
+        f'--data_dir={other_tiles}': 'another tiles in data_dir (slides, their files and coordinates)',
         '--patch_weight=0.5': 'patch_weight > 0 needs its patch tokens',
         f'--max_iters={10 ** 12}': 'needs 1.55 PB for 999999999994 more steps but',
     }
@@ -2091,6 +2092,97 @@ def test_a_data_dir_without_tiles_or_whose_slides_moved_is_one_line(demo_tiles, 
     assert message.startswith(f'error: 1 slides tiled into {moved} are gone from where they were')
     assert '\n' not in message
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_teacher_caches_key_json_cut_short_is_one_line(demo_tiles, in_process_distill, tmp_path):
+    cache = tmp_path / 'cache'
+    args = [f'--data_dir={demo_tiles}', f'--teacher_cache={cache}', f'--out_dir={tmp_path / "out"}']
+    # a first run claims the folder (its key.json), then stops at the disk check
+    assert 'more steps but' in in_process_distill(*args, f'--max_iters={10 ** 12}')
+    key, = cache.glob('*/key.json')
+    key.write_text(key.read_text()[:40])
+    assert in_process_distill(*args) == (f'error: {key} cannot be read (truncated or damaged): restore it from a copy, '
+                                         f'or delete {key.parent} to fill it again, or use another teacher_cache '
+                                         'folder')  # was json.JSONDecodeError
+
+
+def test_a_held_out_file_cut_short_counts_as_missing_and_is_computed_again_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill, 'compile', False)
+    vit, spec = model.create('tiny-teacher')
+    cache = distill.open_cache(str(tmp_path), 4, spec['dim'], torch.float32)
+    val_idx = np.arange(6)
+    crops = [torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8) for n in (4, 2)]
+    first = distill.Teacher(spec, vit, cache).held_out_targets(crops, val_idx, contextlib.nullcontext())
+    path = Path(distill.held_out_path(cache, val_idx))
+    whole = path.read_bytes()
+    assert distill.held_out_whole(cache, val_idx)
+    path.write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    assert not distill.held_out_whole(cache, val_idx)  # so the run loads the teacher (cache_lacks)
+    assert distill.read_held_out(cache, val_idx, crops) is None  # was ValueError from np.load
+    again = distill.Teacher(spec, vit, cache).held_out_targets(crops, val_idx, contextlib.nullcontext())
+    assert path.read_bytes() == whole and all(torch.equal(a, b) for a, b in zip(first, again))
+    # whole again: a run without the teacher replays it
+    replayed = distill.Teacher(spec, None, cache).held_out_targets(crops, val_idx, contextlib.nullcontext())
+    assert all(torch.equal(a, b) for a, b in zip(first, replayed))
+
+
+def test_the_teacher_cache_key_changes_with_the_way_tiles_are_read_and_with_a_slides_identity(demo_tiles, monkeypatch,
+                                                                                              tmp_path):
+    tiles = tile.TileDataset(demo_tiles)
+    train_idx = np.arange(len(tiles))
+    env = SimpleNamespace(bf16=False)
+    key = lambda: distill.cache_key(tiles, train_idx, model.MODELS['tiny-teacher'], 'random', 4, env)
+    made = key()
+    assert made['reading'] == 'JPEG tiles, DCT shrink'
+    assert distill.claim_key(str(tmp_path), made) is None
+    # OpenSlide's pixels and the JPEG tiles' differ (~46 dB): embeddings of one are not the other's
+    monkeypatch.setattr(tile, 'DCT_SHRINK', False)
+    assert key()['reading'] == 'JPEG tiles'
+    monkeypatch.setattr(tile.TileDataset, 'direct', False)
+    assert {k for k in made if key()[k] != made[k]} == {'reading'}
+    assert distill.claim_key(str(tmp_path), key()) == (
+        f'error: teacher_cache {tmp_path} was made with another way of reading tiles (tile.TileDataset.direct, '
+        'tile.DCT_SHRINK): JPEG tiles, DCT shrink there, OpenSlide here; use another teacher_cache folder, or the '
+        'settings it was made with')
+    monkeypatch.undo()
+    # a slide scanned again and tiled alike (the same coordinates) is other pixels
+    tiles.slide_identities[0] = dict(tiles.slide_identities[0], hash='another scan')
+    assert {k for k in made if key()[k] != made[k]} == {'tiles'}
+
+
+RESERVE = ('import sys\nfrom types import SimpleNamespace\nimport distill, model\n'
+           "sources = [(model.MODELS['tiny-teacher'], 'random')]\n"
+           'print(distill.reserve_cache_space([sys.argv[1]], sources, [list(range(1000))], 4, '
+           'SimpleNamespace(bf16=False)))\n')
+
+
+def test_a_teacher_cache_the_disk_cannot_take_is_one_line_at_start_up_not_a_sigbus_mid_fill(tmp_path):
+    # the steps a run lacks get their blocks at start-up: rows (96 float32) and marks of steps 0-2 and 7, of 4 tiles
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    sources, env = [(model.MODELS['tiny-teacher'], 'random')], SimpleNamespace(bf16=False)
+    assert distill.reserve_cache_space([str(cache)], sources, [[0, 1, 2, 7]], 4, env) is None
+    assert (cache / 'steps_00000000.bin').stat().st_blocks * 512 >= 4 * 4 * 96 * 4
+    assert (cache / 'steps_00000000.crc').stat().st_size == 8 * 4 * 4  # grown, never shrunk, to map_file's size later
+    # 1000 steps, 1.55 MB, on a disk that cannot take them: one line, where a fill used to die of SIGBUS
+    disk, script = tmp_path / 'disk', tmp_path / 'reserve.py'
+    disk.mkdir()
+    script.write_text(RESERVE)
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS='1')
+    reserve = f'{sys.executable} {script} {disk}'
+    if subprocess.run(['unshare', '-rm', 'true'], capture_output=True).returncode == 0:
+        # a real ENOSPC: a 1 MiB tmpfs in a mount namespace of this test's own
+        shell = f'mount -t tmpfs -o size=1m none {disk} && {reserve}; df -B1 --output=used {disk}'
+        run = subprocess.run(['unshare', '-rm', 'sh', '-c', shell], capture_output=True, text=True, env=env)
+        reason = 'No space left on device; 1.05 MB free'
+        assert run.stdout.splitlines()[-1].strip() == '0'  # nothing of the reservation is left on that disk
+    else:
+        # no user namespaces (a hardened CI): a file-size limit fails the same allocation, with EFBIG
+        run = subprocess.run(reserve.split(), capture_output=True, text=True, env=env, preexec_fn=limit_file_size)
+        reason = 'File too large; '
+    line = next(l for l in run.stdout.splitlines() if l.startswith('error: '))
+    assert line.startswith(f'error: teacher_cache cannot reserve 1.55 MB for the 1000 steps {disk} lacks ({reason}')
+    assert line.endswith('free): free some, point teacher_cache at a larger disk, or lower max_iters'), run.stderr
 
 
 def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_one_before_is_kept(tmp_path, monkeypatch):
