@@ -27,6 +27,9 @@ forward (no grad; or its embedding replayed from teacher_cache) -> student forwa
 BatchNorm projection to the teacher's width -> loss -> backward -> clip -> fused AdamW. Teacher and
 student each normalise with their own mean/std.
 """
+import contextlib
+import ctypes
+import errno
 import hashlib
 import itertools
 import json
@@ -71,7 +74,7 @@ demo_teacher_steps = 300  # train each demo teacher this long on its labels into
 resume = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG)
 log_interval = 10  # steps between log lines
 eval_interval = 250  # steps between held-out teacher-student cosine measurements
-ckpt_interval = 1000  # steps between checkpoints (one is also written at the end and on SIGTERM)
+ckpt_interval = 1000  # steps between checkpoints (one also at the end, on SIGTERM and Ctrl-C)
 val_fraction = 0.02  # fraction of slides held out for the cosine measurement (at least one slide)
 val_tiles = 512  # at most this many held-out tiles are embedded at each evaluation
 # models: names from model.py --list, timm hub names (local-dir:FOLDER, hf-hub:USER/NAME), or a
@@ -533,16 +536,18 @@ def global_batches(n_tiles, steps, global_batch, rng_seed):
 # the run: main() is the table of contents, the stages follow in the order it calls them
 
 def main():
-    # config and DDP: module defaults < config file < --key=value; then where this process runs
+    # temporaries last written before now are no live run's (tile.remove_stale_temporaries)
+    started = time.time()
+    # config: module defaults < config file < --key=value, each setting checked before any work
     config = read_config(sys.argv[1:])
+    check_settings()
+    # DDP: where this process runs
     env = start_processes()
     global_batch = batch_size * grad_accum * env.world
     if env.master:
         print(json.dumps(config))
         print(f'global batch {global_batch} = {batch_size} per GPU x {grad_accum} accumulation '
               f'x {env.world} processes')
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    check_run_mode(ckpt_path)
 
     # the demo's material, made once (config/demo.py): synthetic slides, tiled; a labelled patch
     # set; a teacher that knows their tissues
@@ -556,9 +561,19 @@ def main():
         check_eval_data()
 
     # data: this run's training tiles and the held-out ones (--bench reads none)
+    tiles = train_idx = val_idx = None
     if not bench:
         tiles, train_idx, val_idx = split_tiles(global_batch, env)
 
+    # one run at a time writes into out_dir: the master holds its lock until the run ends, and a
+    # run that finds another one there stops in one line, every process with it
+    with own_out_dir(env, started):
+        distil(env, tiles, train_idx, val_idx, global_batch)
+
+
+def distil(env, tiles, train_idx, val_idx, global_batch):
+    """The run itself: the teachers' targets, computed or replayed from teacher_cache; the student;
+    the loop; the last checkpoint; the export and the G2L table."""
     # the teacher cache, a folder per teacher, checked against what it was made from before
     # any model is built; --teacher_only fills what it lacks and stops there
     sources = teacher_sources()
@@ -570,8 +585,8 @@ def main():
         finish(env.ddp)
         return
 
-    # the student, its optimizer and the teachers, resumed from ckpt_path with --resume=True
-    run, step = build_run(sources, caches, ckpt_path, env)
+    # the student, its optimizer and the teachers, resumed from out_dir/ckpt.pt with --resume=True
+    run, step = build_run(sources, caches, env)
     if bench:
         run_bench(run)
         finish(env.ddp)
@@ -584,8 +599,10 @@ def main():
     step, why, preempted_by = train(run, step, max_iters, tile_batches, tiles.tile_size, held_out,
                                     log_file)
 
-    # the end: every rank takes part in the last checkpoint (it gathers their RNG states)
+    # the end: every rank takes part in the last checkpoint (it gathers their RNG states); after
+    # it a signal stops the run at once again (the export, the evaluation)
     save_checkpoint(run, step)
+    release_signals()
     exports = env.master and not preempted_by
     lineage = model_lineage(tiles, train_idx, step, global_batch) if exports else None
     finish_run(run, step, why, preempted_by, log_file, lineage)
@@ -610,13 +627,33 @@ def effective_config():
     return {k: globals()[k] for k in config_keys}
 
 
-def check_run_mode(ckpt_path):
-    """One line, before any work, for settings that cannot go together."""
+# what each number must be: a zero batch, a negative lr or a NaN stops the run in one line before
+# any work, not in a traceback minutes into it (or, as a negative max_iters did, in a run that
+# trains nothing and exits 0)
+NUMBER_RULES = {
+    'at least 1': (lambda v: v >= 1, (
+        'batch_size', 'grad_accum', 'crop_size', 'log_interval', 'eval_interval', 'ckpt_interval',
+        'early_stop_window', 'max_nonfinite', 'fill_batch_size', 'synthetic_patches')),
+    '0 or more': (lambda v: v >= 0, (
+        'max_iters', 'warmup_iters', 'lr_decay_iters', 'val_tiles', 'num_workers', 'bench', 'seed',
+        'lr', 'min_lr', 'weight_decay', 'weight_decay_end', 'grad_clip', 'patch_weight',
+        'early_stop_patience', 'synthetic_slides', 'demo_teacher_steps')),
+    'above 0': (lambda v: v > 0, ('alpha',)),
+    'from 0 to below 1': (lambda v: 0 <= v < 1, ('val_fraction', 'beta1', 'beta2')),
+}
+
+
+def check_settings():
+    """One line, before any work, for a number no run can use or settings that cannot go
+    together."""
+    for must_be, (holds, names) in NUMBER_RULES.items():
+        for name in names:
+            value = globals()[name]
+            # NaN and infinity hold no rule
+            if not (math.isfinite(value) and holds(value)):
+                raise SystemExit(f'error: --{name}={value}: {name} must be {must_be}')
     # the committee's lists, checked before anything is made
     committee()
-    if not bench and not teacher_only and os.path.exists(ckpt_path) and not resume:
-        raise SystemExit(f'error: {ckpt_path} exists; pass --resume=True to continue it '
-                         'or choose another out_dir')
     if teacher_only and (bench or not teacher_cache):
         raise SystemExit('error: --teacher_only=True fills a teacher cache: pass '
                          '--teacher_cache=<folder>, and no --bench')
@@ -662,7 +699,11 @@ def start_processes():
 
 def split_tiles(global_batch, env):
     """The tiles folder, its training tile indices and the held-out tile indices measured."""
-    tiles = tile.TileDataset(data_dir)
+    try:
+        tiles = tile.TileDataset(data_dir)
+    except ValueError as e:
+        # no tiles, slides moved or changed since tiling: its message says what to do
+        raise SystemExit(f'error: {e}') from None
     if crop_size > tiles.tile_size:
         raise SystemExit(f'error: crop_size {crop_size} is larger than the {tiles.tile_size} px '
                          f'tiles in {data_dir}')
@@ -688,7 +729,57 @@ def split_tiles(global_batch, env):
     return tiles, train_idx, val_idx
 
 
-def build_run(sources, caches, ckpt_path, env):
+@contextlib.contextmanager
+def own_out_dir(env, started):
+    """Hold out_dir for this run while the block runs: the master takes its writers' lock
+    (tile.one_writer; a dead run's lock is taken over) and checks what is there; an error line
+    stops every process. --bench and --teacher_only write nothing there."""
+    if bench or teacher_only:
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        problem = None
+        if env.master:
+            try:
+                tile.make_out_folder(out_dir, '--out_dir')
+                held.enter_context(tile.one_writer(out_dir, 'distill', flag='--out_dir'))
+                check_out_dir()
+            except SystemExit as refusal:
+                problem = str(refusal)
+        master_decides([problem], env)
+        if env.master:
+            tile.remove_stale_temporaries(out_dir, started)
+        yield
+
+
+def check_out_dir():
+    """One line for what out_dir holds that this run cannot go on from: a checkpoint that it
+    would overwrite (without --resume=True), a log.jsonl that it cannot read."""
+    if os.path.exists(checkpoint_path()) and not resume:
+        raise SystemExit(f'error: {checkpoint_path()} exists; pass --resume=True to continue it '
+                         'or choose another out_dir')
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(log_path):
+        read_log(log_path)
+
+
+def master_decides(verdict, env):
+    """The master's verdict on every process: [an error line or None, what goes with it]. An
+    error line stops them all, the master saying why, so that none waits for a master that
+    stopped."""
+    if env.ddp:
+        dist.broadcast_object_list(verdict)
+    if verdict[0]:
+        finish(env.ddp)
+        raise SystemExit(verdict[0] if env.master else 1)
+    return verdict
+
+
+def checkpoint_path():
+    return os.path.join(out_dir, 'ckpt.pt')
+
+
+def build_run(sources, caches, env):
     """The models of the run and the step it starts at, in the deliberate order: the student with
     its projections -> the optimizer -> their state from a checkpoint (freed on return) -> the
     teachers -> DDP -> compile. The raw student is kept for saving and measuring."""
@@ -696,8 +787,8 @@ def build_run(sources, caches, ckpt_path, env):
     raw_student = build_student(t_specs, env)
     optimizer = build_optimizer(raw_student)
     step, state = 0, dict(recent=[], above=0, nonfinite=0, skipped=0)
-    if resume and not bench and os.path.exists(ckpt_path):
-        step, state = load_checkpoint(ckpt_path, raw_student, optimizer, env)
+    if resume and not bench and os.path.exists(checkpoint_path()):
+        step, state = load_checkpoint(checkpoint_path(), raw_student, optimizer, env)
     else:
         # each rank its own torch random stream; a resumed run restores the saved ones instead
         torch.manual_seed(seed + env.rank)
@@ -775,7 +866,14 @@ RESUME_KEYS = ('teacher', 'teacher_weights', 'teacher_loss_weights', 'student', 
 
 def load_checkpoint(path, raw_student, optimizer, env):
     """Student, optimizer and this rank's RNG from a checkpoint; returns its step and loss state."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception:
+        ckpt = None
+    # save_atomic never leaves half a checkpoint: this one was cut short or changed elsewhere
+    if not isinstance(ckpt, dict) or 'config' not in ckpt:
+        raise SystemExit(f'error: {path} cannot be read (truncated, or not a distill.py '
+                         'checkpoint): restore it from a copy, or start afresh in another out_dir')
     # what decides the models, the loss and the tiles and views of each step must match, or the
     # resumed run would silently be another run; a key an older checkpoint lacks differs too
     config = effective_config()
@@ -815,13 +913,15 @@ def tile_loader(tiles, train_idx, order, env):
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(tiles, train_idx), batch_sampler=order,
         num_workers=num_workers, pin_memory=env.use_cuda, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 
-def ignore_sigterm(worker_id):
-    # on pre-emption the scheduler may signal every process; loader workers must outlive the
-    # main process's last step and checkpoint, so only the main process reacts
+def ignore_stop_signals(worker_id):
+    # on pre-emption the scheduler may signal every process, and Ctrl-C reaches the whole process
+    # group; loader workers must outlive the main process's last step and checkpoint, so only the
+    # main process reacts
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def embed_held_out(tiles, val_idx, teachers, env):
@@ -845,7 +945,6 @@ def open_log(step, run, held_out):
     run wrote after its checkpoint; a run from step 0 starts it with the held-out cosine."""
     if not run.env.master:
         return None
-    os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     trim_log(log_path, step)
     log_file = open(log_path, 'a')
@@ -861,9 +960,35 @@ def trim_log(path, step):
     """On resume, drop log lines the killed run wrote after its last checkpoint (atomically)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    rows = [line for line, row in read_log(path) if row['step'] <= step]
     tile.save_atomic(path, lambda f: f.write(''.join(rows).encode()))
+
+
+def read_log(path):
+    """A log.jsonl's lines with their rows, less a last line cut short (a kill or a full disk
+    mid-write, after the last checkpoint). SystemExit, one line, for a file that cannot be read
+    or a line that is no log row: the run appends to it, and drops nothing it cannot read."""
+    advice = 'move it aside (or delete that line), then rerun'
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().decode().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else 'not text'
+        raise SystemExit(f'error: {path} cannot be read ({why}): {advice}') from None
+    if lines and not lines[-1].endswith('\n'):
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get('step'), int):
+            raise SystemExit(f'error: {path} line {number} is not a log row: {advice}')
+        rows.append((line, row))
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -949,8 +1074,7 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
         if log_file and (step % log_interval == 0 or step == until):
             meter = log_progress(run, meter, step, grad_norm, agreed, held_out, log_file, bar)
         if agreed.signalled:
-            why = ('pre-empted (SIGTERM/SIGUSR1): checkpoint written; '
-                   'rerun with --resume=True to continue')
+            why = signalled_reason(stop['signal'])
             break
         if step % ckpt_interval == 0 and not bench:
             save_checkpoint(run, step)
@@ -960,14 +1084,32 @@ def train(run, step, until, tile_batches, tile_size, held_out, log_file):
     return step, why, preempted_by
 
 
+# pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) and Ctrl-C (SIGINT;
+# torchrun passes it on to every rank)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def catch_preemption():
-    """Handlers for SIGTERM and SIGUSR1; returns the dict in which they note the signal."""
-    # pre-emption (SIGTERM; SIGUSR1 is what Slurm's --signal sends ahead of time) only raises a
-    # flag: the loop finishes its step, every rank checkpoints at the same step, and the run exits
+    """Handlers for STOP_SIGNALS; returns the dict in which they note the signal."""
+    # a signal only raises a flag: the loop finishes its step, every rank checkpoints at the same
+    # step, and the run exits
     stop = dict(signal=0)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _: stop.update(signal=signum))
     return stop
+
+
+def release_signals():
+    """STOP_SIGNALS stop the process at once again, as they do before the loop."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+def signalled_reason(signum):
+    """Why a signalled run stopped, for its last line (a rank that only heard of another rank's
+    signal reads it as pre-emption)."""
+    what = 'interrupted (Ctrl-C)' if signum == signal.SIGINT else 'pre-empted (SIGTERM/SIGUSR1)'
+    return f'{what}: checkpoint written; rerun with --resume=True to continue'
 
 
 def agree_across_ranks(losses, teacher_stats, stop, env):
@@ -1074,7 +1216,8 @@ def write_log(row, log_file, bar, images_per_s):
 
 
 def save_checkpoint(run, step):
-    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it."""
+    """out_dir/ckpt.pt: all a resumed run needs to continue exactly. Every rank must call it; one
+    that cannot be written (a full disk) stops every rank in one line."""
     env = run.env
     # each rank's torch RNG state, gathered on the master
     rng = [torch.empty(0)] * env.world
@@ -1082,13 +1225,24 @@ def save_checkpoint(run, step):
         dist.all_gather_object(rng, torch.get_rng_state())
     else:
         rng = [torch.get_rng_state()]
-    if not env.master:
-        return
-    os.makedirs(out_dir, exist_ok=True)
+    problem = write_checkpoint(run, step, rng) if env.master else None
+    master_decides([problem], env)
+
+
+def write_checkpoint(run, step, rng):
+    """The master's ckpt.pt; an error line when it cannot be written, else None."""
     ckpt = dict(student=run.student.state_dict(), optimizer=run.optimizer.state_dict(), step=step,
-                state=run.state, config=effective_config(), world=env.world, rng=rng)
-    # written atomically: a kill leaves the old checkpoint, never half of one
-    tile.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda f: torch.save(ckpt, f))
+                state=run.state, config=effective_config(), world=run.env.world, rng=rng)
+    # written atomically: a kill or a full disk leaves the old checkpoint, never half of one
+    try:
+        tile.save_atomic(checkpoint_path(), lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError that names no cause: the free space does
+        why = e.strerror if isinstance(e, OSError) else 'torch.save failed'
+        free = human_bytes(shutil.disk_usage(out_dir).free)
+        return (f'error: cannot write {checkpoint_path()} ({why}; {free} free there): free space, '
+                'then rerun with --resume=True; the checkpoint written before is kept')
+    return None
 
 
 def finish_run(run, step, why, preempted_by, log_file, lineage):
@@ -1259,7 +1413,8 @@ CACHE_KEY_WORDS = dict(
     teacher='teacher',
     teacher_model="teacher architecture or normalisation (its model.py row)",
     teacher_weights='teacher weights (sha256 of the file)',
-    tiles='tiles in data_dir (slides and coordinates)',
+    tiles='tiles in data_dir (slides, their files and coordinates)',
+    reading='way of reading tiles (tile.TileDataset.direct, tile.DCT_SHRINK)',
     seed='seed',
     global_batch='global batch (batch_size x grad_accum x processes)',
     crop_size='crop_size',
@@ -1318,14 +1473,14 @@ def examine_teacher_cache(tiles, train_idx, val_idx, sources, global_batch, env)
         cache = open_cache(folder, global_batch, spec['dim'], storage_dtype(env))
         folders.append(folder)
         stored.append(stored_steps(cache, max_iters))
-        held_out_stored = os.path.exists(held_out_path(cache, val_idx))
-        held_out_missing.append(len(val_idx) > 0 and not held_out_stored)
+        held_out_missing.append(len(val_idx) > 0 and not held_out_whole(cache, val_idx))
     problem = check_cache_space(folders, sources, stored, global_batch, env)
     if problem:
         return [problem, [], [], []]
     # only now: a max_iters too large for the disk would be a list too large for the memory
     missing = [np.setdiff1d(np.arange(max_iters), steps).tolist() for steps in stored]
-    return [None, folders, missing, held_out_missing]
+    problem = reserve_cache_space(folders, sources, missing, global_batch, env)
+    return [problem, folders, missing, held_out_missing]
 
 
 def check_cache_layout():
@@ -1360,13 +1515,17 @@ def cache_key(tiles, train_idx, t_spec, weights, global_batch, env):
     # rows are indexed by their place in the global batch, as augment_params() and batches()
     # index them, so any split of the same global batch over GPUs and accumulation reads the same
     model_fields = ('arch', 'kwargs', 'mean', 'std', 'pool', 'img_size', 'resize')
-    tile_layout = json.dumps([tiles.stems, tiles.levels, tiles.read_sizes, tiles.tile_size])
+    # each slide by its file's identity as tile.py recorded it (size, dimensions, content hash; not
+    # the mtime, which a copy changes): a slide scanned again and tiled alike is other pixels
+    tile_layout = json.dumps([tiles.stems, tiles.slide_identities, tiles.levels, tiles.read_sizes,
+                              tiles.tile_size])
     key = dict(
         teacher=t_spec['name'],
         teacher_model={k: t_spec.get(k) for k in model_fields},
         teacher_weights=weights_identity(t_spec, weights),
         # the tiles as TileDataset reads them: slides, levels, sizes, coordinates
         tiles=fingerprint(tile_layout, tiles.coords, tiles.slide_index),
+        reading=tile_reading(tiles),
         seed=seed,
         global_batch=global_batch,
         crop_size=crop_size,
@@ -1382,6 +1541,15 @@ def cache_key(tiles, train_idx, t_spec, weights, global_batch, env):
         key['teacher_dtype'] = str(teacher_dtype(env)).removeprefix('torch.')
     # as JSON reads it back: tuples become lists
     return json.loads(json.dumps(key))
+
+
+def tile_reading(tiles):
+    """How TileDataset reads the tiles' pixels: through OpenSlide, or straight from the stored
+    JPEG tiles (TileDataset.direct), where a level is shrunk also in the DCT (tile.DCT_SHRINK:
+    ~46 dB PSNR from OpenSlide's pixels, so a cache filled one way is not the other's)."""
+    if not tiles.direct:
+        return 'OpenSlide'
+    return 'JPEG tiles, DCT shrink' if tile.DCT_SHRINK else 'JPEG tiles'
 
 
 def fingerprint(text, *arrays):
@@ -1410,7 +1578,8 @@ def file_sha256(path):
     memo_path = os.path.join(teacher_cache, 'weights_sha256.json') if teacher_cache else None
     memo = {}
     if memo_path and os.path.exists(memo_path):
-        with open(memo_path) as f:
+        # a memo cut short costs one more hash, after which it is written whole again
+        with contextlib.suppress(ValueError), open(memo_path) as f:
             memo = json.load(f)
     stat = os.stat(path)
     seen = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
@@ -1442,8 +1611,16 @@ def claim_key(folder, key):
         except FileExistsError:
             pass
         os.remove(tmp)
-    with open(path) as f:
-        made_with = json.load(f)
+    try:
+        with open(path) as f:
+            made_with = json.load(f)
+    except (OSError, ValueError):
+        made_with = None
+    # written whole (a hard link to a finished file): one that is not was cut short elsewhere, and
+    # without it the embeddings there cannot be checked
+    if not isinstance(made_with, dict):
+        return (f'error: {path} cannot be read (truncated or damaged): restore it from a copy, or '
+                f'delete {folder} to fill it again, or use another teacher_cache folder')
     for name, value in key.items():
         if made_with.get(name) == value:
             continue
@@ -1488,6 +1665,75 @@ def check_cache_space(folders, sources, stored, global_batch, env):
             'larger disk, or lower max_iters')
 
 
+def reserve_cache_space(folders, sources, missing, global_batch, env):
+    """Allocate on disk the rows and marks of every step still missing, before any is written: an
+    error line when the disk cannot take them, else None."""
+    # the files are sparse and memory-mapped: a disk that fills under a write through the map is a
+    # SIGBUS that kills the run mid-step, where a reservation that fails now is one line (and a
+    # disk that fills later finds the cache's blocks already its own)
+    for folder, (spec, _), steps in zip(folders, sources, missing):
+        cache = open_cache(folder, global_batch, spec['dim'], storage_dtype(env))
+        for path, offset, length in missing_extents(cache, steps):
+            why = allocate(path, offset, length)
+            if why:
+                needed = len(steps) * global_batch * (stored_row_bytes(cache) + 4)
+                free = human_bytes(shutil.disk_usage(folder).free)
+                return (f'error: teacher_cache cannot reserve {human_bytes(needed)} for the '
+                        f'{len(steps)} steps {folder} lacks ({why}; {free} free): free some, '
+                        'point teacher_cache at a larger disk, or lower max_iters')
+    return None
+
+
+def stored_row_bytes(cache):
+    return cache.dim * np.dtype(cache.np_dtype).itemsize
+
+
+def missing_extents(cache, steps):
+    """(path, offset, length) of the bytes of the rows and of the marks of `steps` (sorted), one
+    extent for each run of consecutive steps in a pair of files (segment)."""
+    steps = np.asarray(steps, np.int64)
+    # a run ends where a step is skipped or a pair of files ends
+    ends = (np.diff(steps) != 1) | (np.diff(steps // CACHE_SEGMENT_STEPS) != 0)
+    for run in np.split(steps, np.flatnonzero(ends) + 1):
+        if not len(run):
+            continue
+        k, i = divmod(int(run[0]), CACHE_SEGMENT_STEPS)
+        for suffix, item_bytes in (('.bin', stored_row_bytes(cache)), ('.crc', 4)):
+            step_bytes = cache.global_batch * item_bytes
+            yield segment_stem(cache, k) + suffix, i * step_bytes, len(run) * step_bytes
+
+
+def allocate(path, offset, length):
+    """Give bytes offset..offset+length of a file their blocks on disk (the file is made when
+    missing, and never shrunk): why the disk cannot, or None; None too where the filesystem
+    cannot allocate ahead (NFSv3, older ZFS), which goes on without the reservation."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return e.strerror
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+    return None
+
+
+def fallocate(fd, offset, length):
+    """fallocate(2), mode 0: OSError when it cannot, ENOSYS where the C library lacks it."""
+    # not os.posix_fallocate: where the filesystem cannot allocate ahead, glibc emulates it by
+    # writing into every block of the range, minutes for a cache of tens of GB on NFS
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = getattr(libc, 'fallocate64', None) or getattr(libc, 'fallocate', None)
+    if call is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    call.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if call(fd, 0, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def human_bytes(n):
     for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
         if n < 1000:
@@ -1504,11 +1750,16 @@ def open_cache(folder, global_batch, dim, dtype):
                            np_dtype=np_dtype, segments={}, missing=[], held_out_missing=False)
 
 
+def segment_stem(cache, k):
+    """The path, less .bin or .crc, of a cache's k-th pair of files."""
+    return os.path.join(cache.folder, f'steps_{k * CACHE_SEGMENT_STEPS:08d}')
+
+
 def segment(cache, step):
     """The memory-mapped (rows, marks) of the files that hold a step, and its index there."""
     k, i = divmod(step, CACHE_SEGMENT_STEPS)
     if k not in cache.segments:
-        stem = os.path.join(cache.folder, f'steps_{k * CACHE_SEGMENT_STEPS:08d}')
+        stem = segment_stem(cache, k)
         shape = (CACHE_SEGMENT_STEPS, cache.global_batch)
         rows = map_file(stem + '.bin', cache.np_dtype, shape + (cache.dim,))
         cache.segments[k] = (rows, map_file(stem + '.crc', np.uint32, shape))
@@ -1593,6 +1844,17 @@ def held_out_path(cache, val_idx):
     """Where a cache keeps these held-out tiles' embeddings (other val_tiles: another file)."""
     name = fingerprint('held-out tiles', val_idx)[:16]
     return os.path.join(cache.folder, f'held_out_{name}.npy')
+
+
+def held_out_whole(cache, val_idx):
+    """Whether the cache holds these held-out tiles' embeddings, whole: a file cut short (copied
+    in part, or left by another tool) counts as missing, so the teacher computes it again."""
+    # written whole or not at all (save_atomic), so the shape and the length are the whole check
+    try:
+        stored = np.load(held_out_path(cache, val_idx), mmap_mode='r')
+    except (OSError, ValueError, EOFError):
+        return False
+    return stored.shape == (len(val_idx), cache.dim)
 
 
 def write_held_out(cache, val_idx, targets):
@@ -1716,7 +1978,7 @@ def embed_and_store(teacher, pending, env):
 
 def read_held_out(cache, val_idx, crops):
     """The held-out embeddings from the cache, batched like crops; None without them."""
-    if cache is None or not os.path.exists(held_out_path(cache, val_idx)):
+    if cache is None or not held_out_whole(cache, val_idx):
         return None
     targets = torch.from_numpy(np.load(held_out_path(cache, val_idx)))
     return [t.to(crops[0].device) for t in targets.split([len(c) for c in crops])]
@@ -1815,5 +2077,29 @@ def weights_lineage(name, source):
                 hub=spec['hub'] if published else None)
 
 
+def command_line():
+    """main() as a command: Ctrl-C outside the loop and a full disk end in one line too."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        # in the loop Ctrl-C finishes the step and checkpoints (catch_preemption); before or after
+        # it every file is whole (save_atomic), and a resume continues from the last checkpoint
+        if os.environ.get('RANK', '0') == '0':
+            print('interrupted (Ctrl-C): every file written is whole; rerun to continue (with '
+                  '--resume=True a training run continues from its last checkpoint)',
+                  file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # a write through a file object names no file: then the folders this run writes into
+        places = [p for p in (out_dir, teacher_cache) if p]
+        if e.filename:
+            places = [os.path.dirname(e.filename) or '.']
+        raise SystemExit(f"error: a write into {' or '.join(places)} failed ({e.strerror}): free "
+                         'space there, then rerun (with --resume=True a training run continues '
+                         'from its last checkpoint)') from None
+
+
 if __name__ == '__main__':
-    main()
+    command_line()

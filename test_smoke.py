@@ -5,6 +5,7 @@ OpenSlide reads, real timm models and real torchrun processes (gloo); nothing is
 
     python -m pytest -q test_smoke.py
 """
+import contextlib
 import csv
 import hashlib
 import io
@@ -13,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1874,14 +1876,15 @@ def test_in_bf16_the_teacher_cache_key_holds_the_teachers_precision(demo_tiles, 
 
 @pytest.fixture
 def in_process_distill(monkeypatch):
-    """distill.main() in this process, for errors raised before any training; its settings restored after."""
+    """distill.main() in this process, for errors raised before any training; its settings restored after.
+    command=True: distill.command_line(), what `python distill.py` runs."""
     saved = distill.effective_config()
 
-    def error_of(*args):
+    def error_of(*args, command=False):
         vars(distill).update(saved)
         monkeypatch.setattr(sys, 'argv', ['distill.py', *TINY, *args])
         with pytest.raises(SystemExit) as stop:
-            distill.main()
+            distill.command_line() if command else distill.main()
         return str(stop.value)
     yield error_of
     vars(distill).update(saved)
@@ -1914,7 +1917,7 @@ def test_a_teacher_cache_refuses_other_settings_in_one_line_naming_the_setting(c
     errors = {
         '--seed=7': 'another seed: 1337 there, 7 here',
         '--batch_size=4': 'another global batch (batch_size x grad_accum x processes): 4 there, 8 here',
-        f'--data_dir={other_tiles}': 'another tiles in data_dir (slides and coordinates)',
+        f'--data_dir={other_tiles}': 'another tiles in data_dir (slides, their files and coordinates)',
         '--patch_weight=0.5': 'patch_weight > 0 needs its patch tokens',
         f'--max_iters={10 ** 12}': 'needs 1.55 PB for 999999999994 more steps but',
     }
@@ -1987,6 +1990,235 @@ def test_the_demo_makes_its_tiles_afresh_and_refuses_tiles_of_an_older_demo_or_o
         assert message == (f"error: {tiles} is not this demo's tiles folder {why}: delete it and {tmp_path / 'out'}, "
                            'then rerun to make them afresh')
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_number_no_run_can_use_is_one_line_before_any_work(in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    refusals = {'--batch_size=0': '--batch_size=0: batch_size must be at least 1',  # was ZeroDivisionError
+                '--max_iters=-5': '--max_iters=-5: max_iters must be 0 or more',  # trained nothing and exited 0
+                '--lr=1e999': '--lr=inf: lr must be 0 or more',  # infinity and NaN hold no rule
+                '--alpha=0.0': '--alpha=0.0: alpha must be above 0',
+                '--val_fraction=1.0': '--val_fraction=1.0: val_fraction must be from 0 to below 1'}
+    for arg, expected in refusals.items():
+        assert in_process_distill(arg, f'--out_dir={out}') == f'error: {expected}'
+    assert not out.exists()
+
+
+def test_a_second_run_on_a_live_runs_out_dir_stops_in_one_line_and_ctrl_c_checkpoints_and_exits_130(
+        demo_tiles, in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    command = [sys.executable, os.path.join(HERE, 'distill.py'), *TINY, f'--data_dir={demo_tiles}', f'--out_dir={out}',
+               '--max_iters=100000']
+    run = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    log = out / 'log.jsonl'
+    while run.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    # a second run into the same out_dir while the first trains: it stops before it reads or writes anything there
+    # (both used to train, each overwriting the other's checkpoint and log)
+    message = in_process_distill(f'--data_dir={demo_tiles}', f'--out_dir={out}', '--resume=True', '--max_iters=1')
+    assert re.fullmatch(rf'error: another distill.py run is writing into {out} \(pid {run.pid} on .+\): wait for it to '
+                        'end, or give another --out_dir', message), message
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 130 and 'Traceback' not in output, output[-3000:]  # was a traceback and no checkpoint
+    assert 'interrupted (Ctrl-C): checkpoint written; rerun with --resume=True to continue' in output
+    ckpt = torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)
+    assert ckpt['step'] == [r['step'] for r in log_rows(out)][-1] >= 1
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # no export, no lock, no temporary
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(demo_tiles, tmp_path):
+    out = tmp_path / 'out'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    command = [sys.executable, os.path.join(HERE, 'distill.py'), *TINY, f'--data_dir={demo_tiles}', f'--out_dir={out}',
+               '--max_iters=100000']
+    run = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    line = ' '
+    while line and not line.startswith('global batch'):  # printed once the settings are read, seconds before the loop
+        line = run.stdout.readline()
+    os.killpg(run.pid, signal.SIGINT)
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 130 and 'Traceback' not in err, err[-3000:]
+    assert err.splitlines()[-1] == ('interrupted (Ctrl-C): every file written is whole; rerun to continue (with '
+                                    '--resume=True a training run continues from its last checkpoint)')
+    assert not out.exists() or os.listdir(out) == []  # the lock goes with the run
+
+
+def test_a_checkpoint_cut_short_is_one_line_on_resume_and_stays_as_it_was(cache_runs, in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(cache_runs.root / 'plain', out)
+    data = (out / 'ckpt.pt').read_bytes()
+    (out / 'ckpt.pt').write_bytes(data[:len(data) // 2])  # a copy to a disk that filled
+    message = in_process_distill(*cache_runs.common, '--max_iters=6', f'--out_dir={out}', '--resume=True')
+    assert message == (f"error: {out / 'ckpt.pt'} cannot be read (truncated, or not a distill.py checkpoint): restore "
+                       'it from a copy, or start afresh in another out_dir')  # was a zipfile traceback
+    assert (out / 'ckpt.pt').read_bytes() == data[:len(data) // 2]
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume_and_a_damaged_log_is_one_line(cache_runs, in_process_distill,
+                                                                                   tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(cache_runs.root / 'plain', out)
+    log = out / 'log.jsonl'
+    text = log.read_text()
+    assert [r['step'] for r in log_rows(out)] == list(range(7))
+    # a kill or a full disk mid-line, after the last checkpoint (step 6): the resume drops that line alone
+    log.write_text(text + '{"step": 7, "loss": 0.')
+    distill.trim_log(str(log), 6)
+    assert log.read_text() == text  # was json.JSONDecodeError, the resume stopped
+    lines = text.splitlines(keepends=True)
+    damaged = {''.join(lines[:2] + ['garbage\n'] + lines[3:]): f'{log} line 3 is not a log row',
+               text.replace('"step": 4', '"step": "4"'): f'{log} line 5 is not a log row',
+               b'\xff\xfe'.decode('latin-1'): f'{log} cannot be read (not text)'}
+    for content, expected in damaged.items():
+        log.write_bytes(content.encode('latin-1'))
+        message = in_process_distill(*cache_runs.common, '--max_iters=6', f'--out_dir={out}', '--resume=True')
+        assert message == f'error: {expected}: move it aside (or delete that line), then rerun'
+        assert log.read_bytes() == content.encode('latin-1')  # nothing dropped that could not be read
+
+
+def test_a_data_dir_without_tiles_or_whose_slides_moved_is_one_line(demo_tiles, in_process_distill, tmp_path):
+    empty, moved = tmp_path / 'empty', tmp_path / 'moved'
+    empty.mkdir()
+    assert in_process_distill(f'--data_dir={empty}', f'--out_dir={tmp_path / "out"}') == (
+        f'error: no tiles in {empty} (no .npz): run `python tile.py SLIDES --out {empty}` first')  # was ValueError
+    shutil.copytree(demo_tiles, moved)
+    npz = sorted(moved.glob('*.npz'))[0]
+    fields = dict(np.load(npz))
+    fields['slide_path'] = np.array(str(tmp_path / 'elsewhere' / 'slide0.tiff'))
+    np.savez(npz, **fields)
+    message = in_process_distill(f'--data_dir={moved}', f'--out_dir={tmp_path / "out"}')
+    assert message.startswith(f'error: 1 slides tiled into {moved} are gone from where they were')
+    assert '\n' not in message
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_teacher_caches_key_json_cut_short_is_one_line(demo_tiles, in_process_distill, tmp_path):
+    cache = tmp_path / 'cache'
+    args = [f'--data_dir={demo_tiles}', f'--teacher_cache={cache}', f'--out_dir={tmp_path / "out"}']
+    # a first run claims the folder (its key.json), then stops at the disk check
+    assert 'more steps but' in in_process_distill(*args, f'--max_iters={10 ** 12}')
+    key, = cache.glob('*/key.json')
+    key.write_text(key.read_text()[:40])
+    assert in_process_distill(*args) == (f'error: {key} cannot be read (truncated or damaged): restore it from a copy, '
+                                         f'or delete {key.parent} to fill it again, or use another teacher_cache '
+                                         'folder')  # was json.JSONDecodeError
+
+
+def test_a_held_out_file_cut_short_counts_as_missing_and_is_computed_again_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill, 'compile', False)
+    vit, spec = model.create('tiny-teacher')
+    cache = distill.open_cache(str(tmp_path), 4, spec['dim'], torch.float32)
+    val_idx = np.arange(6)
+    crops = [torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8) for n in (4, 2)]
+    first = distill.Teacher(spec, vit, cache).held_out_targets(crops, val_idx, contextlib.nullcontext())
+    path = Path(distill.held_out_path(cache, val_idx))
+    whole = path.read_bytes()
+    assert distill.held_out_whole(cache, val_idx)
+    path.write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    assert not distill.held_out_whole(cache, val_idx)  # so the run loads the teacher (cache_lacks)
+    assert distill.read_held_out(cache, val_idx, crops) is None  # was ValueError from np.load
+    again = distill.Teacher(spec, vit, cache).held_out_targets(crops, val_idx, contextlib.nullcontext())
+    assert path.read_bytes() == whole and all(torch.equal(a, b) for a, b in zip(first, again))
+    # whole again: a run without the teacher replays it
+    replayed = distill.Teacher(spec, None, cache).held_out_targets(crops, val_idx, contextlib.nullcontext())
+    assert all(torch.equal(a, b) for a, b in zip(first, replayed))
+
+
+def test_the_teacher_cache_key_changes_with_the_way_tiles_are_read_and_with_a_slides_identity(demo_tiles, monkeypatch,
+                                                                                              tmp_path):
+    tiles = tile.TileDataset(demo_tiles)
+    train_idx = np.arange(len(tiles))
+    env = SimpleNamespace(bf16=False)
+    key = lambda: distill.cache_key(tiles, train_idx, model.MODELS['tiny-teacher'], 'random', 4, env)
+    made = key()
+    assert made['reading'] == 'JPEG tiles, DCT shrink'
+    assert distill.claim_key(str(tmp_path), made) is None
+    # OpenSlide's pixels and the JPEG tiles' differ (~46 dB): embeddings of one are not the other's
+    monkeypatch.setattr(tile, 'DCT_SHRINK', False)
+    assert key()['reading'] == 'JPEG tiles'
+    monkeypatch.setattr(tile.TileDataset, 'direct', False)
+    assert {k for k in made if key()[k] != made[k]} == {'reading'}
+    assert distill.claim_key(str(tmp_path), key()) == (
+        f'error: teacher_cache {tmp_path} was made with another way of reading tiles (tile.TileDataset.direct, '
+        'tile.DCT_SHRINK): JPEG tiles, DCT shrink there, OpenSlide here; use another teacher_cache folder, or the '
+        'settings it was made with')
+    monkeypatch.undo()
+    # a slide scanned again and tiled alike (the same coordinates) is other pixels
+    tiles.slide_identities[0] = dict(tiles.slide_identities[0], hash='another scan')
+    assert {k for k in made if key()[k] != made[k]} == {'tiles'}
+
+
+RESERVE = ('import sys\nfrom types import SimpleNamespace\nimport distill, model\n'
+           "sources = [(model.MODELS['tiny-teacher'], 'random')]\n"
+           'print(distill.reserve_cache_space([sys.argv[1]], sources, [list(range(1000))], 4, '
+           'SimpleNamespace(bf16=False)))\n')
+
+
+def test_a_teacher_cache_the_disk_cannot_take_is_one_line_at_start_up_not_a_sigbus_mid_fill(tmp_path):
+    # the steps a run lacks get their blocks at start-up: rows (96 float32) and marks of steps 0-2 and 7, of 4 tiles
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    sources, env = [(model.MODELS['tiny-teacher'], 'random')], SimpleNamespace(bf16=False)
+    assert distill.reserve_cache_space([str(cache)], sources, [[0, 1, 2, 7]], 4, env) is None
+    assert (cache / 'steps_00000000.bin').stat().st_blocks * 512 >= 4 * 4 * 96 * 4
+    assert (cache / 'steps_00000000.crc').stat().st_size == 8 * 4 * 4  # grown, never shrunk, to map_file's size later
+    # 1000 steps, 1.55 MB, on a disk that cannot take them: one line, where a fill used to die of SIGBUS
+    disk, script = tmp_path / 'disk', tmp_path / 'reserve.py'
+    disk.mkdir()
+    script.write_text(RESERVE)
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS='1')
+    reserve = f'{sys.executable} {script} {disk}'
+    if subprocess.run(['unshare', '-rm', 'true'], capture_output=True).returncode == 0:
+        # a real ENOSPC: a 1 MiB tmpfs in a mount namespace of this test's own
+        shell = f'mount -t tmpfs -o size=1m none {disk} && {reserve}; df -B1 --output=used {disk}'
+        run = subprocess.run(['unshare', '-rm', 'sh', '-c', shell], capture_output=True, text=True, env=env)
+        reason = 'No space left on device; 1.05 MB free'
+        assert run.stdout.splitlines()[-1].strip() == '0'  # nothing of the reservation is left on that disk
+    else:
+        # no user namespaces (a hardened CI): a file-size limit fails the same allocation, with EFBIG
+        run = subprocess.run(reserve.split(), capture_output=True, text=True, env=env, preexec_fn=limit_file_size)
+        reason = 'File too large; '
+    line = next(l for l in run.stdout.splitlines() if l.startswith('error: '))
+    assert line.startswith(f'error: teacher_cache cannot reserve 1.55 MB for the 1000 steps {disk} lacks ({reason}')
+    assert line.endswith('free): free some, point teacher_cache at a larger disk, or lower max_iters'), run.stderr
+
+
+def test_a_checkpoint_the_disk_cannot_take_is_one_line_and_the_one_before_is_kept(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    out.mkdir()
+    monkeypatch.setattr(distill, 'out_dir', str(out))
+    (out / 'ckpt.pt').write_bytes(b'the checkpoint before')
+    student = model.create('tiny-student')[0]  # 22 MB with its optimizer state: torch.save writes it in pieces
+    env = SimpleNamespace(world=1, ddp=False, master=True)
+    run = SimpleNamespace(student=student, optimizer=torch.optim.AdamW(student.parameters()), state={}, env=env)
+    run.optimizer.step()
+    # the temporary that save_atomic writes is the disk-full device: every write to it fails with ENOSPC
+    os.symlink('/dev/full', out / f'.ckpt.pt.{os.getpid()}.tmp')
+    with pytest.raises(SystemExit) as stop:
+        distill.save_checkpoint(run, 3)
+    assert re.fullmatch(rf"error: cannot write {out / 'ckpt.pt'} \((No space left on device|torch.save failed); "
+                        r'.+ free there\): free space, then rerun with --resume=True; the checkpoint written before '
+                        'is kept', str(stop.value)), str(stop.value)
+    assert os.listdir(out) == ['ckpt.pt'] and (out / 'ckpt.pt').read_bytes() == b'the checkpoint before'
+
+
+def test_a_full_disk_elsewhere_in_a_run_is_one_line_naming_the_folders_it_writes(demo_tiles, in_process_distill,
+                                                                                 tmp_path):
+    from safetensors.torch import save_file
+    weights, cache, out = tmp_path / 'teacher.safetensors', tmp_path / 'cache', tmp_path / 'out'
+    save_file(model.create('tiny-teacher')[0].state_dict(), weights)
+    cache.mkdir()
+    # the weights' hash is remembered beside the cache; its temporary is the disk-full device
+    os.symlink('/dev/full', cache / f'.weights_sha256.json.{os.getpid()}.tmp')
+    message = in_process_distill(f'--data_dir={demo_tiles}', f'--teacher_weights={weights}',
+                                 f'--teacher_cache={cache}', f'--out_dir={out}', command=True)
+    assert message == (f'error: a write into {out} or {cache} failed (No space left on device): free space there, '
+                       'then rerun (with --resume=True a training run continues from its last checkpoint)')
+    assert os.listdir(out) == [] and os.listdir(cache) == []  # no lock left, no temporary
 
 
 # ==================================================================================================

@@ -1057,36 +1057,37 @@ def make_out_folder(folder, flag='--out'):
 
 
 @contextlib.contextmanager
-def one_writer(folder, program, parts=()):
+def one_writer(folder, program, parts=(), flag='--out'):
     """Hold the writers' lock of an output folder while the block runs: alone, or with parts
     (shard 3 of 8, one model's files) beside other runs that have parts, each part once. Another
-    live run in the way is SystemExit, one line; a dead run's lock is none (see locked)."""
+    live run in the way is SystemExit, one line that names the program's flag for the folder; a
+    dead run's lock is none (see locked)."""
     lock = os.path.join(folder, f'.{program}.lock')
     with contextlib.ExitStack() as held:
         busy = f'another {program}.py run is writing into {folder}'
-        held.enter_context(locked(lock, busy, shared=bool(parts)))
+        held.enter_context(locked(lock, busy, shared=bool(parts), flag=flag))
         for part in parts:
             lock = os.path.join(folder, f'.{program}-{part}.lock')
             busy = f'another {program}.py run is writing {part} into {folder}'
-            held.enter_context(locked(lock, busy))
+            held.enter_context(locked(lock, busy, flag=flag))
         yield
 
 
 @contextlib.contextmanager
-def locked(path, busy='', shared=False, wait=False):
+def locked(path, busy='', shared=False, wait=False, flag='--out'):
     """Hold an flock on path while the block runs, shared with other shared holders or alone.
-    Without wait, another holder is SystemExit: 'error: <busy> (<holder>): ...'."""
+    Without wait, another holder is SystemExit: 'error: <busy> (<holder>): ... another <flag>'."""
     # flock, not a pid in a file: the kernel drops a process's locks when it dies, however it dies
     # (SIGKILL, OOM), so a dead run's lock file is simply taken over; and NFSv4 carries it between
     # machines
-    fd = acquire(path, busy, shared, wait)
+    fd = acquire(path, busy, shared, wait, flag)
     try:
         yield
     finally:
         release(path, fd)
 
 
-def acquire(path, busy, shared, wait):
+def acquire(path, busy, shared, wait, flag):
     """An open descriptor of the lock file at path, holding its flock."""
     how = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
     while True:
@@ -1101,7 +1102,7 @@ def acquire(path, busy, shared, wait):
             holder = os.read(fd, 200).decode(errors='replace').strip() or 'pid unknown'
             os.close(fd)
             raise SystemExit(f'error: {busy} ({holder}): wait for it to end, or give another '
-                             '--out') from None
+                             f'{flag}') from None
         except OSError as e:
             # a filesystem without locks (Lustre mounted without flock): warned, not refused
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
