@@ -9,7 +9,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import contextlib
 import itertools
 import json
 import math
@@ -449,11 +448,6 @@ def small_slides(tmp_path_factory):
     for seed in (1, 2, 3):
         synthetic.write_synthetic_slide(root / f's{seed}.tif', 2048, 1536, mpp=0.5, seed=seed)
     return root
-
-
-def read_manifest(path):
-    with open(path, newline='') as f:
-        return {row['stem']: row for row in csv.DictReader(f)}
 
 
 def openslide_tile(path, xy, size=256):
@@ -3017,7 +3011,7 @@ def distil_in_process(teachers, cache_root, seed=1337):
     """distill.py's loop (train) in this process on fresh committee crops: a random tiny-student distilled from the
     tiny-teachers of the weight files `teachers`, for DISTILL_STEPS; no slides, no log. Each teacher's embeddings
     are kept in a teacher cache below cache_root: a teacher runs only for the steps its cache lacks."""
-    saved, handlers = distill.effective_config(), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved, handlers = distill.effective_config(), {s: signal.getsignal(s) for s in distill.STOP_SIGNALS}
     recipe = dict(teacher=','.join(['tiny-teacher'] * len(teachers)), teacher_weights=','.join(teachers),
                   student='tiny-student', batch_size=16, grad_accum=1, max_iters=DISTILL_STEPS, warmup_iters=20,
                   lr=DISTILL_LR, min_lr=1e-5, compile=False, seed=seed)
@@ -3033,7 +3027,7 @@ def distil_in_process(teachers, cache_root, seed=1337):
             caches.append(distill.open_cache(folder, 16, 96, torch.float32))
             stored = distill.stored_steps(caches[-1], DISTILL_STEPS)
             caches[-1].missing = sorted(set(range(DISTILL_STEPS)) - set(stored))
-        run, _ = distill.build_run(sources, caches, os.devnull, env)
+        run, _ = distill.build_run(sources, caches, env)
         # 256 px tiles, as tile.py cuts them: the loop crops its views of 224
         tiles = (torch.from_numpy(synthetic.committee_crops(16, size=256, seed=[seed, step])[0]).permute(0, 3, 1, 2)
                  for step in itertools.count())
