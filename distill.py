@@ -5,6 +5,8 @@ G2L distillation: a frozen giga-scale teacher (H-optimus-0, ViT-g/14) teaches a 
 Run it:
   demo on a CPU (tiny random models, synthetic slides, ~2 minutes):
     torchrun --standalone --nproc_per_node=1 distill.py config/demo.py
+  a committee of two teachers, each blind to half of the task, on a CPU (~3 minutes):
+    torchrun --standalone --nproc_per_node=1 distill.py config/demo_committee.py
   one GPU:
     python distill.py config/g2l_brca.py
   one node, 8 GPUs:
