@@ -1412,8 +1412,8 @@ def gap_lines(results, level):
     lines = ['']
     for name, closed in gaps.items():
         if closed is None:
-            lines.append(f"{name}: no gap to close on {title}: {results['baseline']} already "
-                         f'scores {before:.3f}, {teacher_words} {teacher_value:.3f}')
+            lines.append(f"{name}: no gap to close on {title}: {results['baseline']} "
+                         f'{before:.3f}, {teacher_words} {teacher_value:.3f}')
         else:
             lines.append(f'{name} closes {closed:.0%} of the gap to {teacher_words} on {title}: '
                          f'{before:.3f} -> {value[name]:.3f} ({teacher_label} {teacher_value:.3f})')
