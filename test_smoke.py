@@ -2005,14 +2005,19 @@ def test_a_number_no_run_can_use_is_one_line_before_any_work(in_process_distill,
     assert not out.exists()
 
 
-def test_a_second_run_on_a_live_runs_out_dir_stops_in_one_line_and_ctrl_c_checkpoints_and_exits_130(
-        demo_tiles, in_process_distill, tmp_path):
-    out = tmp_path / 'out'
+def start_long_run(demo_tiles, out, stderr):
+    """A tiny distill.py run of 100000 steps into out, in a process group of its own, Ctrl-C as at a terminal."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     command = [sys.executable, os.path.join(HERE, 'distill.py'), *TINY, f'--data_dir={demo_tiles}', f'--out_dir={out}',
                '--max_iters=100000']
-    run = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True, preexec_fn=as_at_a_terminal)
+    return subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True, preexec_fn=as_at_a_terminal)
+
+
+def test_a_second_run_on_a_live_runs_out_dir_stops_in_one_line_and_ctrl_c_checkpoints_and_exits_130(
+        demo_tiles, in_process_distill, tmp_path):
+    out = tmp_path / 'out'
+    run = start_long_run(demo_tiles, out, stderr=subprocess.STDOUT)
     log = out / 'log.jsonl'
     while run.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 2):
         time.sleep(0.05)
@@ -2032,11 +2037,7 @@ def test_a_second_run_on_a_live_runs_out_dir_stops_in_one_line_and_ctrl_c_checkp
 
 def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(demo_tiles, tmp_path):
     out = tmp_path / 'out'
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    command = [sys.executable, os.path.join(HERE, 'distill.py'), *TINY, f'--data_dir={demo_tiles}', f'--out_dir={out}',
-               '--max_iters=100000']
-    run = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True, preexec_fn=as_at_a_terminal)
+    run = start_long_run(demo_tiles, out, stderr=subprocess.PIPE)
     line = ' '
     while line and not line.startswith('global batch'):  # printed once the settings are read, seconds before the loop
         line = run.stdout.readline()
